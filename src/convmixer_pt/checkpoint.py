@@ -1,0 +1,211 @@
+"""Reading and writing PyTorch-side checkpoints safely: no pickle ever runs code, every write is atomic.
+
+Accepted inputs, recognised from the bytes and the tensor names rather than the file name:
+flat state dicts in the timm or official locuslab layout (`.pth`, `.pth.tar`, `.bin`, `.safetensors`),
+training checkpoints that wrap them (`state_dict`, `model`, `state_dict_ema`, ...), and names carrying
+`module.` (DDP) or `_orig_mod.` (torch.compile) prefixes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import pickle
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import keymap
+
+# What training checkpoints in the wild pickle besides tensors and builtins: timm's train.py stores
+# its `args` as an argparse.Namespace.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+WRAPPER_KEYS = ("state_dict", "model", "module", "net", "network")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
+PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used, with a message meant for the user."""
+
+
+def file_format(path: str | Path) -> str:
+    """'torch-zip', 'torch-legacy', 'safetensors' or 'mindspore', from the first bytes of the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: file is empty or truncated ({len(head)} bytes)")
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[0] == 0x80:  # a pickle protocol header: torch's legacy (pre-1.6) serialisation
+        return "torch-legacy"
+    header_len = int.from_bytes(head[:8], "little")
+    if head[8:9] == b"{" and header_len < path.stat().st_size:
+        return "safetensors"
+    if head[:1] == b"\n":  # protobuf field 1 (Checkpoint.value), wire type 2: MindSpore's .ckpt
+        return "mindspore"
+    raise CheckpointError(f"{path}: not a PyTorch, safetensors or MindSpore checkpoint (unknown file header)")
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: refused to unpickle it, since it holds more than tensors and plain "
+                              f"data and loading it could run code ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path}: cannot read it as a PyTorch checkpoint; the file is truncated or "
+                              f"corrupt ({first})") from None
+
+
+def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read it as safetensors; the file is truncated or corrupt "
+                              f"({e})") from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap(obj: Any, use_ema: bool = False, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The model weights inside a training checkpoint (or the state dict itself)."""
+    if _is_state_dict(obj):
+        if use_ema:
+            raise CheckpointError(f"{source}: EMA weights were asked for, but it is a plain state dict")
+        return dict(obj)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{source}: holds a {type(obj).__name__}, not a state dict or a training checkpoint")
+    keys = EMA_KEYS if use_ema else WRAPPER_KEYS
+    for key in keys:
+        if key in obj and _is_state_dict(obj[key]):
+            return dict(obj[key])
+    if use_ema:
+        raise CheckpointError(f"{source}: EMA weights were asked for, but it has none (looked for "
+                              f"{', '.join(EMA_KEYS)}; found {', '.join(map(str, obj)) or 'nothing'})")
+    raise CheckpointError(f"{source}: no model weights found (looked for {', '.join(WRAPPER_KEYS)}; "
+                          f"found {', '.join(map(str, obj)) or 'nothing'})")
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop `module.` / `_orig_mod.` wherever they stand at the front, in any order and number."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def read_torch_checkpoint(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """The raw object of a PyTorch or safetensors file and its metadata (safetensors only)."""
+    path = Path(path)
+    fmt = file_format(path)
+    if fmt == "safetensors":
+        return _safetensors_load(path)
+    if fmt == "mindspore":
+        raise CheckpointError(f"{path}: is a MindSpore checkpoint; convert it with tools/convert_ckpt.py "
+                              "or load it with convmixer_pt.ms_model")
+    return _torch_load(path), {}
+
+
+def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Model weights of any accepted PyTorch-side file, renamed into the timm layout, plus file metadata."""
+    obj, meta = read_torch_checkpoint(path)
+    state = strip_prefixes(unwrap(obj, use_ema=use_ema, source=str(path)))
+    try:
+        return keymap.convert_state(state, "timm"), meta
+    except keymap.LayoutError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one message naming every missing, unexpected and mis-shaped tensor."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in state if k in expected and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
+                        + (" ..." if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
+                        + (" ..." if len(unexpected) > 8 else ""))
+    if shapes:
+        problems.append(f"shape mismatch: {'; '.join(shapes[:8])}" + (" ..." if len(shapes) > 8 else ""))
+    if problems:
+        arch = getattr(model, "arch", None)
+        what = f" (model {arch})" if arch else ""
+        raise CheckpointError(f"{source} does not fit the model{what}: {'; '.join(problems)}")
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strict load; BatchNorm's `num_batches_tracked` may be absent (MindSpore files do not store it)."""
+    check_state_dict(model, state, source)
+    full = dict(state)
+    for key, value in model.state_dict().items():
+        full.setdefault(key, value)
+    model.load_state_dict(full, strict=True)
+
+
+def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> dict[str, str]:
+    """Load any accepted PyTorch-side checkpoint into `model` strictly; returns the file's metadata."""
+    state, meta = read_state_dict(path, use_ema=use_ema)
+    load_state_dict_strict(model, state, str(path))
+    return meta
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise CheckpointError(f"{path}: already exists (use --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def save_atomic(obj: Any, path: str | Path, saver: Callable[[Any, Path], None] | None = None) -> None:
+    """Write with `saver` (default torch.save) to a temporary file, then rename over `path`."""
+    with atomic_path(path) as tmp:
+        (saver or torch.save)(obj, tmp)
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None,
+                     overwrite: bool = True) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    with atomic_path(path, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -12,8 +12,8 @@ import argparse
 import contextlib
 import os
 import pickle
+import re
 import tempfile
-import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -49,8 +49,7 @@ def file_format(path: str | Path) -> str:
         return "torch-zip"
     if head[0] == 0x80:  # a pickle protocol header: torch's legacy (pre-1.6) serialisation
         return "torch-legacy"
-    header_len = int.from_bytes(head[:8], "little")
-    if head[8:9] == b"{" and header_len < path.stat().st_size:
+    if head[8:9] == b"{":  # an 8-byte header length, then the JSON header
         return "safetensors"
     if head[:1] == b"\n":  # protobuf field 1 (Checkpoint.value), wire type 2: MindSpore's .ckpt
         return "mindspore"
@@ -62,10 +61,10 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: refused to unpickle it, since it holds more than tensors and plain "
-                              f"data and loading it could run code ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds more than tensors and plain data"
+        raise CheckpointError(f"{path}: refused to unpickle it: {what}, and loading it could run code") from None
+    except Exception as e:  # torch raises many types on corrupt data; all mean the same to the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: cannot read it as a PyTorch checkpoint; the file is truncated or "
                               f"corrupt ({first})") from None
@@ -159,7 +158,7 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
         problems.append(f"shape mismatch: {'; '.join(shapes[:8])}" + (" ..." if len(shapes) > 8 else ""))
     if problems:
         arch = getattr(model, "arch", None)
-        what = f" (model {arch})" if arch else ""
+        what = f" ({', '.join(f'{k}={v}' for k, v in arch.items())})" if arch else ""
         raise CheckpointError(f"{source} does not fit the model{what}: {'; '.join(problems)}")
 
 

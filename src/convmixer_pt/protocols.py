@@ -1,0 +1,86 @@
+"""The two ImageNet evaluation protocols the published ConvMixer numbers were measured with.
+
+- ``timm`` (the paper's numbers): PIL decode, resize the shorter side to floor(size / crop_pct) with PIL's
+  antialiased bicubic resampling, center crop, ImageNet mean/std; equal to
+  ``timm.data.create_transform(size, crop_pct=crop_pct, interpolation="bicubic")``.
+- ``mindcv`` (MindCV's table): MindCV's ``transforms_imagenet_eval`` op list, run with MindSpore's own
+  dataset ops: Decode, Resize(floor(size / crop_pct), bilinear, not antialiased), CenterCrop, Normalize
+  with the mean/std scaled to 0-255, HWC2CHW.
+
+Both map an image file to a float32 CHW numpy array, so either protocol can feed either framework.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from .model import IMAGENET_MEAN, IMAGENET_STD
+
+PROTOCOLS = ("timm", "mindcv")
+DEFAULT_IMG_SIZE = 224
+DEFAULT_CROP_PCT = 0.96  # both timm's pretrained configs and MindCV's convmixer yaml files use 0.96
+
+Transform = Callable[[str | Path], np.ndarray]
+
+
+def resize_size(img_size: int, crop_pct: float) -> int:
+    """The shorter side before the center crop: floor(224 / 0.96) = 233, as both timm and MindCV compute it."""
+    return int(math.floor(img_size / crop_pct))
+
+
+def timm_transform(img_size: int = DEFAULT_IMG_SIZE, crop_pct: float = DEFAULT_CROP_PCT) -> Transform:
+    from PIL import Image
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    pipeline = transforms.Compose([
+        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+    ])
+
+    def apply(path: str | Path) -> np.ndarray:
+        with Image.open(path) as img:
+            return pipeline(img.convert("RGB")).numpy()
+
+    return apply
+
+
+def mindcv_ops(img_size: int = DEFAULT_IMG_SIZE, crop_pct: float = DEFAULT_CROP_PCT) -> list:
+    """MindCV's eval op list for the convmixer configs (interpolation: bilinear, crop_pct: 0.96)."""
+    from mindspore.dataset import vision
+    from mindspore.dataset.vision import Inter
+
+    return [
+        vision.Decode(),
+        vision.Resize(resize_size(img_size, crop_pct), interpolation=Inter.BILINEAR),
+        vision.CenterCrop(img_size),
+        vision.Normalize(mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD]),
+        vision.HWC2CHW(),
+    ]
+
+
+def mindcv_transform(img_size: int = DEFAULT_IMG_SIZE, crop_pct: float = DEFAULT_CROP_PCT) -> Transform:
+    ops = mindcv_ops(img_size, crop_pct)
+
+    def apply(path: str | Path) -> np.ndarray:
+        x = np.fromfile(path, dtype=np.uint8)
+        for op in ops:  # MindSpore's dataset ops run eagerly on numpy arrays, one image at a time
+            x = op(x)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    return apply
+
+
+def build_transform(protocol: str, img_size: int = DEFAULT_IMG_SIZE,
+                    crop_pct: float = DEFAULT_CROP_PCT) -> Transform:
+    """Image file -> normalised float32 CHW array under `protocol`."""
+    builders = {"timm": timm_transform, "mindcv": mindcv_transform}
+    if protocol not in builders:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return builders[protocol](img_size, crop_pct)

@@ -1,0 +1,112 @@
+"""The model computes timm's ConvMixer function, and loads every published checkpoint layout."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from helpers import copy_by_position, official_convmixer, randomize_bn, rel_max_diff
+from safetensors.torch import save_file
+from torch import nn
+
+from convmixer_pt import VARIANTS, create_model, list_models
+
+FULL = ["convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20"]
+PARAMS_M = {"convmixer_1536_20": 51.63, "convmixer_768_32": 21.11, "convmixer_1024_20": 24.38}
+
+
+def count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def reference_pair(name: str, seed: int = 0) -> tuple[nn.Module, nn.Sequential]:
+    """timm's model with random weights and BN statistics, and locuslab's Sequential holding the same tensors."""
+    spec = VARIANTS[name]
+    torch.manual_seed(seed)
+    ref = timm.create_model(spec["timm_name"], pretrained=False).eval()
+    randomize_bn(ref, torch.Generator().manual_seed(seed))
+    act = nn.ReLU if spec["act"] == "relu" else nn.GELU
+    official = official_convmixer(spec["dim"], spec["depth"], spec["kernel_size"], spec["patch_size"], act=act)
+    copy_by_position(ref, official.eval())
+    return ref, official
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_variant_from_official_file_matches_timm(name: str, tmp_path) -> None:
+    ref, official = reference_pair(name)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = ref(x)
+        # The position copy into locuslab's code is itself checked, so the file below is a real official file.
+        assert rel_max_diff(official(x), expected) < 1e-5
+    path = tmp_path / f"{name}_official.pth.tar"
+    torch.save(official.state_dict(), path)
+
+    model = create_model(name, checkpoint_path=path).eval()
+    assert count(model) == count(ref)
+    assert round(count(model) / 1e6, 2) == PARAMS_M[name]
+    with torch.no_grad():
+        got = model(x)
+    assert rel_max_diff(got, expected) < 1e-5
+    assert torch.equal(got.topk(5).indices, expected.topk(5).indices)
+
+    st_path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(st_path))
+    from_st = create_model(name, checkpoint_path=st_path).eval()
+    with torch.no_grad():
+        assert rel_max_diff(from_st(x), expected) < 1e-5
+
+
+def test_state_dict_keys_are_timms_for_every_full_variant() -> None:
+    for name in FULL:
+        ref_keys = list(timm.create_model(VARIANTS[name]["timm_name"], pretrained=False).state_dict())
+        assert list(create_model(name).state_dict()) == ref_keys
+
+
+def test_forward_features_and_head_compose() -> None:
+    model = create_model("convmixer_128_4", num_classes=7).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        assert feats.shape == (3, 128, 16, 16)
+        assert model.forward_head(feats, pre_logits=True).shape == (3, 128)
+        assert torch.equal(model.forward_head(feats), model(x))
+
+
+def test_overrides_reach_the_constructor() -> None:
+    model = create_model("convmixer_256_8", num_classes=10, in_chans=1, act="relu", depth=2, kernel_size=3)
+    assert model.arch == dict(dim=256, depth=2, kernel_size=3, patch_size=2, in_chans=1, num_classes=10, act="relu")
+    assert isinstance(model.stem[1], nn.ReLU)
+    assert model.blocks[0][0].fn[0].weight.shape == (256, 1, 3, 3)
+    assert model(torch.randn(1, 1, 16, 16)).shape == (1, 10)
+
+
+def test_768_32_uses_relu_like_the_released_weights() -> None:
+    model = create_model("convmixer_768_32", depth=1)
+    assert all(not isinstance(m, nn.GELU) for m in model.modules())
+    assert isinstance(model.blocks[0][2], nn.ReLU)
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    torch.manual_seed(0)
+    model = create_model("convmixer_128_4", num_classes=5, dim=32)
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).sum().backward()
+    for a, b in zip(plain, (p.grad for p in model.parameters()), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_unknown_model_and_activation_name_the_choices() -> None:
+    with pytest.raises(ValueError, match=r"unknown model 'convmixer_9\d*'.*convmixer_1536_20"):
+        create_model("convmixer_999")
+    with pytest.raises(ValueError, match=r"unknown activation 'tanh'.*gelu"):
+        create_model("convmixer_128_4", act="tanh")
+
+
+def test_list_models_is_the_registry() -> None:
+    assert list_models() == sorted(VARIANTS)
+    assert set(FULL) <= set(list_models())

@@ -61,7 +61,7 @@ def _torch_load(path: Path) -> Any:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
         what = f"it references {found.group(1)}" if found else "it holds more than tensors and plain data"
         raise CheckpointError(f"{path}: refused to unpickle it: {what}, and loading it could run code") from None
     except Exception as e:  # torch raises many types on corrupt data; all mean the same to the user

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fast import block_fn
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -75,8 +77,10 @@ class ConvMixer(nn.Module):
         num_classes: int = 1000,
         act: str = "gelu",
         drop_rate: float = 0.0,
+        fast: bool | None = None,
     ) -> None:
         super().__init__()
+        self.fast = fast  # how blocks run (convmixer_pt.fast): None = Triton kernels on CUDA, False = never
         self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
         self.in_chans, self.num_classes, self.act = in_chans, num_classes, act
         self.num_features = dim
@@ -115,11 +119,14 @@ class ConvMixer(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
+        run = block_fn(self.fast, x)
         if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
             for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(run, block, x, use_reentrant=False)
             return x
-        return self.blocks(x)
+        for block in self.blocks:
+            x = run(block, x)
+        return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)  # the same reduction as timm's, bit for bit

@@ -1,0 +1,124 @@
+"""The fast path: ConvMixer blocks that run their depthwise convolution through the Triton kernels.
+
+Why this shape: the depthwise convolution dominates ConvMixer's time on GPUs (see docs/performance.md), and
+the kernels can also absorb what surrounds it. The modules of the model are not replaced, only how a block
+is evaluated, so parameters, buffers and `state_dict` keys stay exactly timm's and a checkpoint written with
+the fast path on loads with it off and vice versa.
+
+Per block, `Residual(dw conv, act, BN) -> 1x1 conv -> act -> BN`:
+- training (or whenever autograd needs gradients): one kernel computes act(dw(x) + b) and keeps the
+  pre-activation; BatchNorm (batch statistics, running-stat updates) and the residual add run in PyTorch
+  through the block's own modules.
+- inference (BN in eval mode and no gradient needed): one kernel computes x + BN(act(dw(x) + b)) with
+  BN folded to a per-channel scale and shift.
+The 1x1 convolution, its activation and BN run through the block's own modules in both cases.
+
+Switch: `ConvMixer(fast=...)` / `create_model(..., fast=...)`. None (default) uses the kernels for CUDA
+inputs unless the environment variable CONVMIXER_FAST is 0/false/off; True uses them wherever they can run
+(CUDA, or CPU when the kernels were imported under TRITON_INTERPRET=1, which is how the tests run them);
+False never. Anything the kernels do not cover (other layouts such as channels_last, dtypes, activations,
+strides, torch.compile tracing, a missing Triton) falls back to the plain modules for that block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import nn
+
+ENV_VAR = "CONVMIXER_FAST"
+BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+def env_allows() -> bool:
+    """False when CONVMIXER_FAST is set to 0/false/no/off."""
+    return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _kernels() -> ModuleType | None:
+    try:
+        from .kernels import depthwise
+    except ImportError:
+        return None
+    return depthwise
+
+
+def activation_name(module: nn.Module) -> str | None:
+    """The kernels' name for an activation module, or None where they have no exact equivalent."""
+    if isinstance(module, nn.GELU):
+        return "gelu" if module.approximate == "none" else None
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.SiLU):
+        return "silu"
+    return None
+
+
+def _same_padding(conv: nn.Conv2d) -> bool:
+    if conv.padding == "same":
+        return True
+    kh, kw = conv.kernel_size
+    return kh % 2 == 1 and kw % 2 == 1 and tuple(conv.padding) == ((kh - 1) // 2, (kw - 1) // 2)
+
+
+def conv_supported(conv: nn.Module) -> bool:
+    """A depthwise, stride-1, 'same', zero-padded nn.Conv2d: what the kernels compute."""
+    return isinstance(conv, nn.Conv2d) and conv.groups == conv.in_channels == conv.out_channels \
+        and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.padding_mode == "zeros" \
+        and _same_padding(conv)
+
+
+def block_fn(fast: bool | None, x: torch.Tensor) -> BlockFn:
+    """How to evaluate the blocks for input `x`: the fused path or each block's own modules."""
+    if fast is False or (fast is None and (not x.is_cuda or not env_allows())):
+        return run_plain
+    if torch.compiler.is_compiling() or torch.jit.is_scripting():
+        return run_plain
+    kernels = _kernels()
+    if kernels is None or not kernels.kernels_can_run(x):
+        return run_plain
+    return run_fused
+
+
+def run_plain(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return block(x)
+
+
+def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y = x * scale + shift, in fp32."""
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+    shift = -bn.running_mean.float() * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.float()
+    return scale, shift
+
+
+def _bn_is_eval_affine(bn: nn.Module) -> bool:
+    return isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
+
+
+def run_fused(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """One ConvMixer block through the kernels; the plain modules where the kernels don't cover it."""
+    kernels = _kernels()
+    if kernels is None or len(block) != 4 or len(getattr(block[0], "fn", ())) != 3:
+        return block(x)
+    dw, act, bn = block[0].fn
+    activation = activation_name(act)
+    if activation is None or not conv_supported(dw):
+        return block(x)
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    if kernels.unsupported_reason(x.to(dtype), dw.weight) is not None:
+        return block(x)
+    params = (x, dw.weight, dw.bias, *bn.parameters())
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    if _bn_is_eval_affine(bn) and not needs_grad:
+        scale, shift = _bn_affine(bn)
+        y = kernels.depthwise_conv2d_affine_residual(x, dw.weight, dw.bias, scale, shift, activation)
+    else:
+        y = bn(kernels.depthwise_conv2d(x, dw.weight, dw.bias, activation)) + x
+    return block[3](block[2](block[1](y)))

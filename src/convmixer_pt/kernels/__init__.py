@@ -1,0 +1,1 @@
+"""Triton kernels for the fast CUDA path; importing this package needs Triton."""

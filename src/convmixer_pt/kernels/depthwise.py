@@ -1,0 +1,302 @@
+"""Depthwise 'same' convolution with a fused bias and activation, in Triton: forward, input and weight gradients.
+
+Why: PyTorch sends 9x9 depthwise convolutions in NCHW to a generic kernel and channels_last to cuDNN; in
+ConvMixer-1536/20 that one op takes ~8x the time of the 1x1 convolution that has 19x its FLOPs. The op is
+memory-bound (81 MACs per 2-byte element read), so the design goal is one pass over each tensor.
+
+Layout: NCHW, contiguous. Each channel plane (H*W elements) is flattened, so a 32x32 plane is one block of
+1024 lanes with no padding lanes; a tap (dh, dw) of the filter is the same block loaded at offset dh*W + dw,
+masked where the row or column leaves the plane (zero padding). The K*K shifted loads of one plane hit L1,
+so device memory sees each input element about once; the K*K weights of the channel are scalars.
+'same' padding follows PyTorch exactly, also for even kernels: the top/left pad is (K-1)//2.
+
+Kernels (all accumulate in fp32; inputs and outputs are fp32, fp16 or bf16):
+- `_dw_conv_kernel`, grid (N*C, plane tiles): y = conv(x) + b; stores act(y) and, for training, y itself
+  (the pre-activation the activation's backward needs, as PyTorch also keeps). With SIGN=-1 and no bias it is
+  the input gradient: a correlation with the flipped filter. With AFFINE_RESIDUAL (inference) it computes
+  x + act(conv(x) + b) * scale + shift, i.e. the whole residual branch of a ConvMixer block with its
+  BatchNorm folded to a per-channel scale and shift, in one read and one write.
+- `_dw_wgrad_kernel`, grid (C, batch splits): turns the output gradient into the pre-activation gradient
+  g = grad * act'(y) (stored once for the input gradient), and reduces g (bias gradient) and g times the
+  K*K shifted inputs (weight gradient) over its share of the batch and the whole plane. The taps are one
+  axis of a [TAPS, BLOCK] register tile, so the loop body is loads and FMAs; one reduction per program at
+  the end. Each split writes its own partial sums, summed afterwards in PyTorch: deterministic, no atomics.
+
+BatchNorm in training (batch statistics) and the residual add stay in PyTorch; `convmixer_pt.fast` wires
+these kernels into the model.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_KERNEL = 15
+
+
+# Inside the kernels only Triton builtins and this module's jit functions are called, not tl.sum or
+# tl.sigmoid: those are jit functions of Triton's library, defined when Triton is first imported, so they
+# would run in the CPU interpreter only if TRITON_INTERPRET was set before anything imported Triton (torch
+# does). Sums go through tl.reduce with the library's own sum combiner, which the interpreter maps to numpy.
+_SUM = tl.standard._sum_combine
+
+
+@triton.jit
+def _sigmoid(y):
+    return 1.0 / (1.0 + tl.exp(-y))
+
+
+@triton.jit
+def _act(y, ACT: tl.constexpr):
+    out = y
+    if ACT == 1:
+        out = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 2:
+        out = tl.maximum(y, 0.0)
+    elif ACT == 3:
+        out = y * _sigmoid(y)
+    return out
+
+
+@triton.jit
+def _act_grad(y, ACT: tl.constexpr):
+    d = y * 0.0 + 1.0
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        d = cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
+    elif ACT == 2:
+        d = tl.where(y > 0.0, 1.0, 0.0)
+    elif ACT == 3:
+        s = _sigmoid(y)
+        d = s * (1.0 + y * (1.0 - s))
+    return d
+
+
+@triton.jit
+def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
+                    C, H, W,
+                    KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                    SIGN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
+                    AFFINE_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    plane = tl.program_id(0)
+    c = plane % C
+    hw = H * W
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < hw
+    h = offs // W
+    w = offs - h * W
+    base = plane.to(tl.int64) * hw
+    x_plane = x_ptr + base
+    w_chan = w_ptr + c * (KH * KW)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in tl.static_range(KH):
+        dh = (i - PH) * SIGN
+        hh = h + dh
+        row_ok = inside & (hh >= 0) & (hh < H)
+        for j in tl.static_range(KW):
+            dw = (j - PW) * SIGN
+            ww = w + dw
+            ok = row_ok & (ww >= 0) & (ww < W)
+            v = tl.load(x_plane + offs + (dh * W + dw), mask=ok, other=0.0).to(tl.float32)
+            acc += v * tl.load(w_chan + (i * KW + j)).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    if SAVE_PRE:
+        tl.store(pre_ptr + base + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
+    y = _act(acc, ACT)
+    if AFFINE_RESIDUAL:
+        skip = tl.load(x_plane + offs, mask=inside, other=0.0).to(tl.float32)
+        y = skip + y * tl.load(scale_ptr + c).to(tl.float32) + tl.load(shift_ptr + c).to(tl.float32)
+    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _dw_wgrad_kernel(x_ptr, g_ptr, pre_ptr, gy_ptr, dw_ptr, db_ptr,
+                     N, C, H, W, n_per_split,
+                     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                     ACT: tl.constexpr, NEED_W: tl.constexpr, TAPS: tl.constexpr, BLOCK: tl.constexpr):
+    c = tl.program_id(0)
+    split = tl.program_id(1)
+    hw = H * W
+    taps = tl.arange(0, TAPS)
+    tap_ok = taps < KH * KW
+    dh = taps // KW - PH
+    dw = taps % KW - PW
+    tap_off = dh * W + dw
+    acc = tl.zeros([TAPS, BLOCK], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    n_start = split.to(tl.int64) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    for n in range(n_start, n_end):
+        base = (n * C + c) * hw
+        for s in range(0, hw, BLOCK):
+            offs = s + tl.arange(0, BLOCK)
+            inside = offs < hw
+            g = tl.load(g_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
+            if ACT != 0:
+                pre = tl.load(pre_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
+                g = g * _act_grad(pre, ACT)
+                tl.store(gy_ptr + base + offs, g.to(gy_ptr.dtype.element_ty), mask=inside)
+            acc_b += g
+            if NEED_W:
+                h = offs // W
+                w = offs - h * W
+                hh = h[None, :] + dh[:, None]
+                ww = w[None, :] + dw[:, None]
+                ok = inside[None, :] & tap_ok[:, None] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
+                xs = tl.load(x_ptr + base + offs[None, :] + tap_off[:, None], mask=ok, other=0.0)
+                acc += xs.to(tl.float32) * g[None, :]
+    slot = split * C + c
+    if NEED_W:
+        tl.store(dw_ptr + slot * TAPS + taps, tl.reduce(acc, 1, _SUM))
+    tl.store(db_ptr + slot, tl.reduce(acc_b, 0, _SUM))
+
+
+def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the kernels cannot take these operands (None if they can); callers fall back to PyTorch."""
+    if x.dim() != 4 or not x.is_contiguous():
+        return "input is not a contiguous NCHW tensor"
+    if x.dtype not in DTYPES:
+        return f"dtype {x.dtype} is not one of fp32/fp16/bf16"
+    c = x.shape[1]
+    if weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1:
+        return f"weight shape {tuple(weight.shape)} is not depthwise for {c} channels"
+    if not (1 <= weight.shape[2] <= MAX_KERNEL and 1 <= weight.shape[3] <= MAX_KERNEL):
+        return f"kernel {tuple(weight.shape[2:])} is larger than {MAX_KERNEL}"
+    if x.numel() >= 2**31 or x.shape[0] * c >= 2**31 - 1:
+        return "input too large for 32-bit plane indexing"
+    return None
+
+
+def _plane_block(hw: int) -> int:
+    return min(1024, triton.next_power_of_2(hw))
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act: str,
+          save_pre: bool, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[2:]
+    out = torch.empty_like(x)
+    pre = torch.empty_like(x) if save_pre else None
+    block = _plane_block(h * w)
+    affine = scale is not None
+    grid = (n * c, triton.cdiv(h * w, block))
+    _dw_conv_kernel[grid](
+        x, weight.contiguous(), bias if bias is not None else weight, scale if affine else weight,
+        shift if affine else weight, out, pre if save_pre else out,
+        c, h, w,
+        KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, SIGN=sign, HAS_BIAS=bias is not None,
+        ACT=ACTIVATIONS[act], SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine, BLOCK=block,
+        num_warps=max(1, min(8, block // 128)),
+    )
+    return out, pre
+
+
+def _batch_splits(n: int, c: int) -> int:
+    """Enough programs to fill a large GPU (~2048), each reducing over as much of the batch as possible."""
+    return max(1, min(n, 2048 // max(c, 1)))
+
+
+def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel: tuple[int, int], act: str,
+           need_w: bool, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(pre-activation gradient, weight gradient [C, K*K] in fp32 or None, bias gradient [C] in fp32)."""
+    n, c, h, w = x.shape
+    kh, kw = kernel
+    taps = triton.next_power_of_2(kh * kw)
+    splits = splits or _batch_splits(n, c)
+    n_per_split = triton.cdiv(n, splits)
+    splits = triton.cdiv(n, n_per_split)
+    gy = torch.empty_like(grad) if act != "none" else grad
+    dw_part = torch.empty((splits, c, taps), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32)
+    block = min(64, triton.next_power_of_2(h * w))
+    _dw_wgrad_kernel[(c, splits)](
+        x, grad, pre if pre is not None else grad, gy, dw_part, db_part,
+        n, c, h, w, n_per_split,
+        KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, ACT=ACTIVATIONS[act], NEED_W=need_w,
+        TAPS=taps, BLOCK=block, num_warps=4,
+    )
+    dw = dw_part.sum(0)[:, : kh * kw] if need_w else None
+    return gy, dw, db_part.sum(0)
+
+
+class _DepthwiseConvAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
+                act: str) -> torch.Tensor:
+        save_pre = act != "none" and any(ctx.needs_input_grad[:3])
+        out, pre = _conv(x, weight, bias, sign=1, act=act, save_pre=save_pre)
+        ctx.save_for_backward(x, weight, pre)
+        ctx.act, ctx.has_bias = act, bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, weight, pre = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gy, dw, db = _wgrad(x, grad.contiguous(), pre, tuple(weight.shape[2:]), ctx.act, need_w)
+        gx = _conv(gy, weight, None, sign=-1, act="none", save_pre=False)[0] if need_x else None
+        gw = dw.view(weight.shape).to(weight.dtype) if need_w else None
+        gb = db.to(weight.dtype) if need_b and ctx.has_bias else None
+        return gx, gw, gb, None
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype nn.Conv2d would compute in: the autocast dtype where autocast is on, else the input's."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     activation: str = "none") -> torch.Tensor:
+    """`act(conv2d(x, weight, bias, padding='same', groups=C))` with autograd; weight is [C, 1, KH, KW]."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    x = x.to(_compute_dtype(x)).contiguous()
+    reason = unsupported_reason(x, weight)
+    if reason is not None:
+        raise ValueError(f"depthwise kernel cannot run: {reason}")
+    return _DepthwiseConvAct.apply(x, weight, bias, activation)
+
+
+@torch.no_grad()
+def depthwise_conv2d_affine_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                     scale: torch.Tensor, shift: torch.Tensor, activation: str) -> torch.Tensor:
+    """`x + act(conv2d(x, weight, bias, 'same')) * scale + shift` per channel, in one pass (inference only)."""
+    x = x.to(_compute_dtype(x)).contiguous()
+    reason = unsupported_reason(x, weight)
+    if reason is not None:
+        raise ValueError(f"depthwise kernel cannot run: {reason}")
+    scale = scale.to(torch.float32).contiguous()
+    shift = shift.to(torch.float32).contiguous()
+    return _conv(x, weight, bias, sign=1, act=activation, save_pre=False, scale=scale, shift=shift)[0]
+
+
+class DepthwiseConv2d(torch.nn.Conv2d):
+    """A drop-in `nn.Conv2d(C, C, k, groups=C, padding='same')` (same parameters and state_dict keys) that
+    runs the Triton kernels where they can run and `nn.Conv2d` elsewhere."""
+
+    def __init__(self, channels: int, kernel_size: int | tuple[int, int], bias: bool = True,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(channels, channels, kernel_size, groups=channels, padding="same", bias=bias,
+                         device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels_can_run(x) and unsupported_reason(x.to(_compute_dtype(x)), self.weight) is None:
+            return depthwise_conv2d(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def interpreted() -> bool:
+    """Whether these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(_dw_conv_kernel, triton.runtime.JITFunction)
+
+
+def kernels_can_run(x: torch.Tensor) -> bool:
+    """Compiled kernels need a CUDA tensor; the interpreter needs a CPU one."""
+    return (x.device.type == "cpu") if interpreted() else x.is_cuda

@@ -1,0 +1,228 @@
+"""The Triton depthwise kernels and the fast model path against float64 PyTorch references.
+
+Without CUDA the kernels run in Triton's CPU interpreter at small shapes. Triton decides interpreter or
+compiler when a kernel is defined (and reads the variable again while running one), so TRITON_INTERPRET=1
+is set around the import of the kernels module (re-imported if it was defined the other way) and, by a
+fixture, while this module's tests run; it is restored afterwards, so no other test module sees it.
+With CUDA (and TRITON_INTERPRET unset) the compiled kernels run at full ConvMixer shapes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+from convmixer_pt import create_model  # noqa: E402
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
+DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def _import_kernels():
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "0" if ON_GPU else "1"
+    try:
+        module = importlib.import_module("convmixer_pt.kernels.depthwise")
+        if module.interpreted() == ON_GPU:
+            module = importlib.reload(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
+    return module
+
+
+dw = _import_kernels()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_while_these_tests_run():
+    with pytest.MonkeyPatch.context() as patch:
+        if not ON_GPU:
+            patch.setenv("TRITON_INTERPRET", "1")
+        yield
+
+# (N, C, H, W): odd and even planes, batch 1, channel counts that divide no block size.
+if ON_GPU:
+    SHAPES = [(64, 1536, 32, 32), (64, 1024, 16, 16), (1, 768, 31, 33), (3, 100, 17, 14)]
+else:
+    SHAPES = [(2, 5, 13, 13), (1, 3, 8, 10), (3, 2, 7, 12)]
+# bf16 rounds each output once (relative rms error ~2^-9/sqrt(3) = 1.1e-3) and the input gradient twice
+# (the pre-activation gradient is stored in bf16, as PyTorch does): 1e-2 is several times that, and any
+# indexing or masking mistake gives errors of order 1.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+REF_ACT = {"none": lambda y: y, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+
+
+def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(value).all()
+    return ((value.double() - ref).norm() / ref.norm()).item()
+
+
+def make_operands(shape, kernel, dtype, seed):
+    """Random operands in `dtype`, and float64 leaf copies of exactly the same values for the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    n, c, h, w = shape
+    kh, kw = kernel
+    x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
+    weight = (torch.randn(c, 1, kh, kw, generator=gen) / (kh * kw) ** 0.5).to(DEVICE)
+    bias = torch.randn(c, generator=gen).to(DEVICE)
+    # The offset keeps the bias gradient, a plain sum of N*H*W terms, away from cancellation (which would
+    # magnify fp32 rounding in a relative error without any fault of the kernel).
+    grad = (torch.randn(shape, generator=gen) + 0.5).to(DEVICE, dtype)
+    ref = [t.double().requires_grad_() for t in (x, weight, bias)]
+    return (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()), ref, grad
+
+
+def check_conv(shape, kernel, dtype, act, seed=0):
+    (x, weight, bias), (rx, rw, rb), grad = make_operands(shape, kernel, dtype, seed)
+    out = dw.depthwise_conv2d(x, weight, bias, act)
+    ref = REF_ACT[act](F.conv2d(rx, rw, rb, padding="same", groups=shape[1]))
+    out.backward(grad)
+    ref.backward(grad.double())
+    assert out.dtype == dtype and x.grad.dtype == dtype and weight.grad.dtype == torch.float32
+    tol = TOLERANCE[dtype]
+    errors = {name: rel_err(a, b) for name, a, b in [
+        ("out", out, ref), ("grad_x", x.grad, rx.grad), ("grad_w", weight.grad, rw.grad),
+        ("grad_b", bias.grad, rb.grad)]}
+    assert all(e < tol for e in errors.values()), errors
+
+
+@pytest.mark.parametrize("k", [3, 5, 7, 9])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_gelu_forward_and_gradients(k, shape, dtype):
+    check_conv(shape, (k, k), dtype, "gelu")
+
+
+@pytest.mark.parametrize("act", ["none", "relu", "silu"])
+def test_other_activations(act):
+    check_conv(SHAPES[0], (5, 5), torch.float32, act, seed=1)
+
+
+@pytest.mark.parametrize("kernel", [(4, 4), (2, 6), (3, 1)])
+def test_even_and_rectangular_kernels_pad_like_pytorch(kernel):
+    check_conv(SHAPES[1], kernel, torch.float32, "gelu", seed=2)
+
+
+def test_fp16():
+    check_conv(SHAPES[1], (7, 7), torch.float16, "gelu", seed=3)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_weight_gradient_batch_splits(splits):
+    """Partial sums per batch split (uneven last split included) add up to the full reduction."""
+    shape = (3, 4, 9, 11) if not ON_GPU else (5, 64, 32, 32)
+    (x, weight, _), (rx, rw, rb), grad = make_operands(shape, (5, 5), torch.float32, seed=4)
+    ref = F.conv2d(rx, rw, rb, padding="same", groups=shape[1])
+    ref.backward(grad.double())
+    _, gw, gb = dw._wgrad(x.detach(), grad, None, (5, 5), "none", True, splits=splits)
+    assert rel_err(gw.view_as(rw), rw.grad) < 1e-5
+    assert rel_err(gb, rb.grad) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype):
+    (x, weight, bias), (rx, rw, rb), _ = make_operands(SHAPES[0], (9, 9), dtype, seed=5)
+    scale, shift = torch.rand(SHAPES[0][1], device=DEVICE) + 0.5, torch.randn(SHAPES[0][1], device=DEVICE)
+    out = dw.depthwise_conv2d_affine_residual(x.detach(), weight.detach(), bias.detach(), scale, shift, "gelu")
+    ref = rx + F.gelu(F.conv2d(rx, rw, rb, padding="same", groups=SHAPES[0][1])) * scale.double()[:, None, None] \
+        + shift.double()[:, None, None]
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < TOLERANCE[dtype]
+
+
+def test_module_keeps_conv2d_parameters_and_falls_back_for_channels_last():
+    c = SHAPES[0][1]
+    module = dw.DepthwiseConv2d(c, 7).to(DEVICE)
+    plain = torch.nn.Conv2d(c, c, 7, groups=c, padding="same").to(DEVICE)
+    plain.load_state_dict(module.state_dict())
+    assert list(module.state_dict()) == list(plain.state_dict())
+    x = torch.randn(SHAPES[0], device=DEVICE)
+    assert rel_err(module(x), plain(x).double()) < 1e-5
+    x_cl = x.to(memory_format=torch.channels_last)
+    assert dw.unsupported_reason(x_cl, module.weight) == "input is not a contiguous NCHW tensor"
+    assert torch.equal(module(x_cl), plain(x_cl))
+
+
+def test_unsupported_reasons_name_the_problem():
+    x = torch.randn(1, 4, 5, 5, device=DEVICE)
+    assert "float64" in dw.unsupported_reason(x.double(), torch.randn(4, 1, 3, 3))
+    assert "(4, 2, 3, 3)" in dw.unsupported_reason(x, torch.randn(4, 2, 3, 3))
+    assert "larger than 15" in dw.unsupported_reason(x, torch.randn(4, 1, 17, 17))
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), None, "tanh")
+
+
+# A small model for the whole-model checks; on the GPU a full-width one.
+MODEL_KW = dict(dim=1536, depth=2, kernel_size=9, patch_size=7) if ON_GPU else dict(dim=4, depth=2, kernel_size=5)
+IMG = (4, 3, 224, 224) if ON_GPU else (2, 3, 12, 12)
+
+
+def model_pair(act: str, seed: int = 0):
+    torch.manual_seed(seed)
+    fast = create_model("convmixer_128_4", num_classes=7, act=act, fast=True, **MODEL_KW).to(DEVICE)
+    plain = create_model("convmixer_128_4", num_classes=7, act=act, fast=False, **MODEL_KW).to(DEVICE)
+    plain.load_state_dict(fast.state_dict())
+    return fast, plain
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])
+def test_fast_model_matches_plain_model_in_training_and_inference(act):
+    fast, plain = model_pair(act)
+    assert list(fast.state_dict()) == list(plain.state_dict())
+    x = torch.randn(IMG, device=DEVICE)
+    out_fast, out_plain = fast(x), plain(x)
+    assert rel_err(out_fast, out_plain.double()) < 1e-5
+    grad = torch.randn_like(out_plain)
+    out_fast.backward(grad)
+    out_plain.backward(grad)
+    scale = max(p.grad.abs().max() for p in plain.parameters())
+    for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    for (name, b), c in zip(fast.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
+    fast.eval()
+    plain.eval()
+    with torch.no_grad():
+        assert rel_err(fast(x), plain(x).double()) < 1e-5
+
+
+def test_switches_turn_the_fast_path_off(monkeypatch):
+    fast, plain = model_pair("gelu")
+    x = torch.randn(IMG, device=DEVICE)
+    assert not torch.equal(fast(x), plain(x))  # the kernels ran: not the same rounding as PyTorch's
+    monkeypatch.setenv("CONVMIXER_FAST", "0")
+    fast.fast = None
+    assert torch.equal(fast(x), plain(x))
+    monkeypatch.delenv("CONVMIXER_FAST")
+    assert torch.equal(fast(x), plain(x)) == (not ON_GPU)  # default: kernels on CUDA only
+
+
+def test_fast_training_follows_plain_training():
+    """A few AdamW steps from the same initialisation give the same losses (fp32: to rounding)."""
+    fast, plain = model_pair("gelu", seed=3)
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.randn(IMG, generator=gen).to(DEVICE), torch.randint(0, 7, (IMG[0],), generator=gen).to(DEVICE))
+            for _ in range(2)]
+    losses = []
+    for model in (fast, plain):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        curve = []
+        for x, y in data:
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        losses.append(curve)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

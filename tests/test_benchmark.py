@@ -1,0 +1,81 @@
+"""scripts/benchmark.py on CPU at a tiny size, and the FLOP count it reports against counted layers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from convmixer_pt.benchmark import BenchConfig, build, forward_macs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def counted_macs(model: nn.Module, img_size: int) -> int:
+    """MACs of every Conv2d and Linear, read off the shapes they produce in a real forward pass."""
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        per_out = module.in_features if isinstance(module, nn.Linear) else \
+            module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        total += output.numel() * per_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 3, img_size, img_size))
+    for h in handles:
+        h.remove()
+    return total
+
+
+@pytest.mark.parametrize("name,img_size", [("convmixer_1536_20", 70), ("convmixer_1024_20", 84),
+                                           ("convmixer_128_4", 30)])
+def test_forward_macs_match_the_layers_of_timms_model(name, img_size):
+    timm_model = build("timm", BenchConfig(model=name, mode="infer", batch_size=1, device="cpu"))
+    assert forward_macs(name, img_size) == counted_macs(timm_model, img_size)
+
+
+@pytest.mark.parametrize("name", ["convmixer_768_32", "convmixer_256_8"])
+def test_timm_counterpart_has_the_same_parameters(name):
+    cfg = BenchConfig(model=name, mode="infer", batch_size=1, device="cpu")
+    ours, theirs = build("convmixer_pt", cfg), build("timm", cfg)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    assert type(ours.blocks[0][2]) is type(theirs.blocks[0][2])  # same activation (ReLU for 768/32)
+
+
+def test_cli_cpu_smoke_run_writes_rows_for_both_implementations(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "cpu", "--model", "convmixer_128_4",
+           "--img-size", "16", "--batch-size", "2", "--infer-batch-size", "3", "--steps", "1", "--repeats", "2",
+           "--warmup", "1", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["mode"], r["batch_size"]) for r in rows] == [
+        ("timm", "train", 2), ("convmixer_pt", "train", 2), ("timm", "infer", 3), ("convmixer_pt", "infer", 3)]
+    macs = forward_macs("convmixer_128_4", 16)
+    for r in rows:
+        assert r["model"] == "convmixer_128_4" and r["device"] == "cpu" and r["amp"] == "none"
+        assert r["img_per_s"] == pytest.approx(r["batch_size"] / (r["step_ms"] / 1e3))
+        factor = 3 if r["mode"] == "train" else 1
+        assert r["tflops"] == pytest.approx(2 * factor * macs * r["img_per_s"] / 1e12)
+        assert r["peak_mem_mib"] is None
+    for timm_row, ours in (rows[0:2], rows[2:4]):
+        assert timm_row["ratio_to_timm"] == 1.0
+        assert ours["ratio_to_timm"] == pytest.approx(ours["img_per_s"] / timm_row["img_per_s"])
+    table = proc.stdout.splitlines()
+    assert table[0].split()[:5] == ["model", "mode", "layout", "batch", "impl"] and len(table) == 5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")
+def test_cli_refuses_cuda_without_a_gpu_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "cuda"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "benchmark: device 'cuda' requested but CUDA is not available"

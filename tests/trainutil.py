@@ -1,0 +1,61 @@
+"""Shared pieces of the trainer tests: a tiny ImageFolder tree and a tiny, fast training config."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
+
+# A ConvMixer 16/1 on 16x16 inputs: a step costs about a millisecond on one CPU core.
+TINY = dict(model="convmixer_128_4", model_args=dict(dim=16, depth=1, kernel_size=3, patch_size=4),
+            input_size=16, crop_pct=1.0, batch_size=4, workers=0, epochs=3, progress=False)
+# Everything random switched off, so different process layouts must compute the same thing.
+NO_AUG = dict(auto_augment=None, scale=[1.0, 1.0], ratio=[1.0, 1.0], interpolation="bilinear", hflip=0.0,
+              color_jitter=0.0, re_prob=0.0, mixup=0.0, cutmix=0.0)
+
+
+def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 3,
+                     size: int = 20, seed: int = 0) -> Path:
+    """Noisy images whose mean colour depends on the class, as PNG files in root/{train,val}/cK/."""
+    rng = np.random.default_rng(seed)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"c{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                base = np.zeros(3)
+                base[c % 3] = 200
+                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def cli_args(values: dict) -> list[str]:
+    """Command-line flags for config values (lists as several words, model_args as KEY=VALUE)."""
+    out: list[str] = []
+    for key, value in values.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            out.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            out += [flag, *(f"{k}={v}" for k, v in value.items())]
+        elif isinstance(value, list):
+            out += [flag, *map(str, value)]
+        else:
+            out += [flag, "none" if value is None else str(value)]
+    return out
+
+
+def torchrun(values: dict, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
+    """scripts/train.py under `torchrun --standalone` with gloo on CPU."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(TRAIN_SCRIPT), "--device", "cpu", *cli_args(values)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)

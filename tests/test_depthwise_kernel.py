@@ -45,9 +45,13 @@ dw = _import_kernels()
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _interpreter_while_these_tests_run():
+def _interpreter_or_exact_fp32():
+    """CPU: the interpreter. GPU: no TF32 in the surrounding PyTorch convs, so fp32 comparisons stay fp32."""
     with pytest.MonkeyPatch.context() as patch:
-        if not ON_GPU:
+        if ON_GPU:
+            patch.setattr(torch.backends.cudnn, "allow_tf32", False)
+            patch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+        else:
             patch.setenv("TRITON_INTERPRET", "1")
         yield
 

@@ -305,3 +305,10 @@ def test_ckpt_crc_is_written_and_checked(tmp_path, good_files):
 def test_mindspore_model_is_mindcv_shaped(good_files):
     net = MSConvMixer(**dict(ARCH, act="gelu"))
     assert sorted(n for n, _ in net.parameters_and_names()) == sorted(ms.load_checkpoint(str(good_files[1])))
+
+
+def test_mindspore_is_imported_only_when_needed():
+    code = ("import sys, convmixer_pt, convmixer_pt.convert, convmixer_pt.parity; "
+            "print('mindspore' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "False", run.stderr

@@ -135,25 +135,27 @@ def resolve_act(arch: Mapping[str, int], metadata_act: str | None,
     return None, "unknown"
 
 
-def read_ckpt_state(path: str | Path) -> dict[str, torch.Tensor]:
+def read_ckpt_state(path: str | Path, progress: bool = False) -> dict[str, torch.Tensor]:
     """The weights of a MindSpore `.ckpt`, bit for bit, as timm-layout torch tensors."""
     from .ms_model import read_ms_params
 
     params = read_ms_params(path)
+    bar = tqdm(params.items(), desc="from MindSpore", unit="tensor", disable=not progress, leave=False)
     try:
-        return keymap.convert_state({k: ms_to_torch(v) for k, v in params.items()}, "timm", src="mindspore")
+        return keymap.convert_state({k: ms_to_torch(v) for k, v in bar}, "timm", src="mindspore")
     except keymap.LayoutError as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None) -> Weights:
+def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None,
+                 progress: bool = False) -> Weights:
     """Any accepted checkpoint, checked to hold exactly one complete ConvMixer."""
     path = Path(path)
     if file_format(path) == "mindspore":
         if use_ema:
             raise CheckpointError(f"{path}: EMA weights were asked for, but a MindSpore .ckpt holds one set "
                                   "of weights")
-        state, meta, framework = read_ckpt_state(path), {}, "mindspore"
+        state, meta, framework = read_ckpt_state(path, progress), {}, "mindspore"
     else:
         state, meta = read_state_dict(path, use_ema=use_ema)
         framework = "torch"
@@ -202,7 +204,7 @@ def write_ckpt(state: Mapping[str, torch.Tensor], path: str | Path, overwrite: b
         ms_tmp = tmp.with_name(tmp.name + ".ckpt")
         try:
             ms.save_checkpoint(items, str(ms_tmp), crc_check=True)
-            ms_tmp.chmod(0o600)  # MindSpore makes the file read-only; give it the mode of the other outputs
+            ms_tmp.chmod(tmp.stat().st_mode & 0o777)  # MindSpore makes it read-only; match the other outputs
             ms_tmp.replace(tmp)
         finally:
             for leftover in (ms_tmp, ms_tmp.with_name(tmp.name + ".tmp")):
@@ -262,7 +264,8 @@ def staged_path(path: Path) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
-def verify_output(weights: Weights, out: Path, image_size: int = 224, seed: int = 0) -> ParityReport:
+def verify_output(weights: Weights, out: Path, image_size: int = 224, seed: int = 0,
+                  progress: bool = False) -> ParityReport:
     """The model of `weights` (as written, so rounded to the output dtype) against the model loaded from `out`
     by its own framework's loader; each model in the framework its file is meant for."""
     from . import parity
@@ -275,7 +278,12 @@ def verify_output(weights: Weights, out: Path, image_size: int = 224, seed: int 
         other = parity.torch_runner(parity.torch_model(read_weights(out, act=weights.model_arch["act"])))
     x = parity.random_batch(weights.arch["in_chans"], image_size=image_size, seed=seed)
     names = ("input" if weights.framework == "torch" else "input (MindSpore)", "output")
-    return parity.compare_runs(ref, other, x, weights.arch["depth"], parity.DEFAULT_TOL, names)
+    with tqdm(total=2, desc="verify", unit="model", disable=not progress, leave=False) as bar:
+        outputs = []
+        for run in (ref, other):
+            outputs.append(run(x))
+            bar.update()
+    return parity.compare_outputs(*outputs, weights.arch["depth"], parity.DEFAULT_TOL, names)
 
 
 def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: bool = False,
@@ -292,7 +300,7 @@ def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: 
         raise CheckpointError(f"{dst}: already exists (use --force to overwrite)")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: is the input file; write the output elsewhere")
-    weights = read_weights(src, use_ema=use_ema, act=act)
+    weights = read_weights(src, use_ema=use_ema, act=act, progress=progress)
     weights.state = cast_state(weights.state, dtype)
     dst.parent.mkdir(parents=True, exist_ok=True)
     report = None
@@ -300,7 +308,7 @@ def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: 
         written = write_weights(weights, stage, layout=layout, overwrite=True, progress=progress)
         size = stage.stat().st_size
         if verify:
-            report = verify_output(weights, stage, image_size=verify_size)
+            report = verify_output(weights, stage, image_size=verify_size, progress=progress)
             if not report.ok:
                 raise VerificationError(f"{dst}: not written, since its model does not reproduce the logits "
                                         f"of {src} (relative difference {report.rel_diff:.3g} > "

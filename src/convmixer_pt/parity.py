@@ -74,7 +74,12 @@ def random_batch(in_chans: int, batch_size: int = 2, image_size: int = 224, seed
 
 def compare_runs(ref: Runner, other: Runner, x: np.ndarray, depth: int, tol: float = DEFAULT_TOL,
                  names: tuple[str, str] = ("A", "B")) -> ParityReport:
-    a, b = ref(x), other(x)
+    return compare_outputs(ref(x), other(x), depth, tol, names)
+
+
+def compare_outputs(a: list[np.ndarray], b: list[np.ndarray], depth: int, tol: float = DEFAULT_TOL,
+                    names: tuple[str, str] = ("A", "B")) -> ParityReport:
+    """Compare two runs' outputs (after stem, each block, logits); `a` is the reference."""
     diffs = [(name, rel_diff(sa, sb)) for name, sa, sb in zip(stage_names(depth), a, b, strict=True)]
     top5 = [np.argsort(-logits, axis=1, kind="stable")[:, :5] for logits in (a[-1], b[-1])]
     same = all(set(r) == set(o) for r, o in zip(top5[0], top5[1], strict=True))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,3 +232,52 @@ def test_fast_training_follows_plain_training():
             curve.append(loss.item())
         losses.append(curve)
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+COMPILE_FOR_HOPPER = r"""
+import os, subprocess, sys
+from pathlib import Path
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from convmixer_pt.kernels import depthwise as dw
+
+assert not dw.interpreted()
+common = dict(KH=9, KW=9, PH=4, PW=4)
+conv_sig = dict(x_ptr="*{t}", w_ptr="*fp32", b_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", out_ptr="*{t}",
+                pre_ptr="*{t}", C="i32", H="i32", W="i32")
+wgrad_sig = dict(x_ptr="*{t}", g_ptr="*{t}", pre_ptr="*{t}", gy_ptr="*{t}", dw_ptr="*fp32", db_ptr="*fp32", N="i32",
+                 C="i32", H="i32", W="i32", n_per_split="i32")
+conv_cfg, wgrad_cfg = dw.conv_launch_config(32 * 32), dw.wgrad_launch_config(32 * 32)  # 1536/20 at 224
+variants = [
+    (dw._dw_conv_kernel, conv_sig, dict(SIGN=1, HAS_BIAS=True, ACT=1, SAVE_PRE=True, AFFINE_RESIDUAL=False), conv_cfg),
+    (dw._dw_conv_kernel, conv_sig, dict(SIGN=-1, HAS_BIAS=False, ACT=0, SAVE_PRE=False, AFFINE_RESIDUAL=False),
+     conv_cfg),
+    (dw._dw_conv_kernel, conv_sig, dict(SIGN=1, HAS_BIAS=True, ACT=3, SAVE_PRE=False, AFFINE_RESIDUAL=True), conv_cfg),
+    (dw._dw_wgrad_kernel, wgrad_sig, dict(ACT=1, NEED_W=True, TAPS=128), wgrad_cfg),
+]
+cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+for t in ("bf16", "fp32"):
+    for fn, sig, flags, (block, warps) in variants:
+        constexprs = dict(common, BLOCK=block, **flags)
+        signature = {k: v.format(t=t) for k, v in sig.items()} | {k: "constexpr" for k in constexprs}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        if cuobjdump.exists():
+            cubin = Path(os.environ["TMP_CUBIN"])
+            cubin.write_bytes(kernel.asm["cubin"])
+            usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
+                                   text=True, check=True).stdout
+            assert "STACK:0 " in usage and "LOCAL:0 " in usage, (fn.__name__, t, flags, usage)
+print("compiled")
+"""
+
+
+def test_kernels_compile_for_hopper_without_spills(tmp_path):
+    """The interpreter runs the kernels' Python, not Triton's compiler: compile them for sm_90 here (Triton
+    carries ptxas), so a type or lowering error, or a register spill, shows before any GPU time is spent."""
+    env = dict(os.environ, TRITON_INTERPRET="0", TMP_CUBIN=str(tmp_path / "k.cubin"),
+               TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "compiled", proc.stderr[-3000:]

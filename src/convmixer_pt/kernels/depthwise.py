@@ -173,8 +173,16 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
     return None
 
 
-def _plane_block(hw: int) -> int:
-    return min(1024, triton.next_power_of_2(hw))
+def conv_launch_config(hw: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the plane kernel: up to a 32x32 plane per program, 2 elements per thread
+    (4 per thread made ptxas spill at 9x9)."""
+    block = min(1024, triton.next_power_of_2(hw))
+    return block, max(1, min(16, block // 64))
+
+
+def wgrad_launch_config(hw: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the weight-gradient kernel, whose register tile is [TAPS, BLOCK]."""
+    return min(64, triton.next_power_of_2(hw)), 4
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act: str,
@@ -184,7 +192,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, s
     kh, kw = weight.shape[2:]
     out = torch.empty_like(x)
     pre = torch.empty_like(x) if save_pre else None
-    block = _plane_block(h * w)
+    block, num_warps = conv_launch_config(h * w)
     affine = scale is not None
     grid = (n * c, triton.cdiv(h * w, block))
     _dw_conv_kernel[grid](
@@ -193,7 +201,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, s
         c, h, w,
         KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, SIGN=sign, HAS_BIAS=bias is not None,
         ACT=ACTIVATIONS[act], SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine, BLOCK=block,
-        num_warps=max(1, min(16, block // 64)),
+        num_warps=num_warps,
     )
     return out, pre
 
@@ -215,12 +223,12 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
     gy = torch.empty_like(grad) if act != "none" else grad
     dw_part = torch.empty((splits, c, taps), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32)
-    block = min(64, triton.next_power_of_2(h * w))
+    block, num_warps = wgrad_launch_config(h * w)
     _dw_wgrad_kernel[(c, splits)](
         x, grad, pre if pre is not None else grad, gy, dw_part, db_part,
         n, c, h, w, n_per_split,
         KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, ACT=ACTIVATIONS[act], NEED_W=need_w,
-        TAPS=taps, BLOCK=block, num_warps=4,
+        TAPS=taps, BLOCK=block, num_warps=num_warps,
     )
     dw = dw_part.sum(0)[:, : kh * kw] if need_w else None
     return gy, dw, db_part.sum(0)

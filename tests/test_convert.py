@@ -165,6 +165,21 @@ def test_parity_compare_finds_the_first_divergent_block(tmp_path):
     assert "first divergence after block 1" in "\n".join(bad.lines())
 
 
+def test_parity_command_line(tmp_path, capfd):
+    state = {k: v.abs() + 0.5 if k.endswith("running_var") else v
+             for k, v in ConvMixer(**ARCH).state_dict().items()}
+    torch.save(state, tmp_path / "in.pth")
+    write_ckpt(state, tmp_path / "good.ckpt")
+    write_ckpt(dict(state, **{"stem.2.bias": state["stem.2.bias"] + 0.1}), tmp_path / "bad.ckpt")
+    assert parity.main([str(tmp_path / "in.pth"), str(tmp_path / "good.ckpt"), "--image-size", "32"]) == 0
+    assert capfd.readouterr().out.startswith("match: ")
+    assert parity.main([str(tmp_path / "in.pth"), str(tmp_path / "bad.ckpt"), "--image-size", "32"]) == 1
+    out = capfd.readouterr().out
+    assert out.startswith("DIFFER: ") and "first divergence after stem" in out
+    assert parity.main([str(tmp_path / "in.pth"), str(tmp_path / "missing.ckpt")]) == 1
+    assert capfd.readouterr().err == f"error: {tmp_path / 'missing.ckpt'}: no such file\n"
+
+
 # ---- the CLI -----------------------------------------------------------------------------------------------
 
 def run_cli(capfd, *args: str) -> tuple[int, str, str]:

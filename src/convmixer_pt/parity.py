@@ -155,3 +155,33 @@ def compare(torch_checkpoint: str | Path, ms_checkpoint: str | Path, act: str | 
     x = random_batch(weights.arch["in_chans"], batch_size, image_size, seed)
     return compare_runs(torch_runner(pt), ms_runner(ms_net), x, weights.arch["depth"], tol,
                         (f"PyTorch {torch_checkpoint}", f"MindSpore {ms_checkpoint}"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m convmixer_pt.parity model.pth model.ckpt`: exit 0 when the two models agree."""
+    import argparse
+    import sys
+
+    from .checkpoint import CheckpointError
+    from .model import ACTIVATIONS
+
+    p = argparse.ArgumentParser(prog="python -m convmixer_pt.parity", description=compare.__doc__)
+    p.add_argument("torch_checkpoint", help="any PyTorch-side file the loader accepts")
+    p.add_argument("ms_checkpoint", help="a MindSpore .ckpt in MindCV's names")
+    p.add_argument("--act", choices=sorted(ACTIVATIONS), help="activation (default: file record or registry)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        report = compare(args.torch_checkpoint, args.ms_checkpoint, act=args.act, batch_size=args.batch_size,
+                         image_size=args.image_size, seed=args.seed)
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,7 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import keymap
-from .checkpoint import CheckpointError, atomic_path, file_format, load_state_dict_strict, read_state_dict
+from .checkpoint import atomic_path, file_format, load_state_dict_strict
+from .convert import Weights, cast_state, read_weights, torch_to_ms
 from .distributed import all_gather_objects, barrier, init_distributed, shutdown
 from .keymap import match_variant
 from .model import create_model, variant_arch
@@ -145,20 +146,9 @@ def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int], dataset: 
                               f"{len(dataset.classes)} class folders")
 
 
-def checkpoint_arch(state: Any, checkpoint: str | Path) -> dict[str, int]:
-    """Architecture of a state dict in any layout, from its names and shapes."""
-    try:
-        return keymap.infer_arch(keymap.convert_state(state, "timm"))
-    except keymap.LayoutError as e:
-        raise CheckpointError(f"{checkpoint}: {e}") from None
-
-
-def load_torch_model(name: str, checkpoint: str | Path, dataset: ImageFolderFiles) -> nn.Module:
-    state, _ = read_state_dict(checkpoint)
-    arch = checkpoint_arch(state, checkpoint)
-    check_fit(name, checkpoint, arch, dataset)
-    model = create_model(name, num_classes=arch["num_classes"])
-    load_state_dict_strict(model, state, str(checkpoint))
+def torch_model(name: str, weights: Weights) -> nn.Module:
+    model = create_model(name, num_classes=weights.arch["num_classes"])
+    load_state_dict_strict(model, weights.state, str(weights.path))
     return model
 
 
@@ -174,17 +164,16 @@ def torch_predictor(model: nn.Module, device: torch.device, amp: bool = False) -
     return predict
 
 
-def load_mindspore_model(name: str, checkpoint: str | Path, dataset: ImageFolderFiles, device: torch.device) -> Any:
+def mindspore_model(name: str, weights: Weights, device: torch.device) -> Any:
+    """The MindSpore model with `weights` (from either framework's file, moved across bit for bit)."""
     import mindspore as ms
 
-    from .ms_model import create_ms_model, load_params_strict, read_ms_params
+    from .ms_model import create_ms_model, load_params_strict
 
-    params = read_ms_params(checkpoint)
-    arch = checkpoint_arch(params, checkpoint)
-    check_fit(name, checkpoint, arch, dataset)
     ms.set_device("GPU" if device.type == "cuda" else "CPU", device.index or 0)
-    net = create_ms_model(name, num_classes=arch["num_classes"])
-    load_params_strict(net, params, str(checkpoint))
+    net = create_ms_model(name, num_classes=weights.arch["num_classes"])
+    state = keymap.convert_state(cast_state(weights.state, "float32"), "mindspore", src="timm")
+    load_params_strict(net, {k: torch_to_ms(v) for k, v in state.items()}, str(weights.path))
     return net
 
 
@@ -227,10 +216,12 @@ def validate(
                                   "process")
         torch_device = env.device if env.distributed or not device else torch.device(device)
         dataset = ImageFolderFiles(data_dir, build_transform(protocol, img_size, crop_pct))
+        weights = read_weights(checkpoint)
+        check_fit(model, checkpoint, weights.arch, dataset)
         if framework == "torch":
-            predict = torch_predictor(load_torch_model(model, checkpoint, dataset), torch_device, amp)
+            predict = torch_predictor(torch_model(model, weights), torch_device, amp)
         else:
-            predict = mindspore_predictor(load_mindspore_model(model, checkpoint, dataset, torch_device))
+            predict = mindspore_predictor(mindspore_model(model, weights, torch_device))
         # A stride of the images per rank: each image once, no padded duplicates.
         shard = Subset(dataset, range(env.rank, len(dataset), env.world_size))
         loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False,

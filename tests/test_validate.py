@@ -1,0 +1,199 @@
+"""Evaluation: counting against known answers, PyTorch / MindSpore / timm agreeing image by image,
+torchrun counting each image once, and clear CLI errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm.data
+import torch
+from helpers import randomize_bn
+from image_data import make_image_folder
+from PIL import Image
+from timm.models.convmixer import ConvMixer as TimmConvMixer
+
+from convmixer_pt import create_model
+from convmixer_pt.validation import EvalResult, ValidationError, evaluate, merge, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+VALIDATE = [sys.executable, str(ROOT / "scripts" / "validate.py")]
+NAME, SIZE, CLASSES, IMAGES = "convmixer_128_4", 32, 4, 13  # 13 images: not divisible by 2 ranks
+ARCH = dict(dim=128, depth=4, kernel_size=5, patch_size=2)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("val")
+    return root, make_image_folder(root, classes=CLASSES, images=IMAGES)
+
+
+def timm_batch(samples) -> torch.Tensor:
+    transform = timm.data.create_transform(SIZE, crop_pct=0.96, interpolation="bicubic")
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in samples])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(data, tmp_path_factory):
+    """A random convmixer_128_4 with non-trivial BN statistics, as .pth and converted .ckpt. Its head is set
+    on the test images' standardised features, so that predictions vary from image to image."""
+    from convmixer_pt.convert import convert
+
+    out = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = randomize_bn(create_model(NAME, num_classes=CLASSES), torch.Generator().manual_seed(0)).eval()
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(timm_batch(data[1])), pre_logits=True)
+        weight = torch.randn(CLASSES, feats.shape[1]) / feats.std(0)
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(-weight @ feats.mean(0))
+    pth, ckpt = out / "small.pth", out / "small.ckpt"
+    torch.save(model.state_dict(), pth)
+    convert(pth, ckpt)
+    return model, pth, ckpt
+
+
+def timm_reference(model: torch.nn.Module, samples) -> list[list[int]]:
+    """Top-k class indices per image from timm's own ConvMixer under timm's own eval transform."""
+    ref = TimmConvMixer(num_classes=CLASSES, **ARCH).eval()
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        return ref(timm_batch(samples)).topk(CLASSES, dim=1).indices.tolist()
+
+
+def run_validate(ckpt: Path, root: Path, **kw) -> tuple[dict, list[dict]]:
+    return validate(NAME, ckpt, root, img_size=SIZE, batch_size=5, workers=0, device="cpu", progress=False, **kw)
+
+
+def test_counts_top1_top5_on_known_rankings() -> None:
+    """A stub predictor ranks the true class of image i at position rank[i] (-1: not among the first 7)."""
+    ranks = [0, 0, 1, 4, 5, -1, 0, 2, 6, 3, -1]
+    labels = [i % 10 for i in range(len(ranks))]
+
+    def ranking(label: int, rank: int) -> list[int]:
+        others = [c for c in range(10) if c != label]
+        return others[:rank] + [label] + others[rank:] if rank >= 0 else others[:7]
+
+    table = torch.tensor([ranking(lab, r)[:5] for lab, r in zip(labels, ranks, strict=True)])
+
+    def predict(images: torch.Tensor, k: int) -> torch.Tensor:
+        return table[images.long()][:, :k]  # the "image" is its own index
+
+    idx = torch.arange(len(ranks))
+    loader = [(idx[s:s + 3], torch.tensor(labels)[s:s + 3], idx[s:s + 3]) for s in range(0, len(ranks), 3)]
+    result = evaluate(predict, loader, num_classes=10)
+    assert result.count == 11
+    assert result.top1_hits == 3 and result.top5_hits == 7
+    assert result.top1 == pytest.approx(100 * 3 / 11) and result.top5 == pytest.approx(100 * 7 / 11)
+    assert [row[0] for row in result.rows] == list(range(11))
+    assert [row[2][0] for row in result.rows] == table[:, 0].tolist()
+
+    halves = merge([EvalResult(2, 1, 2, 1.0, [(1, 0, [0])]), EvalResult(3, 0, 3, 2.0, [(0, 1, [1])])])
+    assert (halves.count, halves.top1_hits, halves.top5_hits, halves.seconds) == (5, 1, 5, 2.0)
+    assert [row[0] for row in halves.rows] == [0, 1]
+
+
+def test_pytorch_mindspore_and_timm_agree_image_by_image(data, checkpoints) -> None:
+    root, samples = data
+    model, pth, ckpt = checkpoints
+    expected = timm_reference(model, samples)
+    preds = [k[0] for k in expected]
+    assert len(set(preds)) > 1, "the test model must not predict one class for everything"
+    labels = [label for _, label in samples]
+    top1 = 100 * np.mean([p == lab for p, lab in zip(preds, labels, strict=True)])
+    top5 = 100 * np.mean([lab in k[:5] for k, lab in zip(expected, labels, strict=True)])
+    for ckpt_path, framework in ((pth, "torch"), (ckpt, "mindspore")):
+        report, rows = run_validate(ckpt_path, root, protocol="timm")
+        assert report["framework"] == framework
+        assert [r["path"] for r in rows] == [str(p.relative_to(root)) for p, _ in samples]
+        assert [r["label"] for r in rows] == labels
+        assert [r["pred"] for r in rows] == preds, framework
+        assert report["count"] == IMAGES
+        assert report["top1"] == pytest.approx(top1, abs=1e-3) and report["top5"] == pytest.approx(top5, abs=1e-3)
+
+
+def test_mindcv_protocol_gives_the_same_predictions_in_both_frameworks(data, checkpoints) -> None:
+    root, _ = data
+    _, pth, ckpt = checkpoints
+    torch_report, torch_rows = run_validate(pth, root, protocol="mindcv")
+    ms_report, ms_rows = run_validate(ckpt, root, protocol="mindcv")
+    assert (torch_report["framework"], ms_report["framework"]) == ("torch", "mindspore")
+    assert torch_rows == ms_rows
+    forced, forced_rows = run_validate(ckpt, root, protocol="mindcv", framework="torch")
+    assert forced["framework"] == "torch"
+    assert forced_rows == ms_rows
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_cli_under_torchrun_counts_each_image_once(data, checkpoints, tmp_path) -> None:
+    root, _ = data
+    _, pth, _ = checkpoints
+    args = ["--model", NAME, "--checkpoint", str(pth), "--data-dir", str(root), "--img-size", str(SIZE),
+            "--batch-size", "4", "--workers", "0", "--device", "cpu"]
+    one = subprocess.run([*VALIDATE, *args, "--json", str(tmp_path / "one.json"),
+                          "--save-predictions", str(tmp_path / "one.csv")], capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          *VALIDATE[1:], *args, "--json", str(tmp_path / "two.json"),
+                          "--save-predictions", str(tmp_path / "two.csv")], capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    one_report, two_report = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two_report["world_size"] == 2 and one_report["world_size"] == 1
+    assert one_report["count"] == two_report["count"] == IMAGES
+    assert two_report["top1"] == one_report["top1"] and two_report["top5"] == one_report["top5"]
+    for key in ("top1", "top5", "count", "img_per_s", "model", "protocol", "framework", "checkpoint"):
+        assert key in one_report
+    one_rows, two_rows = read_csv(tmp_path / "one.csv"), read_csv(tmp_path / "two.csv")
+    assert list(one_rows[0])[:3] == ["path", "label", "pred"]
+    assert len({r["path"] for r in two_rows}) == len(two_rows) == IMAGES
+    assert two_rows == one_rows
+
+
+def cli_error(*args: str) -> str:
+    proc = subprocess.run([*VALIDATE, *args, "--workers", "0", "--device", "cpu"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_cli_wrong_data_dir(checkpoints, tmp_path) -> None:
+    _, pth, _ = checkpoints
+    msg = cli_error("--model", NAME, "--checkpoint", str(pth), "--data-dir", str(tmp_path / "nope"))
+    assert msg == f"validate.py: error: {tmp_path / 'nope'}: no such directory"
+
+
+def test_cli_checkpoint_model_mismatch(data, checkpoints) -> None:
+    root, _ = data
+    _, _, ckpt = checkpoints
+    msg = cli_error("--model", "convmixer_256_8", "--checkpoint", str(ckpt), "--data-dir", str(root))
+    assert msg == (f"validate.py: error: {ckpt} holds a ConvMixer with dim=128, depth=4, but --model "
+                   "convmixer_256_8 has dim=256, depth=8; use --model convmixer_128_4")
+
+
+def test_flat_folder_wrong_variant_and_class_count_are_named(data, checkpoints, tmp_path) -> None:
+    root, _ = data
+    _, pth, _ = checkpoints
+    (tmp_path / "flat").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.jpg")
+    with pytest.raises(ValidationError, match=f"^{re.escape(str(tmp_path / 'flat'))}: holds no class folders"):
+        run_validate(pth, tmp_path / "flat")
+    with pytest.raises(ValidationError) as err:
+        validate("convmixer_1536_20", pth, root, workers=0, device="cpu", progress=False)
+    assert str(err.value) == (f"{pth} holds a ConvMixer with dim=128, depth=4, kernel_size=5, patch_size=2, but "
+                              "--model convmixer_1536_20 has dim=1536, depth=20, kernel_size=9, patch_size=7; use "
+                              "--model convmixer_128_4")
+    make_image_folder(tmp_path / "three", classes=3, images=3)
+    with pytest.raises(ValidationError) as err:
+        run_validate(pth, tmp_path / "three")
+    assert str(err.value) == f"{pth} has a 4-class head but {tmp_path / 'three'} holds 3 class folders"

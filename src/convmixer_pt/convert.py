@@ -104,6 +104,7 @@ def _ms_dtypes() -> dict[Any, torch.dtype]:
 
 
 def ms_to_torch(tensor: mindspore.Tensor) -> torch.Tensor:
+    """A copy of the raw bytes: bfloat16 included, which `asnumpy()` cannot give under NumPy 2."""
     dtypes = _ms_dtypes()
     if tensor.dtype not in dtypes:
         raise CheckpointError(f"tensor {getattr(tensor, 'name', '')!r} has dtype {tensor.dtype}, which has "
@@ -113,9 +114,13 @@ def ms_to_torch(tensor: mindspore.Tensor) -> torch.Tensor:
 
 
 def torch_to_ms(tensor: torch.Tensor) -> mindspore.Tensor:
+    """A copy of the raw bytes, built the way MindSpore's own `load_checkpoint` builds its tensors."""
     from mindspore import Tensor
 
     to_ms = {v: k for k, v in _ms_dtypes().items()}
+    if tensor.dtype not in to_ms:
+        raise CheckpointError(f"a tensor of shape {tuple(tensor.shape)} has dtype {tensor.dtype}, which has "
+                              "no MindSpore counterpart here")
     data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
     return Tensor(Tensor.convert_bytes_to_tensor(data, tuple(tensor.shape), to_ms[tensor.dtype]))
 

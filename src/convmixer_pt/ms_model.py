@@ -42,8 +42,7 @@ def quiet_numpy_bridge() -> None:
 
     MindSpore 2.10's wheel is built against NumPy 1.x; under NumPy 2 the first operator called with a
     Tensor made from a Python scalar (exact GELU does so) prints an ImportError traceback on stderr and
-    carries on. Nothing depends
-    on that bridge here; the noise would only bury real messages.
+    carries on. Nothing here depends on that bridge; the noise would only bury real messages.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -1,0 +1,99 @@
+"""The digits ImageFolder cache, timm's eval transform, the samplers and the image loader's errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from convmixer_pt import config
+from convmixer_pt.data import (
+    DataError,
+    GlobalBatchSampler,
+    ShardSampler,
+    SyntheticImages,
+    build_transforms,
+    load_image,
+    write_digits_imagefolder,
+)
+from convmixer_pt.distributed import DistEnv
+
+
+def env(rank: int, world: int) -> DistEnv:
+    return DistEnv(rank=rank, local_rank=rank, world_size=world, device=torch.device("cpu"))
+
+
+def test_digits_tree_holds_every_digit_once(tmp_path: Path) -> None:
+    root = write_digits_imagefolder(tmp_path / "digits")
+    digits = load_digits()
+    files = sorted(root.glob("*/*/*.png"))
+    assert len(files) == len(digits.images) == 1797
+    assert sorted(p.name for p in (root / "train").iterdir()) == [str(d) for d in range(10)]
+    val = Counter(p.parent.name for p in files if p.parts[-3] == "val")
+    assert sum(val.values()) == 360 and min(val.values()) >= 35  # stratified 20%
+    for path in files[::97]:
+        index, label = int(path.stem), int(path.parent.name)
+        img = Image.open(path)
+        assert img.mode == "L" and img.size == (8, 8) and digits.target[index] == label
+        np.testing.assert_array_equal(np.asarray(img), np.round(digits.images[index] * 255 / 16))
+    stamp = (root / "val").stat().st_mtime_ns
+    assert write_digits_imagefolder(root) == root and (root / "val").stat().st_mtime_ns == stamp
+
+
+def test_eval_transform_is_resize_then_center_crop(tmp_path: Path) -> None:
+    cfg = config.apply(config.TrainConfig(), dict(input_size=32, crop_pct=0.875), "test")
+    _, evaluate = build_transforms(cfg)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8))
+    # Independent reference: shorter side to floor(32 / 0.875) = 36 with PIL bicubic, center crop 32.
+    ref = TF.center_crop(TF.resize(img, 36, interpolation=TF.InterpolationMode.BICUBIC), 32)
+    ref = TF.normalize(TF.to_tensor(ref), cfg.mean, cfg.std)
+    torch.testing.assert_close(evaluate(img), ref)
+
+
+def test_train_transform_output_shape() -> None:
+    train, _ = build_transforms(config.TrainConfig(input_size=24))
+    img = Image.fromarray(np.zeros((40, 30, 3), dtype=np.uint8))
+    assert train(img).shape == (3, 24, 24)
+
+
+def test_global_batches_do_not_depend_on_the_process_layout() -> None:
+    size = 50
+    one = GlobalBatchSampler(size, batch_size=4, grad_accum=2, env=env(0, 1), seed=3)
+    two = [GlobalBatchSampler(size, batch_size=4, grad_accum=1, env=env(r, 2), seed=3) for r in range(2)]
+    for epoch in (0, 1):
+        for s in (one, *two):
+            s.set_epoch(epoch)
+        order = list(one)
+        assert len(order) == len(one) == 48 and len(set(order)) == 48  # 6 steps of 8, no repeats
+        parts = [list(s) for s in two]
+        for step in range(6):  # process r gets chunk r of each global batch
+            assert parts[0][4 * step:4 * step + 4] == order[8 * step:8 * step + 4]
+            assert parts[1][4 * step:4 * step + 4] == order[8 * step + 4:8 * step + 8]
+    one.set_epoch(0)
+    first = list(one)
+    one.set_epoch(1)
+    assert list(one) != first  # reshuffled every epoch
+
+
+@pytest.mark.parametrize("size, world", [(10, 3), (7, 2), (1, 4)])
+def test_shard_sampler_covers_each_index_once(size: int, world: int) -> None:
+    shards = [list(ShardSampler(size, env(r, world))) for r in range(world)]
+    assert sorted(i for shard in shards for i in shard) == list(range(size))
+
+
+def test_synthetic_images_are_reproducible() -> None:
+    a, b = SyntheticImages(4, 16, 10, seed=1), SyntheticImages(4, 16, 10, seed=1)
+    assert torch.equal(a[3][0], b[3][0]) and not torch.equal(a[3][0], a[2][0]) and a[3][1] == 3
+
+
+def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "broken.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match=f"{path}: cannot read the image"):
+        load_image(str(path))

@@ -1,0 +1,86 @@
+"""Bad input gets one clear line on stderr and a non-zero exit, not a traceback."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import pytest
+from trainutil import TINY, TRAIN_SCRIPT, cli_args, make_imagefolder
+
+spec = importlib.util.spec_from_file_location("train_cli", TRAIN_SCRIPT)
+train_cli = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_cli)
+
+
+def run_cli(capsys: pytest.CaptureFixture, values: dict, extra: list[str] = ()) -> tuple[int, str]:
+    rc = train_cli.main(["--device", "cpu", *cli_args(values), *extra])
+    err = capsys.readouterr().err.strip()
+    return rc, err
+
+
+def assert_one_line(rc: int, err: str, *fragments: str) -> None:
+    assert rc == 1
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_missing_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, err = run_cli(capsys, dict(TINY, data_dir=str(tmp_path / "nowhere"), output=str(tmp_path / "o")))
+    assert_one_line(rc, err, f"{tmp_path / 'nowhere'}: data folder not found")
+
+
+def test_no_data_dir_given(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    rc, err = run_cli(capsys, dict(TINY, output=str(tmp_path / "o")))
+    assert_one_line(rc, err, "no data folder given: pass --data-dir")
+
+
+def test_empty_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    rc, err = run_cli(capsys, dict(TINY, data_dir=str(tmp_path / "data"), output=str(tmp_path / "o")))
+    assert_one_line(rc, err, f"{tmp_path / 'data' / 'train'}: no images found")
+
+
+def test_class_count_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), num_classes=1000, output=str(tmp_path / "o")))
+    assert_one_line(rc, err, "has 3 classes but the model is configured for num_classes=1000")
+
+
+def test_split_class_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    shutil.rmtree(data / "val" / "c2")
+    rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), output=str(tmp_path / "o")))
+    assert_one_line(rc, err, "the class folders of train/ (3) and val/ (2) differ")
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture, workers: int) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    bad = data / "train" / "c1" / "3.png"
+    bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG
+    rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), workers=workers, output=str(tmp_path / "o")))
+    assert_one_line(rc, err, f"{bad}: cannot read the image")
+
+
+def test_unknown_config_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 2\nlearning_rate: 0.1\n")
+    rc, err = run_cli(capsys, {}, ["--config", str(path)])
+    assert_one_line(rc, err, f"{path}: unknown config key 'learning_rate'")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    values = dict(TINY, data_dir=str(data), output=str(tmp_path / "o"))
+    assert run_cli(capsys, dict(values, stop_epoch=1))[0] == 0
+    last = tmp_path / "o" / "last.pth"
+    good = last.read_bytes()
+    # An absurd learning rate from epoch 2 on blows the weights up until the loss is no longer finite.
+    rc, err = run_cli(capsys, dict(values, resume="auto", lr=1e30))
+    assert_one_line(rc, err, "the training loss became", "at epoch 2",
+                    f"{last} (after epoch 1) is the last good checkpoint")
+    assert last.read_bytes() == good

@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="center crop size")
     p.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT,
                    help="resize the shorter side to floor(img_size / crop_pct) first")
+    p.add_argument("--act", help="replace the variant's activation, e.g. gelu_tanh (MindSpore only) to run "
+                                 "MindCV's tanh-approximated GELU cell")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--save-predictions", metavar="OUT.csv", help="CSV path,label,pred,top5, one row per image")
     p.add_argument("--no-progress", action="store_true")
@@ -49,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         report, rows = validate(
             args.model, args.checkpoint, args.data_dir, protocol=args.protocol, framework=args.framework,
             batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
-            img_size=args.img_size, crop_pct=args.crop_pct, progress=not args.no_progress,
+            img_size=args.img_size, crop_pct=args.crop_pct, act=args.act,
+            progress=not args.no_progress,
         )
     except (CheckpointError, ValidationError) as e:
         print(f"validate.py: error: {e}", file=sys.stderr)

@@ -130,6 +130,17 @@ def test_mindcv_protocol_gives_the_same_predictions_in_both_frameworks(data, che
     assert forced_rows == ms_rows
 
 
+def test_act_override_builds_mindcv_tanh_gelu_cell_in_mindspore_only(data, checkpoints) -> None:
+    root, _ = data
+    _, pth, ckpt = checkpoints
+    report, rows = run_validate(pth, root, protocol="mindcv", framework="mindspore", act="gelu_tanh")
+    assert (report["framework"], report["act"], report["count"]) == ("mindspore", "gelu_tanh", IMAGES)
+    assert run_validate(ckpt, root)[0]["act"] == "gelu"
+    with pytest.raises(ValidationError, match="^--act gelu_tanh: the torch model has no such activation; "
+                                              "choose one of gelu, relu, silu$"):
+        run_validate(pth, root, act="gelu_tanh")
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

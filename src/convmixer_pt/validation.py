@@ -27,7 +27,7 @@ from .checkpoint import atomic_path, file_format, load_state_dict_strict
 from .convert import Weights, cast_state, read_weights, torch_to_ms
 from .distributed import all_gather_objects, barrier, init_distributed, shutdown
 from .keymap import match_variant
-from .model import create_model, variant_arch
+from .model import ACTIVATIONS, create_model, variant_arch
 from .protocols import DEFAULT_CROP_PCT, DEFAULT_IMG_SIZE, Transform, build_transform
 
 FRAMEWORKS = ("torch", "mindspore")
@@ -146,8 +146,16 @@ def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int], dataset: 
                               f"{len(dataset.classes)} class folders")
 
 
-def torch_model(name: str, weights: Weights) -> nn.Module:
-    model = create_model(name, num_classes=weights.arch["num_classes"])
+def check_act(act: str | None, known: Iterable[str], framework: str) -> dict[str, str]:
+    """Constructor overrides for `--act`, which swaps the variant's activation (e.g. MindCV's tanh GELU)."""
+    if act is not None and act not in known:
+        raise ValidationError(f"--act {act}: the {framework} model has no such activation; choose one of "
+                              f"{', '.join(sorted(known))}")
+    return {} if act is None else {"act": act}
+
+
+def torch_model(name: str, weights: Weights, act: str | None = None) -> nn.Module:
+    model = create_model(name, num_classes=weights.arch["num_classes"], **check_act(act, ACTIVATIONS, "torch"))
     load_state_dict_strict(model, weights.state, str(weights.path))
     return model
 
@@ -164,14 +172,16 @@ def torch_predictor(model: nn.Module, device: torch.device, amp: bool = False) -
     return predict
 
 
-def mindspore_model(name: str, weights: Weights, device: torch.device) -> Any:
+def mindspore_model(name: str, weights: Weights, device: torch.device, act: str | None = None) -> Any:
     """The MindSpore model with `weights` (from either framework's file, moved across bit for bit)."""
     import mindspore as ms
 
+    from .ms_model import ACTIVATIONS as MS_ACTIVATIONS
     from .ms_model import create_ms_model, load_params_strict
 
+    overrides = check_act(act, MS_ACTIVATIONS, "mindspore")
     ms.set_device("GPU" if device.type == "cuda" else "CPU", device.index or 0)
-    net = create_ms_model(name, num_classes=weights.arch["num_classes"])
+    net = create_ms_model(name, num_classes=weights.arch["num_classes"], **overrides)
     state = keymap.convert_state(cast_state(weights.state, "float32"), "mindspore", src="timm")
     load_params_strict(net, {k: torch_to_ms(v) for k, v in state.items()}, str(weights.path))
     return net
@@ -199,10 +209,11 @@ def validate(
     amp: bool = False,
     img_size: int = DEFAULT_IMG_SIZE,
     crop_pct: float = DEFAULT_CROP_PCT,
+    act: str | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate `checkpoint` on `data_dir`; returns the report and one prediction row per image
-    (the whole dataset's, on every rank under torchrun)."""
+    (the whole dataset's, on every rank under torchrun). `act` replaces the variant's activation."""
     framework = framework or framework_of(checkpoint)
     if framework not in FRAMEWORKS:
         raise ValidationError(f"unknown framework {framework!r}; choose one of {', '.join(FRAMEWORKS)}")
@@ -219,9 +230,11 @@ def validate(
         weights = read_weights(checkpoint)
         check_fit(model, checkpoint, weights.arch, dataset)
         if framework == "torch":
-            predict = torch_predictor(torch_model(model, weights), torch_device, amp)
+            net = torch_model(model, weights, act)
+            predict = torch_predictor(net, torch_device, amp)
         else:
-            predict = mindspore_predictor(mindspore_model(model, weights, torch_device))
+            net = mindspore_model(model, weights, torch_device, act)
+            predict = mindspore_predictor(net)
         # A stride of the images per rank: each image once, no padded duplicates.
         shard = Subset(dataset, range(env.rank, len(dataset), env.world_size))
         loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False,
@@ -231,7 +244,7 @@ def validate(
         barrier(env)  # gloo aborts a process that leaves while a peer's gather is still sending to it
     finally:
         shutdown(env)
-    report = dict(model=model, checkpoint=str(checkpoint), framework=framework, protocol=protocol,
+    report = dict(model=model, checkpoint=str(checkpoint), framework=framework, protocol=protocol, act=net.act,
                   img_size=img_size, crop_pct=crop_pct, top1=round(result.top1, 4), top5=round(result.top5, 4),
                   count=result.count, img_per_s=round(result.img_per_s, 2), world_size=env.world_size)
     rows = [dict(path=os.path.relpath(dataset.samples[i][0], dataset.root), label=label, pred=topk[0],

@@ -46,6 +46,7 @@ MS_PREFIX = "network."
 
 _TIMM_RE = re.compile(r"^(stem\.[02]|blocks\.(\d+)\.(?:0\.fn\.[02]|[13])|head)\.(\w+)$")
 _OFFICIAL_RE = re.compile(r"^(\d+)((?:\.0\.fn\.[02]|\.[13])?)\.(\w+)$")
+_OFFICIAL_BLOCK_RE = re.compile(r"^(\d+)\.0\.fn\.0\.")
 
 
 class LayoutError(ValueError):
@@ -78,7 +79,7 @@ def convert_key(key: str, src: str, dst: str, depth: int) -> str | None:
     if src == "mindspore" and row is not None and row[2] == "bn":
         param = BN_MS_TO_TORCH.get(param, param)
     if row is None or param not in PARAMS[row[2]]:
-        raise LayoutError(f"tensor {key!r} is not part of a {src}-layout ConvMixer of depth {depth}")
+        raise LayoutError(f"tensor {key!r} is not part of a depth-{depth} ConvMixer in the {src} layout")
     timm_mod, official_mod, kind = row
     out_mod = {"timm": timm_mod, "official": official_mod, "mindspore": MS_PREFIX + official_mod}[dst]
     if dst == "mindspore" and kind == "bn":
@@ -99,9 +100,11 @@ def detect_layout(keys: list[str] | Any) -> str:
         return "timm"
     if all(_OFFICIAL_RE.match(k) for k in keys):
         return "official"
-    odd = next(k for k in keys if not (_TIMM_RE.match(k) or k.startswith(MS_PREFIX)))
-    raise LayoutError(f"unrecognised tensor name {odd!r}: not a timm, official (locuslab) or MindSpore "
-                    "ConvMixer layout")
+    odd = [k for k in keys if not (_TIMM_RE.match(k) or _OFFICIAL_RE.match(k) or k.startswith(MS_PREFIX))]
+    if odd:
+        raise LayoutError(f"unrecognised tensor name {odd[0]!r}: not a timm, official (locuslab) or MindSpore "
+                          "ConvMixer layout")
+    raise LayoutError("the tensor names mix the timm, official (locuslab) and MindSpore layouts")
 
 
 def infer_depth(keys: list[str] | Any, layout: str) -> int:
@@ -111,12 +114,10 @@ def infer_depth(keys: list[str] | Any, layout: str) -> int:
         idx = [int(m.group(2)) for k in keys if (m := _TIMM_RE.match(k)) and m.group(2) is not None]
         return max(idx) + 1 if idx else 0
     names = [k[len(MS_PREFIX):] if layout == "mindspore" else k for k in keys]
-    # The classifier has the highest index in the official Sequential and sits at depth + 5.
-    top = max(int(n.split(".", 1)[0]) for n in names)
-    depth = top - 5
-    if depth < 0:
-        raise LayoutError(f"cannot find the classifier in this {layout}-layout checkpoint (highest index {top})")
-    return depth
+    # Blocks sit at indices 3 .. depth+2 of the official Sequential; an extra tensor elsewhere then shows up
+    # as unexpected instead of shifting the depth.
+    blocks = [int(m.group(1)) for n in names if (m := _OFFICIAL_BLOCK_RE.match(n))]
+    return max(blocks) - 2 if blocks else 0
 
 
 V = TypeVar("V")

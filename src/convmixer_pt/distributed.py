@@ -1,7 +1,8 @@
 """Process-group setup from torchrun's environment and the few collectives the trainer needs.
 
-Everything is passed around as a `DistEnv`; nothing here keeps module-level state. Without torchrun's
-variables (RANK, WORLD_SIZE, LOCAL_RANK) the trainer runs as a single process with no process group.
+Everything is passed around as a `DistEnv`; nothing here keeps module-level state. Under torchrun (RANK,
+WORLD_SIZE, LOCAL_RANK set) a process group is always joined, even with one process, so a one-GPU torchrun
+exercises NCCL and DDP; a plain `python scripts/train.py` runs without one.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    has_group: bool = False  # a process group is joined (the trainer then wraps the model in DDP)
 
     @property
     def distributed(self) -> bool:
+        """More than one process: results must be combined across processes."""
         return self.world_size > 1
 
     @property
@@ -33,6 +36,7 @@ class DistEnv:
 
 def init_distributed(device: str) -> DistEnv:
     """Join torchrun's process group: NCCL on CUDA, gloo on CPU. `device` is 'cpu' or 'cuda'."""
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -41,15 +45,16 @@ def init_distributed(device: str) -> DistEnv:
         dev = torch.device("cuda", local_rank)
     else:
         dev = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if under_torchrun and not dist.is_initialized():
         # `device_id` binds NCCL's communicator to this GPU eagerly (and silences its warning).
         extra = dict(device_id=dev) if device == "cuda" else {}
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", **extra)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev,
+                   has_group=under_torchrun)
 
 
 def shutdown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    if env.has_group and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -336,7 +336,7 @@ def build_parts(cfg: TrainConfig, env: DistEnv, num_classes: int, amp: str) -> P
     scaler = torch.amp.GradScaler(env.device.type, enabled=amp == "fp16")
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema else None
     ddp = None
-    if env.distributed:
+    if env.has_group:  # also with one process under torchrun, so a one-GPU torchrun exercises NCCL and DDP
         # Buffers are synced once at construction, then stay per process during the epoch and are averaged
         # at its end (average_bn_stats) instead of being overwritten by rank 0's before every forward.
         # (PyTorch renamed broadcast_buffers to forward_sync_buffers and warns about the old name.)

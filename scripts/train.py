@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from convmixer_pt import config, engine
 from convmixer_pt.checkpoint import CheckpointError
 from convmixer_pt.data import DataError
@@ -35,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config.resolve(args.config, config.overrides_from_args(args))
         env = init_distributed(engine.resolve_device(cfg.device))
+        if env.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
         engine.run(cfg, env)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

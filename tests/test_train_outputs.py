@@ -77,3 +77,12 @@ def test_synthetic_data_with_bf16_autocast(tmp_path: Path) -> None:
                                                   output=str(tmp_path / "syn")), "test")
     progress = engine.run(cfg, init_distributed("cpu"))
     assert progress.step == 4 and progress.history[0]["val_top1"] in {10.0 * k for k in range(11)}
+
+
+def test_finetune_starts_from_the_given_weights(run_dir: tuple[Path, config.TrainConfig]) -> None:
+    out, cfg = run_dir
+    weights, _ = checkpoint.read_state_dict(out / "best.pth")
+    model = engine.build_model(config.apply(cfg, dict(finetune=str(out / "best.pth")), "test"), 3)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    with pytest.raises(checkpoint.CheckpointError, match="does not fit the model"):
+        engine.build_model(config.apply(cfg, dict(finetune=str(out / "best.pth")), "test"), 5)

@@ -12,7 +12,7 @@ import csv
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,11 +55,11 @@ class ImageFolderFiles(Dataset):
             self.classes, class_to_idx = find_classes(str(root))
         except FileNotFoundError:
             raise ValidationError(f"{root}: holds no class folders; expected the ImageFolder layout "
-                               "DIR/<class>/<image> (see scripts/prepare_imagenet_val.py)") from None
+                                  "DIR/<class>/<image> (see scripts/prepare_imagenet_val.py)") from None
         self.samples = make_dataset(str(root), class_to_idx, IMG_EXTENSIONS, allow_empty=True)
         if not self.samples:
             raise ValidationError(f"{root}: its {len(self.classes)} class folders hold no images "
-                               f"({', '.join(IMG_EXTENSIONS)})")
+                                  f"({', '.join(IMG_EXTENSIONS)})")
         self.root, self.transform = root, transform
 
     def __len__(self) -> int:
@@ -108,7 +108,6 @@ def evaluate(predict: Predictor, loader: Iterable, num_classes: int, progress: b
     start = time.perf_counter()
     for images, labels, indices in tqdm(loader, desc="eval", unit="batch", disable=not progress):
         topk = predict(images, k).cpu()
-        labels = labels.cpu()
         top1, top5 = count_hits(topk, labels)
         result.count += len(labels)
         result.top1_hits += top1
@@ -146,7 +145,7 @@ def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int], dataset: 
                               f"{len(dataset.classes)} class folders")
 
 
-def check_act(act: str | None, known: Iterable[str], framework: str) -> dict[str, str]:
+def check_act(act: str | None, known: Collection[str], framework: str) -> dict[str, str]:
     """Constructor overrides for `--act`, which swaps the variant's activation (e.g. MindCV's tanh GELU)."""
     if act is not None and act not in known:
         raise ValidationError(f"--act {act}: the {framework} model has no such activation; choose one of "

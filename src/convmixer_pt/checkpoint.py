@@ -140,26 +140,44 @@ def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, 
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise one message naming every missing, unexpected and mis-shaped tensor."""
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in state if k in expected and state[k].shape != expected[k].shape]
+def mismatch_problems(expected: Mapping[str, Any], found: Mapping[str, Any], optional: tuple[str, ...] = (),
+                      compare_dtype: bool = False) -> list[str]:
+    """Every missing, unexpected, mis-shaped (and, if asked, mis-typed) tensor, as short phrases."""
+
+    def listed(items: list[str], sep: str = ", ") -> str:
+        return sep.join(items[:8]) + (" ..." if len(items) > 8 else "")
+
+    missing = [k for k in expected if k not in found and not k.endswith(optional)]
+    unexpected = [k for k in found if k not in expected]
+    common = [k for k in found if k in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in common if tuple(found[k].shape) != tuple(expected[k].shape)]
+    dtypes = [f"{k} {found[k].dtype} vs model {expected[k].dtype}"
+              for k in common if compare_dtype and found[k].dtype != expected[k].dtype]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:8])}"
-                        + (" ..." if len(missing) > 8 else ""))
+        problems.append(f"missing {len(missing)} tensor(s): {listed(missing)}")
     if unexpected:
-        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:8])}"
-                        + (" ..." if len(unexpected) > 8 else ""))
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {listed(unexpected)}")
     if shapes:
-        problems.append(f"shape mismatch: {'; '.join(shapes[:8])}" + (" ..." if len(shapes) > 8 else ""))
+        problems.append(f"shape mismatch: {listed(shapes, '; ')}")
+    if dtypes:
+        problems.append(f"dtype mismatch: {listed(dtypes, '; ')}")
+    return problems
+
+
+def misfit_error(model: Any, source: str, problems: list[str]) -> CheckpointError:
+    """One sentence naming the file, the model's architecture and every problem."""
+    arch = getattr(model, "arch", None)
+    what = f" ({', '.join(f'{k}={v}' for k, v in arch.items())})" if arch else ""
+    return CheckpointError(f"{source} does not fit the model{what}: {'; '.join(problems)}")
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise one message naming every missing, unexpected and mis-shaped tensor."""
+    problems = mismatch_problems(model.state_dict(), state, optional=("num_batches_tracked",))
     if problems:
-        arch = getattr(model, "arch", None)
-        what = f" ({', '.join(f'{k}={v}' for k, v in arch.items())})" if arch else ""
-        raise CheckpointError(f"{source} does not fit the model{what}: {'; '.join(problems)}")
+        raise misfit_error(model, source, problems)
 
 
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

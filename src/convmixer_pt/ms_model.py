@@ -22,7 +22,7 @@ from typing import Any
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from .checkpoint import CheckpointError, file_format
+from .checkpoint import CheckpointError, file_format, misfit_error, mismatch_problems
 from .keymap import MS_PREFIX
 from .model import variant_arch
 
@@ -182,22 +182,7 @@ def read_ms_params(path: str | Path) -> dict[str, Parameter]:
 
 def load_params_strict(net: nn.Cell, params: Mapping[str, Tensor], source: str) -> None:
     """Load every parameter of `net` from `params`: same names, shapes and dtypes, nothing left over."""
-    expected = dict(net.parameters_and_names())
-    missing = [k for k in expected if k not in params]
-    unexpected = [k for k in params if k not in expected]
-    shapes = [f"{k} {tuple(params[k].shape)} vs model {tuple(expected[k].shape)}"
-              for k in params if k in expected and tuple(params[k].shape) != tuple(expected[k].shape)]
-    dtypes = [f"{k} {params[k].dtype} vs model {expected[k].dtype}"
-              for k in params if k in expected and params[k].dtype != expected[k].dtype]
-    problems = []
-    for what, items in (("missing", missing), ("unexpected", unexpected)):
-        if items:
-            more = " ..." if len(items) > 8 else ""
-            problems.append(f"{what} {len(items)} tensor(s): {', '.join(items[:8])}{more}")
-    for what, items in (("shape mismatch", shapes), ("dtype mismatch", dtypes)):
-        if items:
-            more = " ..." if len(items) > 8 else ""
-            problems.append(f"{what}: {'; '.join(items[:8])}{more}")
+    problems = mismatch_problems(dict(net.parameters_and_names()), params, compare_dtype=True)
     if not problems:
         as_params = {k: v if isinstance(v, Parameter) else Parameter(v, name=k) for k, v in params.items()}
         not_loaded, not_used = ms.load_param_into_net(net, as_params, strict_load=True)
@@ -206,9 +191,7 @@ def load_params_strict(net: nn.Cell, params: Mapping[str, Tensor], source: str) 
                             f"({', '.join(not_loaded[:8])}) and {len(not_used)} checkpoint tensor(s) unused "
                             f"({', '.join(not_used[:8])})")
     if problems:
-        arch = getattr(net, "arch", None)
-        what = f" ({', '.join(f'{k}={v}' for k, v in arch.items())})" if arch else ""
-        raise CheckpointError(f"{source} does not fit the model{what}: {'; '.join(problems)}")
+        raise misfit_error(net, source, problems)
 
 
 def create_ms_model(

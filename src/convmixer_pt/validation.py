@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from . import keymap
 from .checkpoint import atomic_path, file_format, load_state_dict_strict
 from .convert import Weights, cast_state, read_weights, torch_to_ms
+from .data import ShardSampler
 from .distributed import all_gather_objects, barrier, init_distributed, shutdown
 from .keymap import match_variant
 from .model import ACTIVATIONS, create_model, variant_arch
@@ -234,10 +235,8 @@ def validate(
         else:
             net = mindspore_model(model, weights, torch_device, act)
             predict = mindspore_predictor(net)
-        # A stride of the images per rank: each image once, no padded duplicates.
-        shard = Subset(dataset, range(env.rank, len(dataset), env.world_size))
-        loader = DataLoader(shard, batch_size=batch_size, num_workers=workers, shuffle=False,
-                            pin_memory=torch_device.type == "cuda")
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), env),
+                            num_workers=workers, pin_memory=torch_device.type == "cuda")
         result = evaluate(predict, loader, len(dataset.classes), progress=progress and env.is_main)
         result = merge(all_gather_objects(result, env))
         barrier(env)  # gloo aborts a process that leaves while a peer's gather is still sending to it

@@ -18,18 +18,19 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT"
 log() { echo "[$(date -u +%T)] $*" | tee -a "$OUT/progress.log"; }
 stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
-BENCH="--steps 5 --repeats 3 --warmup 2"
+BENCH="--device cuda --steps 5 --repeats 3 --warmup 2"
 
 { nvidia-smi; $PY -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__,
 'timm', timm.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
 } > "$OUT/env.txt" 2>&1
 tail -1 "$OUT/env.txt"
+$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { log "no CUDA device: nothing run"; exit 2; }
 
 if stage op; then
   log "op: depthwise conv + act, one block"
   for cfg in "1536 32 9 gelu" "768 32 7 relu" "1024 16 9 gelu"; do
     set -- $cfg
-    timeout 120 $PY scripts/benchmark.py --depthwise-op --batch-size 64 --dim "$1" --size "$2" --kernel "$3" \
+    timeout 120 $PY scripts/benchmark.py --device cuda --depthwise-op --batch-size 64 --dim "$1" --size "$2" --kernel "$3" \
       --json "$OUT/op_$1_$3.json" 2>&1 | tee -a "$OUT/op.log"
   done
 fi

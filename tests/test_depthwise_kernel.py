@@ -76,15 +76,15 @@ def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
 
 def make_operands(shape, kernel, dtype, seed):
     """Random operands in `dtype`, and float64 leaf copies of exactly the same values for the reference."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     n, c, h, w = shape
     kh, kw = kernel
-    x = torch.randn(shape, generator=gen).to(DEVICE, dtype)
-    weight = (torch.randn(c, 1, kh, kw, generator=gen) / (kh * kw) ** 0.5).to(DEVICE)
-    bias = torch.randn(c, generator=gen).to(DEVICE)
+    x = torch.randn(shape, generator=gen, device=DEVICE).to(dtype)
+    weight = torch.randn(c, 1, kh, kw, generator=gen, device=DEVICE) / (kh * kw) ** 0.5
+    bias = torch.randn(c, generator=gen, device=DEVICE)
     # The offset keeps the bias gradient, a plain sum of N*H*W terms, away from cancellation (which would
     # magnify fp32 rounding in a relative error without any fault of the kernel).
-    grad = (torch.randn(shape, generator=gen) + 0.5).to(DEVICE, dtype)
+    grad = (torch.randn(shape, generator=gen, device=DEVICE) + 0.5).to(dtype)
     ref = [t.double().requires_grad_() for t in (x, weight, bias)]
     return (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()), ref, grad
 
@@ -281,3 +281,15 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "compiled", proc.stderr[-3000:]
+
+
+def test_fast_model_under_bf16_autocast_stays_within_bf16_noise():
+    """Under autocast the kernels compute in bf16 like nn.Conv2d would: the fast model is no farther from
+    the fp32 result than the plain model under the same autocast (twice its distance, for slack)."""
+    fast, plain = model_pair("gelu", seed=5)
+    x = torch.randn(IMG, device=DEVICE)
+    reference = plain(x).double()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        out_fast, out_plain = fast(x), plain(x)
+    assert out_fast.dtype == out_plain.dtype
+    assert rel_err(out_fast, reference) <= 2 * rel_err(out_plain, reference) + 1e-3

@@ -111,8 +111,7 @@ def run_fused(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     activation = activation_name(act)
     if activation is None or not conv_supported(dw):
         return block(x)
-    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    if kernels.unsupported_reason(x.to(dtype), dw.weight) is not None:
+    if kernels.unsupported_reason(x, dw.weight, kernels.compute_dtype(x)) is not None:
         return block(x)
     params = (x, dw.weight, dw.bias, *bn.parameters())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)

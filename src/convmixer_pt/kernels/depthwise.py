@@ -157,12 +157,14 @@ def _dw_wgrad_kernel(x_ptr, g_ptr, pre_ptr, gy_ptr, dw_ptr, db_ptr,
     tl.store(db_ptr + slot, tl.reduce(acc_b, 0, _SUM))
 
 
-def unsupported_reason(x: torch.Tensor, weight: torch.Tensor) -> str | None:
-    """Why the kernels cannot take these operands (None if they can); callers fall back to PyTorch."""
+def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
+    """Why the kernels cannot take these operands, computing in `dtype` (default: the input's), or None if
+    they can; callers fall back to PyTorch."""
     if x.dim() != 4 or not x.is_contiguous():
         return "input is not a contiguous NCHW tensor"
-    if x.dtype not in DTYPES:
-        return f"dtype {x.dtype} is not one of fp32/fp16/bf16"
+    dtype = dtype or x.dtype
+    if dtype not in DTYPES:
+        return f"dtype {dtype} is not one of fp32/fp16/bf16"
     c = x.shape[1]
     if weight.dim() != 4 or weight.shape[0] != c or weight.shape[1] != 1:
         return f"weight shape {tuple(weight.shape)} is not depthwise for {c} channels"
@@ -255,7 +257,7 @@ class _DepthwiseConvAct(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype nn.Conv2d would compute in: the autocast dtype where autocast is on, else the input's."""
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
@@ -267,21 +269,20 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """`act(conv2d(x, weight, bias, padding='same', groups=C))` with autograd; weight is [C, 1, KH, KW]."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-    x = x.to(_compute_dtype(x)).contiguous()
-    reason = unsupported_reason(x, weight)
+    reason = unsupported_reason(x, weight, compute_dtype(x))
     if reason is not None:
         raise ValueError(f"depthwise kernel cannot run: {reason}")
-    return _DepthwiseConvAct.apply(x, weight, bias, activation)
+    return _DepthwiseConvAct.apply(x.to(compute_dtype(x)), weight, bias, activation)
 
 
 @torch.no_grad()
 def depthwise_conv2d_affine_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                                      scale: torch.Tensor, shift: torch.Tensor, activation: str) -> torch.Tensor:
     """`x + act(conv2d(x, weight, bias, 'same')) * scale + shift` per channel, in one pass (inference only)."""
-    x = x.to(_compute_dtype(x)).contiguous()
-    reason = unsupported_reason(x, weight)
+    reason = unsupported_reason(x, weight, compute_dtype(x))
     if reason is not None:
         raise ValueError(f"depthwise kernel cannot run: {reason}")
+    x = x.to(compute_dtype(x))
     scale = scale.to(torch.float32).contiguous()
     shift = shift.to(torch.float32).contiguous()
     return _conv(x, weight, bias, sign=1, act=activation, save_pre=False, scale=scale, shift=shift)[0]
@@ -297,7 +298,7 @@ class DepthwiseConv2d(torch.nn.Conv2d):
                          device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels_can_run(x) and unsupported_reason(x.to(_compute_dtype(x)), self.weight) is None:
+        if kernels_can_run(x) and unsupported_reason(x, self.weight, compute_dtype(x)) is None:
             return depthwise_conv2d(x, self.weight, self.bias)
         return super().forward(x)
 

@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         env = init_distributed(engine.resolve_device(cfg.device))
         if env.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+        elif cfg.cpu_threads is not None:
+            torch.set_num_threads(cfg.cpu_threads)
         engine.run(cfg, env)
     except USER_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)

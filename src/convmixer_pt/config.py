@@ -85,6 +85,7 @@ class TrainConfig:
     device: str = "auto"
     amp: str = "auto"  # bf16 on CUDA, none on CPU
     workers: int = 4
+    cpu_threads: int | None = None  # intra-op threads on CPU (None: PyTorch's default, one per core)
     seed: int = 0
     output: str = "runs/train"
     resume: str | None = None  # a last.pth, or "auto" for OUTPUT/last.pth if it exists

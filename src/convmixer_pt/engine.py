@@ -307,7 +307,7 @@ def plot_summary(history: list[dict[str, float]], path: Path) -> None:
     fig = Figure(figsize=(10, 4))
     FigureCanvasAgg(fig)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train (mixup targets)")
+    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker=".", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in history], marker=".", label="val")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
     ax_acc.plot(epochs, [r["val_top1"] for r in history], marker=".", label="val top-1")

@@ -170,8 +170,8 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
         return f"weight shape {tuple(weight.shape)} is not depthwise for {c} channels"
     if not (1 <= weight.shape[2] <= MAX_KERNEL and 1 <= weight.shape[3] <= MAX_KERNEL):
         return f"kernel {tuple(weight.shape[2:])} is larger than {MAX_KERNEL}"
-    if x.numel() >= 2**31 or x.shape[0] * c >= 2**31 - 1:
-        return "input too large for 32-bit plane indexing"
+    if x.shape[0] * c >= 2**31 - 1 or x.shape[2] * x.shape[3] >= 2**31:
+        return "more planes or a larger plane than one launch grid can index"
     return None
 
 

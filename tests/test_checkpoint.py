@@ -162,3 +162,14 @@ def test_atomic_path_leaves_nothing_on_failure(tmp_path) -> None:
     assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
     with pytest.raises(CheckpointError, match=r"already exists"), atomic_path(target, overwrite=False):
         pass
+
+
+def test_training_checkpoints_record_their_activation(tmp_path) -> None:
+    state = small_model().state_dict()
+    ours, timm_style, bare = tmp_path / "last.pth", tmp_path / "timm.pth.tar", tmp_path / "bare.pth"
+    torch.save({"model": state, "arch": {"dim": 16, "act": "silu"}}, ours)
+    torch.save({"state_dict": state, "arch": "convmixer_768_32"}, timm_style)
+    torch.save(state, bare)
+    assert read_state_dict(ours)[1]["act"] == "silu"
+    assert read_state_dict(timm_style)[1]["act"] == "relu"
+    assert "act" not in read_state_dict(bare)[1]

@@ -130,10 +130,27 @@ def read_torch_checkpoint(path: str | Path) -> tuple[Any, dict[str, str]]:
     return _torch_load(path), {}
 
 
+def recorded_act(obj: Any) -> str | None:
+    """The activation a training checkpoint records: ours store `arch` as a dict, timm's as a model name."""
+    from .model import VARIANTS
+
+    arch = obj.get("arch") if isinstance(obj, Mapping) else None
+    if isinstance(arch, Mapping) and isinstance(arch.get("act"), str):
+        return arch["act"]
+    if isinstance(arch, str):
+        for name, spec in VARIANTS.items():
+            if arch in (name, spec["timm_name"]):
+                return spec["act"]
+    return None
+
+
 def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Model weights of any accepted PyTorch-side file, renamed into the timm layout, plus file metadata."""
     obj, meta = read_torch_checkpoint(path)
     state = strip_prefixes(unwrap(obj, use_ema=use_ema, source=str(path)))
+    act = recorded_act(obj)
+    if act and "act" not in meta:
+        meta = dict(meta, act=act)
     try:
         return keymap.convert_state(state, "timm"), meta
     except keymap.LayoutError as e:

@@ -247,20 +247,25 @@ assert not dw.interpreted()
 common = dict(KH=9, KW=9, PH=4, PW=4)
 conv_sig = dict(x_ptr="*{t}", w_ptr="*fp32", b_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", out_ptr="*{t}",
                 pre_ptr="*{t}", C="i32", H="i32", W="i32")
-wgrad_sig = dict(x_ptr="*{t}", g_ptr="*{t}", pre_ptr="*{t}", gy_ptr="*{t}", dw_ptr="*fp32", db_ptr="*fp32", N="i32",
-                 C="i32", H="i32", W="i32", n_per_split="i32")
-conv_cfg, wgrad_cfg = dw.conv_launch_config(32 * 32), dw.wgrad_launch_config(32 * 32)  # 1536/20 at 224
+wgrad_sig = dict(x_ptr="*{t}", gy_ptr="*{t}", dw_ptr="*fp32", db_ptr="*fp32", N="i32", C="i32", H="i32", W="i32",
+                 n_per_split="i32")
+act_sig = dict(g_ptr="*{t}", pre_ptr="*{t}", gy_ptr="*{t}", numel="i32")
+conv_cfg = dw.conv_launch_config(32 * 32)  # 1536/20 at 224: 32x32 planes, 9x9
+block_w, rows, wgrad_warps = dw.wgrad_launch_config(32)
 variants = [
-    (dw._dw_conv_kernel, conv_sig, dict(SIGN=1, HAS_BIAS=True, ACT=1, SAVE_PRE=True, AFFINE_RESIDUAL=False), conv_cfg),
-    (dw._dw_conv_kernel, conv_sig, dict(SIGN=-1, HAS_BIAS=False, ACT=0, SAVE_PRE=False, AFFINE_RESIDUAL=False),
-     conv_cfg),
-    (dw._dw_conv_kernel, conv_sig, dict(SIGN=1, HAS_BIAS=True, ACT=3, SAVE_PRE=False, AFFINE_RESIDUAL=True), conv_cfg),
-    (dw._dw_wgrad_kernel, wgrad_sig, dict(ACT=1, NEED_W=True, TAPS=128), wgrad_cfg),
+    (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=1, HAS_BIAS=True, ACT=1, SAVE_PRE=True, AFFINE_RESIDUAL=False,
+                                        BLOCK=conv_cfg[0]), conv_cfg[1]),
+    (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=-1, HAS_BIAS=False, ACT=0, SAVE_PRE=False,
+                                        AFFINE_RESIDUAL=False, BLOCK=conv_cfg[0]), conv_cfg[1]),
+    (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=1, HAS_BIAS=True, ACT=3, SAVE_PRE=False, AFFINE_RESIDUAL=True,
+                                        BLOCK=conv_cfg[0]), conv_cfg[1]),
+    (dw._dw_wgrad_kernel, wgrad_sig, dict(common, NEED_W=True, C8=8, C4=0, C2=0, C1=1, BLOCK_W=block_w, ROWS=rows),
+     wgrad_warps),
+    (dw._act_grad_kernel, act_sig, dict(ACT=1, BLOCK=1024), 4),
 ]
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 for t in ("bf16", "fp32"):
-    for fn, sig, flags, (block, warps) in variants:
-        constexprs = dict(common, BLOCK=block, **flags)
+    for fn, sig, constexprs, warps in variants:
         signature = {k: v.format(t=t) for k, v in sig.items()} | {k: "constexpr" for k in constexprs}
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
@@ -269,7 +274,7 @@ for t in ("bf16", "fp32"):
             cubin.write_bytes(kernel.asm["cubin"])
             usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
                                    text=True, check=True).stdout
-            assert "STACK:0 " in usage and "LOCAL:0 " in usage, (fn.__name__, t, flags, usage)
+            assert "STACK:0 " in usage and "LOCAL:0 " in usage, (fn.__name__, t, constexprs, usage)
 print("compiled")
 """
 

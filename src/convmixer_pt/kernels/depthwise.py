@@ -1,8 +1,9 @@
 """Depthwise 'same' convolution with a fused bias and activation, in Triton: forward, input and weight gradients.
 
 Why: PyTorch sends 9x9 depthwise convolutions in NCHW to a generic kernel and channels_last to cuDNN; in
-ConvMixer-1536/20 that one op takes ~8x the time of the 1x1 convolution that has 19x its FLOPs. The op is
-memory-bound (81 MACs per 2-byte element read), so the design goal is one pass over each tensor.
+ConvMixer-1536/20 that one op takes ~8x the time of the 1x1 convolution that has 19x its FLOPs. Its floor
+is one pass over each tensor, but with K*K taps per element the instructions issued per tap decide the time
+on a GPU (docs/performance.md), so every tap here is a load, a bounds check, a convert and an FMA.
 
 Layout: NCHW, contiguous. Each channel plane (H*W elements) is flattened, so a 32x32 plane is one block of
 1024 lanes with no padding lanes; a tap (dh, dw) of the filter is the same block loaded at offset dh*W + dw,
@@ -16,11 +17,12 @@ Kernels (all accumulate in fp32; inputs and outputs are fp32, fp16 or bf16):
   the input gradient: a correlation with the flipped filter. With AFFINE_RESIDUAL (inference) it computes
   x + act(conv(x) + b) * scale + shift, i.e. the whole residual branch of a ConvMixer block with its
   BatchNorm folded to a per-channel scale and shift, in one read and one write.
-- `_dw_wgrad_kernel`, grid (C, batch splits): turns the output gradient into the pre-activation gradient
-  g = grad * act'(y) (stored once for the input gradient), and reduces g (bias gradient) and g times the
-  K*K shifted inputs (weight gradient) over its share of the batch and the whole plane. The taps are one
-  axis of a [TAPS, BLOCK] register tile, so the loop body is loads and FMAs; one reduction per program at
-  the end. Each split writes its own partial sums, summed afterwards in PyTorch: deterministic, no atomics.
+- `_act_grad_kernel`, elementwise: the pre-activation gradient g = grad * act'(y), once (one pass).
+- `_dw_wgrad_kernel`, grid (C, batch splits, filter rows): reduces g (bias gradient) and g times the KW
+  shifted inputs of one filter row (weight gradient) over its share of the batch and the whole plane.
+  A thread holds one plane position and the row's KW taps as register tiles of 8/4/2/1 columns, so each tap
+  is a compile-time offset: a load, a bounds check and an FMA, one reduction per program at the end.
+  Each split writes its own partial sums, summed afterwards in PyTorch: deterministic, no atomics.
 
 BatchNorm in training (batch statistics) and the residual add stay in PyTorch; `convmixer_pt.fast` wires
 these kernels into the model.
@@ -34,7 +36,7 @@ import triton.language as tl
 
 ACTIVATIONS = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_KERNEL = 15
+MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
 
 
 # Inside the kernels only Triton builtins and this module's jit functions are called, not tl.sum or
@@ -116,45 +118,79 @@ def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
 
 
 @triton.jit
-def _dw_wgrad_kernel(x_ptr, g_ptr, pre_ptr, gy_ptr, dw_ptr, db_ptr,
+def _wgrad_taps(acc, row_ptr, w, W, row_ok, g, J0: tl.constexpr, COUNT: tl.constexpr, PW: tl.constexpr):
+    """acc[j, p] += x[row, w_p + J0 + j - PW] * g[p] for COUNT consecutive filter columns (0 = none)."""
+    if COUNT > 0:
+        dw = J0 + tl.arange(0, COUNT) - PW
+        ok = row_ok[None, :] & ((w[None, :] + dw[:, None]).to(tl.uint32) < W)
+        xs = tl.load(row_ptr[None, :] + dw[:, None], mask=ok, other=0.0)
+        acc += xs.to(tl.float32) * g[None, :]
+    return acc
+
+
+@triton.jit
+def _store_taps(dw_ptr, acc, J0: tl.constexpr, COUNT: tl.constexpr):
+    if COUNT > 0:
+        tl.store(dw_ptr + J0 + tl.arange(0, COUNT), tl.reduce(acc, 1, _SUM))
+
+
+@triton.jit
+def _act_grad_kernel(g_ptr, pre_ptr, gy_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    pre = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(gy_ptr + offs, (g * _act_grad(pre, ACT)).to(gy_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dw_wgrad_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
                      N, C, H, W, n_per_split,
-                     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-                     ACT: tl.constexpr, NEED_W: tl.constexpr, TAPS: tl.constexpr, BLOCK: tl.constexpr):
+                     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NEED_W: tl.constexpr,
+                     C8: tl.constexpr, C4: tl.constexpr, C2: tl.constexpr, C1: tl.constexpr,
+                     BLOCK_W: tl.constexpr, ROWS: tl.constexpr):
     c = tl.program_id(0)
     split = tl.program_id(1)
+    i = tl.program_id(2)  # the filter row this program reduces
     hw = H * W
-    taps = tl.arange(0, TAPS)
-    tap_ok = taps < KH * KW
-    dh = taps // KW - PH
-    dw = taps % KW - PW
-    tap_off = dh * W + dw
-    acc = tl.zeros([TAPS, BLOCK], dtype=tl.float32)
-    acc_b = tl.zeros([BLOCK], dtype=tl.float32)
+    dh = i - PH
+    # Positions as ROWS plane rows of BLOCK_W (a power of two >= W) columns: row and column are a shift
+    # and a mask, not a division.
+    lin = tl.arange(0, ROWS * BLOCK_W)
+    r_in_tile = lin // BLOCK_W
+    w = lin % BLOCK_W
+    # The row's KW taps as register tiles of 8, 4, 2 and 1 columns (KW's binary digits), so every tap of a
+    # thread is a compile-time column offset and no lane is padding. A zero count is a 1-row dummy.
+    acc8 = tl.zeros([C8 + (C8 == 0), ROWS * BLOCK_W], dtype=tl.float32)
+    acc4 = tl.zeros([C4 + (C4 == 0), ROWS * BLOCK_W], dtype=tl.float32)
+    acc2 = tl.zeros([C2 + (C2 == 0), ROWS * BLOCK_W], dtype=tl.float32)
+    acc1 = tl.zeros([1, ROWS * BLOCK_W], dtype=tl.float32)
+    acc_b = tl.zeros([ROWS * BLOCK_W], dtype=tl.float32)
     n_start = split.to(tl.int64) * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
     for n in range(n_start, n_end):
         base = (n * C + c) * hw
-        for s in range(0, hw, BLOCK):
-            offs = s + tl.arange(0, BLOCK)
-            inside = offs < hw
-            g = tl.load(g_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
-            if ACT != 0:
-                pre = tl.load(pre_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
-                g = g * _act_grad(pre, ACT)
-                tl.store(gy_ptr + base + offs, g.to(gy_ptr.dtype.element_ty), mask=inside)
+        for r0 in range(0, H, ROWS):
+            h = r0 + r_in_tile
+            inside = (h < H) & (w < W)
+            offs = h * W + w
+            g = tl.load(gy_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
             acc_b += g
             if NEED_W:
-                h = offs // W
-                w = offs - h * W
-                hh = h[None, :] + dh[:, None]
-                ww = w[None, :] + dw[:, None]
-                ok = inside[None, :] & tap_ok[:, None] & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
-                xs = tl.load(x_ptr + base + offs[None, :] + tap_off[:, None], mask=ok, other=0.0)
-                acc += xs.to(tl.float32) * g[None, :]
+                row_ok = inside & ((h + dh).to(tl.uint32) < H)
+                row_ptr = x_ptr + base + offs + dh * W
+                acc8 = _wgrad_taps(acc8, row_ptr, w, W, row_ok, g, 0, C8, PW)
+                acc4 = _wgrad_taps(acc4, row_ptr, w, W, row_ok, g, C8, C4, PW)
+                acc2 = _wgrad_taps(acc2, row_ptr, w, W, row_ok, g, C8 + C4, C2, PW)
+                acc1 = _wgrad_taps(acc1, row_ptr, w, W, row_ok, g, C8 + C4 + C2, C1, PW)
     slot = split * C + c
     if NEED_W:
-        tl.store(dw_ptr + slot * TAPS + taps, tl.reduce(acc, 1, _SUM))
-    tl.store(db_ptr + slot, tl.reduce(acc_b, 0, _SUM))
+        row_out = dw_ptr + slot * (KH * KW) + i * KW
+        _store_taps(row_out, acc8, 0, C8)
+        _store_taps(row_out, acc4, C8, C4)
+        _store_taps(row_out, acc2, C8 + C4, C2)
+        _store_taps(row_out, acc1, C8 + C4 + C2, C1)
+    tl.store(db_ptr + slot, tl.reduce(acc_b, 0, _SUM), mask=i == 0)
 
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
@@ -182,9 +218,11 @@ def conv_launch_config(hw: int) -> tuple[int, int]:
     return block, max(1, min(16, block // 64))
 
 
-def wgrad_launch_config(hw: int) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the weight-gradient kernel, whose register tile is [TAPS, BLOCK]."""
-    return min(64, triton.next_power_of_2(hw)), 4
+def wgrad_launch_config(w: int) -> tuple[int, int, int]:
+    """(BLOCK_W, ROWS, num_warps) of the weight-gradient kernel: 256 plane positions, one per thread."""
+    block_w = triton.next_power_of_2(w)
+    rows = max(1, 256 // block_w)
+    return block_w, rows, max(1, block_w * rows // 32)
 
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act: str,
@@ -215,25 +253,27 @@ def _batch_splits(n: int, c: int) -> int:
 
 def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel: tuple[int, int], act: str,
            need_w: bool, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(pre-activation gradient, weight gradient [C, K*K] in fp32 or None, bias gradient [C] in fp32)."""
+    """(pre-activation gradient, weight gradient [C, KH*KW] in fp32 or None, bias gradient [C] in fp32)."""
     n, c, h, w = x.shape
     kh, kw = kernel
-    taps = triton.next_power_of_2(kh * kw)
-    splits = splits or _batch_splits(n, c)
+    gy = grad
+    if act != "none":
+        gy = torch.empty_like(grad)
+        _act_grad_kernel[(triton.cdiv(grad.numel(), 1024),)](grad, pre, gy, grad.numel(), ACT=ACTIVATIONS[act],
+                                                            BLOCK=1024, num_warps=4)
+    rows = kh if need_w else 1
+    splits = splits or _batch_splits(n, c * rows)
     n_per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, n_per_split)
-    gy = torch.empty_like(grad) if act != "none" else grad
-    dw_part = torch.empty((splits, c, taps), device=x.device, dtype=torch.float32)
+    dw_part = torch.empty((splits, c, kh * kw), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32)
-    block, num_warps = wgrad_launch_config(h * w)
-    _dw_wgrad_kernel[(c, splits)](
-        x, grad, pre if pre is not None else grad, gy, dw_part, db_part,
-        n, c, h, w, n_per_split,
-        KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, ACT=ACTIVATIONS[act], NEED_W=need_w,
-        TAPS=taps, BLOCK=block, num_warps=num_warps,
+    block_w, tile_rows, num_warps = wgrad_launch_config(w)
+    _dw_wgrad_kernel[(c, splits, rows)](
+        x, gy, dw_part, db_part, n, c, h, w, n_per_split,
+        KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w,
+        C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1, BLOCK_W=block_w, ROWS=tile_rows, num_warps=num_warps,
     )
-    dw = dw_part.sum(0)[:, : kh * kw] if need_w else None
-    return gy, dw, db_part.sum(0)
+    return gy, dw_part.sum(0) if need_w else None, db_part.sum(0)
 
 
 class _DepthwiseConvAct(torch.autograd.Function):

@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="input and both models in channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="this project's Triton fast path (default: on for CUDA where supported)")
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
+                   help="this project's Triton fast path where it can run (CUDA); --no-fast: plain PyTorch")
     p.add_argument("--json", metavar="OUT", help="write the rows as a JSON list")
     p.add_argument("--depthwise-op", action="store_true",
                    help="time one depthwise conv + GELU (PyTorch NCHW / channels_last vs Triton) instead")

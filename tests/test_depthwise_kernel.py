@@ -208,11 +208,13 @@ def test_switches_turn_the_fast_path_off(monkeypatch):
     fast, plain = model_pair("gelu")
     x = torch.randn(IMG, device=DEVICE)
     assert not torch.equal(fast(x), plain(x))  # the kernels ran: not the same rounding as PyTorch's
-    monkeypatch.setenv("CONVMIXER_FAST", "0")
     fast.fast = None
+    monkeypatch.delenv("CONVMIXER_FAST", raising=False)
+    assert torch.equal(fast(x), plain(x))  # default: off until measured on a GPU
+    monkeypatch.setenv("CONVMIXER_FAST", "1")
+    assert torch.equal(fast(x), plain(x)) == (not ON_GPU)  # opted in: kernels for CUDA inputs only
+    fast.fast = False
     assert torch.equal(fast(x), plain(x))
-    monkeypatch.delenv("CONVMIXER_FAST")
-    assert torch.equal(fast(x), plain(x)) == (not ON_GPU)  # default: kernels on CUDA only
 
 
 def test_fast_training_follows_plain_training():

@@ -40,7 +40,7 @@ class BenchConfig:
     channels_last: bool = False
     compile: bool = False
     device: str = "cuda"
-    fast: bool | None = None
+    fast: bool = True  # the Triton kernels wherever they can run (CUDA); plain PyTorch elsewhere
     num_classes: int = 1000
 
 

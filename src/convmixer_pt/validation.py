@@ -180,7 +180,12 @@ def mindspore_model(name: str, weights: Weights, device: torch.device, act: str 
     from .ms_model import create_ms_model, load_params_strict
 
     overrides = check_act(act, MS_ACTIVATIONS, "mindspore")
-    ms.set_device("GPU" if device.type == "cuda" else "CPU", device.index or 0)
+    target = "GPU" if device.type == "cuda" else "CPU"
+    try:
+        ms.set_device(target, device.index or 0)
+    except RuntimeError:  # MindSpore fixes its device once it has run anything; the same device is fine
+        if ms.get_current_device().device_target != target:
+            raise
     net = create_ms_model(name, num_classes=weights.arch["num_classes"], **overrides)
     state = keymap.convert_state(cast_state(weights.state, "float32"), "mindspore", src="timm")
     load_params_strict(net, {k: torch_to_ms(v) for k, v in state.items()}, str(weights.path))

@@ -39,7 +39,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
 
 
-# Inside the kernels only Triton builtins and this module's jit functions are called, not tl.sum or
+# Inside the kernels only Triton builtins and this module's jit functions are called, not tl.sum, tl.zeros or
 # tl.sigmoid: those are jit functions of Triton's library, defined when Triton is first imported, so they
 # would run in the CPU interpreter only if TRITON_INTERPRET was set before anything imported Triton (torch
 # does). Sums go through tl.reduce with the library's own sum combiner, which the interpreter maps to numpy.
@@ -93,7 +93,7 @@ def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
     base = plane.to(tl.int64) * hw
     x_plane = x_ptr + base
     w_chan = w_ptr + c * (KH * KW)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     # One 64-bit row pointer per filter row, constant column offsets (folded into the loads' immediates), and
     # bounds as one unsigned compare each (negative indices wrap to large ones): ~7 SASS instructions per
     # tap and element, of which load, convert, zero-fill and FMA are the floor.
@@ -161,11 +161,11 @@ def _dw_wgrad_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
     w = lin % BLOCK_W
     # The row's KW taps as register tiles of 8, 4, 2 and 1 columns (KW's binary digits), so every tap of a
     # thread is a compile-time column offset and no lane is padding. A zero count is a 1-row dummy.
-    acc8 = tl.zeros([C8 + (C8 == 0), ROWS * BLOCK_W], dtype=tl.float32)
-    acc4 = tl.zeros([C4 + (C4 == 0), ROWS * BLOCK_W], dtype=tl.float32)
-    acc2 = tl.zeros([C2 + (C2 == 0), ROWS * BLOCK_W], dtype=tl.float32)
-    acc1 = tl.zeros([1, ROWS * BLOCK_W], dtype=tl.float32)
-    acc_b = tl.zeros([ROWS * BLOCK_W], dtype=tl.float32)
+    acc8 = tl.full([C8 + (C8 == 0), ROWS * BLOCK_W], 0.0, tl.float32)
+    acc4 = tl.full([C4 + (C4 == 0), ROWS * BLOCK_W], 0.0, tl.float32)
+    acc2 = tl.full([C2 + (C2 == 0), ROWS * BLOCK_W], 0.0, tl.float32)
+    acc1 = tl.full([1, ROWS * BLOCK_W], 0.0, tl.float32)
+    acc_b = tl.full([ROWS * BLOCK_W], 0.0, tl.float32)
     n_start = split.to(tl.int64) * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
     for n in range(n_start, n_end):

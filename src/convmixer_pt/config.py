@@ -235,6 +235,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs["type"] = _none_or(base) if optional else base
             if name in CHOICES:
                 kwargs["choices"] = CHOICES[name]
+        default = getattr(TrainConfig(), name)
+        kwargs["help"] = f"{kwargs.get('help', '')}{'; ' if 'help' in kwargs else ''}default {default!r}"
         parser.add_argument(_flag(name), **kwargs)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .engine import autocast
 from .model import ACTIVATIONS, VARIANTS, create_model, variant_arch
 
 IMPLS = ("timm", "convmixer_pt")
@@ -71,11 +72,6 @@ def build(impl: str, cfg: BenchConfig) -> nn.Module:
                          num_classes=cfg.num_classes, act_layer=ACTIVATIONS[arch["act"]])
 
 
-def _autocast(cfg: BenchConfig):
-    dtype = AMP_DTYPES[cfg.amp]
-    return torch.autocast(torch.device(cfg.device).type, dtype=dtype, enabled=dtype is not None)
-
-
 def _step_fn(model: nn.Module, cfg: BenchConfig) -> Callable[[], None]:
     """One training step (forward, backward, AdamW under AMP) or one inference forward pass."""
     device = torch.device(cfg.device)
@@ -87,7 +83,7 @@ def _step_fn(model: nn.Module, cfg: BenchConfig) -> Callable[[], None]:
         model.eval()
 
         def infer() -> None:
-            with torch.inference_mode(), _autocast(cfg):
+            with torch.inference_mode(), autocast(torch.device(cfg.device), cfg.amp):
                 model(x)
 
         return infer
@@ -97,7 +93,7 @@ def _step_fn(model: nn.Module, cfg: BenchConfig) -> Callable[[], None]:
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
 
     def train() -> None:
-        with _autocast(cfg):
+        with autocast(torch.device(cfg.device), cfg.amp):
             loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()

@@ -215,18 +215,24 @@ def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = False
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; it replaces `path` only if the block finishes."""
+    """Yield a hidden temporary path beside `path`; it replaces `path` only if the block finishes.
+
+    The temporary name ends like `path`'s (MindSpore reads only `*.ckpt` names), so a staged file can be
+    read back, e.g. verified, before it takes its real name.
+    """
     path = Path(path)
     if not overwrite and path.exists():
         raise CheckpointError(f"{path}: already exists (use --force to overwrite)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=f"-{path.name}", dir=path.parent)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any other written file
     try:
         yield Path(tmp)
+        if not overwrite and path.exists():
+            raise CheckpointError(f"{path}: appeared while it was being written; not overwritten (use --force)")
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -8,12 +8,9 @@ MindSpore is imported only when a `.ckpt` is read or written.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -257,18 +254,6 @@ class VerificationError(CheckpointError):
         self.report = report
 
 
-@contextlib.contextmanager
-def staged_path(path: Path) -> Iterator[Path]:
-    """A hidden file beside `path` whose name ends like `path`'s (MindSpore reads only `*.ckpt`); it is
-    removed unless the block moves it away."""
-    fd, tmp = tempfile.mkstemp(prefix=".partial-", suffix=f"-{path.name}", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def verify_output(weights: Weights, out: Path, image_size: int = 224, seed: int = 0,
                   progress: bool = False) -> ParityReport:
     """The model of `weights` (as written, so rounded to the output dtype) against the model loaded from `out`
@@ -307,9 +292,8 @@ def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: 
         raise CheckpointError(f"{dst}: is the input file; write the output elsewhere")
     weights = read_weights(src, use_ema=use_ema, act=act, progress=progress)
     weights.state = cast_state(weights.state, dtype)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     report = None
-    with staged_path(dst) as stage:
+    with atomic_path(dst, overwrite=overwrite) as stage:
         written = write_weights(weights, stage, layout=layout, overwrite=True, progress=progress)
         size = stage.stat().st_size
         if verify:
@@ -318,9 +302,6 @@ def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: 
                 raise VerificationError(f"{dst}: not written, since its model does not reproduce the logits "
                                         f"of {src} (relative difference {report.rel_diff:.3g} > "
                                         f"{report.tol:g})", report)
-        if not overwrite and dst.exists():
-            raise CheckpointError(f"{dst}: appeared while converting; not overwritten (use --force)")
-        os.replace(stage, dst)
     summary = Summary(
         path=dst,
         tensors=written,

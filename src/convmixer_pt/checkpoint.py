@@ -56,6 +56,12 @@ def file_format(path: str | Path) -> str:
     raise CheckpointError(f"{path}: not a PyTorch, safetensors or MindSpore checkpoint (unknown file header)")
 
 
+def unreadable(path: str | Path, what: str, error: BaseException) -> CheckpointError:
+    """One line for a file a library could not parse, ending with the first line of the library's reason."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return CheckpointError(f"{path}: cannot read it as {what}; the file is truncated or corrupt ({reason})")
+
+
 def _torch_load(path: Path) -> Any:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
@@ -65,9 +71,7 @@ def _torch_load(path: Path) -> Any:
         what = f"it references {found.group(1)}" if found else "it holds more than tensors and plain data"
         raise CheckpointError(f"{path}: refused to unpickle it: {what}, and loading it could run code") from None
     except Exception as e:  # torch raises many types on corrupt data; all mean the same to the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: cannot read it as a PyTorch checkpoint; the file is truncated or "
-                              f"corrupt ({first})") from None
+        raise unreadable(path, "a PyTorch checkpoint", e) from None
 
 
 def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -77,8 +81,7 @@ def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
         with safe_open(str(path), framework="pt") as f:
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read it as safetensors; the file is truncated or corrupt "
-                              f"({e})") from None
+        raise unreadable(path, "safetensors", e) from None
 
 
 def _is_state_dict(obj: Any) -> bool:

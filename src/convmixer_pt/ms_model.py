@@ -22,7 +22,7 @@ from typing import Any
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from .checkpoint import CheckpointError, file_format, misfit_error, mismatch_problems
+from .checkpoint import CheckpointError, file_format, misfit_error, mismatch_problems, unreadable
 from .keymap import MS_PREFIX
 from .model import variant_arch
 
@@ -171,9 +171,7 @@ def read_ms_params(path: str | Path) -> dict[str, Parameter]:
     try:
         raw = ms.load_checkpoint(str(path))
     except (ValueError, RuntimeError, TypeError, KeyError, OSError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: cannot read it as a MindSpore checkpoint; the file is truncated or "
-                              f"corrupt ({first})") from None
+        raise unreadable(path, "a MindSpore checkpoint", e) from None
     params = {k: v for k, v in raw.items() if k.startswith(MS_PREFIX) and isinstance(v, Parameter)}
     if not params:
         raise CheckpointError(f"{path}: holds no `network.*` parameters (found {', '.join(list(raw)[:8])})")

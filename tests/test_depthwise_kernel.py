@@ -166,6 +166,7 @@ def test_unsupported_reasons_name_the_problem():
     assert "float64" in dw.unsupported_reason(x.double(), torch.randn(4, 1, 3, 3))
     assert "(4, 2, 3, 3)" in dw.unsupported_reason(x, torch.randn(4, 2, 3, 3))
     assert "larger than 15" in dw.unsupported_reason(x, torch.randn(4, 1, 17, 17))
+    assert "width 1025 is above 1024" in dw.unsupported_reason(torch.empty(1, 4, 1, 1025), torch.randn(4, 1, 3, 3))
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), None, "tanh")
 
@@ -301,3 +302,11 @@ def test_fast_model_under_bf16_autocast_stays_within_bf16_noise():
         out_fast, out_plain = fast(x), plain(x)
     assert out_fast.dtype == out_plain.dtype
     assert rel_err(out_fast, reference) <= 2 * rel_err(out_plain, reference) + 1e-3
+
+
+def test_second_order_gradients_are_refused_not_silently_wrong():
+    x = torch.randn(1, 4, 5, 5, device=DEVICE, requires_grad=True)
+    weight = torch.randn(4, 1, 3, 3, device=DEVICE, requires_grad=True)
+    (gx,) = torch.autograd.grad(dw.depthwise_conv2d(x, weight, None, "gelu").square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()

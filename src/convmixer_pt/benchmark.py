@@ -146,12 +146,14 @@ def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     gc.collect()
     if device.type == "cuda":
+        torch.cuda.set_device(device)  # CUDA events and Triton launches use the current device
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = build(impl, cfg).to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if cfg.compile:
+        torch._dynamo.reset()  # otherwise a second shape recompiles with dynamic shapes, unlike a user's run
         model = torch.compile(model)
     seconds = time_per_step(_step_fn(model, cfg), cfg)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None

@@ -30,6 +30,8 @@ these kernels into the model.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -37,6 +39,7 @@ import triton.language as tl
 ACTIVATIONS = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
+MAX_WIDTH = 1024  # the weight gradient gives each position of a plane row a thread: 32 warps at most
 
 
 # Inside the kernels only Triton builtins and this module's jit functions are called, not tl.sum, tl.zeros or
@@ -208,6 +211,8 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
         return f"kernel {tuple(weight.shape[2:])} is larger than {MAX_KERNEL}"
     if x.shape[0] * c >= 2**31 - 1 or x.shape[2] * x.shape[3] >= 2**31:
         return "more planes or a larger plane than one launch grid can index"
+    if x.shape[3] > MAX_WIDTH:
+        return f"plane width {x.shape[3]} is above {MAX_WIDTH} (the weight-gradient kernel's row tile)"
     return None
 
 
@@ -225,6 +230,11 @@ def wgrad_launch_config(w: int) -> tuple[int, int, int]:
     return block_w, rows, max(1, block_w * rows // 32)
 
 
+def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and stream; make that the tensor's device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act: str,
           save_pre: bool, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
           ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,14 +245,15 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, s
     block, num_warps = conv_launch_config(h * w)
     affine = scale is not None
     grid = (n * c, triton.cdiv(h * w, block))
-    _dw_conv_kernel[grid](
-        x, weight.contiguous(), bias if bias is not None else weight, scale if affine else weight,
-        shift if affine else weight, out, pre if save_pre else out,
-        c, h, w,
-        KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, SIGN=sign, HAS_BIAS=bias is not None,
-        ACT=ACTIVATIONS[act], SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine, BLOCK=block,
-        num_warps=num_warps,
-    )
+    with _on_device_of(x):
+        _dw_conv_kernel[grid](
+            x, weight.contiguous(), bias if bias is not None else weight, scale if affine else weight,
+            shift if affine else weight, out, pre if save_pre else out,
+            c, h, w,
+            KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, SIGN=sign, HAS_BIAS=bias is not None,
+            ACT=ACTIVATIONS[act], SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine, BLOCK=block,
+            num_warps=num_warps,
+        )
     return out, pre
 
 
@@ -259,8 +270,9 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
     gy = grad
     if act != "none":
         gy = torch.empty_like(grad)
-        _act_grad_kernel[(triton.cdiv(grad.numel(), 1024),)](grad, pre, gy, grad.numel(), ACT=ACTIVATIONS[act],
-                                                            BLOCK=1024, num_warps=4)
+        with _on_device_of(x):
+            _act_grad_kernel[(triton.cdiv(grad.numel(), 1024),)](grad, pre, gy, grad.numel(),
+                                                                ACT=ACTIVATIONS[act], BLOCK=1024, num_warps=4)
     rows = kh if need_w else 1
     splits = splits or _batch_splits(n, c * rows)
     n_per_split = triton.cdiv(n, splits)
@@ -268,11 +280,12 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
     dw_part = torch.empty((splits, c, kh * kw), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32)
     block_w, tile_rows, num_warps = wgrad_launch_config(w)
-    _dw_wgrad_kernel[(c, splits, rows)](
-        x, gy, dw_part, db_part, n, c, h, w, n_per_split,
-        KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w,
-        C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1, BLOCK_W=block_w, ROWS=tile_rows, num_warps=num_warps,
-    )
+    with _on_device_of(x):
+        _dw_wgrad_kernel[(c, splits, rows)](
+            x, gy, dw_part, db_part, n, c, h, w, n_per_split,
+            KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w,
+            C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1, BLOCK_W=block_w, ROWS=tile_rows, num_warps=num_warps,
+        )
     return gy, dw_part.sum(0) if need_w else None, db_part.sum(0)
 
 
@@ -287,6 +300,7 @@ class _DepthwiseConvAct(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the kernels' gradients carry no autograd history
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight, pre = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]

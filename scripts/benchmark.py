@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         print("benchmark: batch sizes, --steps and --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
         return 2
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # CUDA events, do_bench and Triton launches use the current device
     if args.depthwise_op:
         if device.type != "cuda":

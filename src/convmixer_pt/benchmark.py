@@ -146,7 +146,8 @@ def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
     device = torch.device(cfg.device)
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.set_device(device)  # CUDA events and Triton launches use the current device
+        if device.index is not None:
+            torch.cuda.set_device(device)  # CUDA events and Triton launches use the current device
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = build(impl, cfg).to(device)

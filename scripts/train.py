@@ -14,19 +14,10 @@ import torch
 
 from convmixer_pt import config, engine
 from convmixer_pt.checkpoint import CheckpointError
-from convmixer_pt.data import DataError
+from convmixer_pt.data import DataError, error_line
 from convmixer_pt.distributed import init_distributed, shutdown
 
 USER_ERRORS = (config.ConfigError, DataError, CheckpointError, engine.TrainingDiverged)
-
-
-def one_line(error: Exception) -> str:
-    """The user-facing sentence, also when a DataLoader worker re-raised it inside its traceback text."""
-    lines = [line for line in str(error).strip().splitlines() if line.strip()]
-    if len(lines) > 1 and "Original Traceback" in str(error):
-        last = lines[-1]
-        return last.split(": ", 1)[1] if last.startswith(f"{type(error).__module__}.") else last
-    return lines[0] if lines else type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.set_num_threads(cfg.cpu_threads)
         engine.run(cfg, env)
     except USER_ERRORS as e:
-        print(f"error: {one_line(e)}", file=sys.stderr)
+        print(f"error: {error_line(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume auto", file=sys.stderr)

@@ -208,3 +208,23 @@ def test_flat_folder_wrong_variant_and_class_count_are_named(data, checkpoints, 
     with pytest.raises(ValidationError) as err:
         run_validate(pth, tmp_path / "three")
     assert str(err.value) == f"{pth} has a 4-class head but {tmp_path / 'three'} holds 3 class folders"
+
+
+@pytest.mark.parametrize("protocol", ["timm", "mindcv"])
+def test_cli_corrupt_image_is_named_in_one_line(checkpoints, tmp_path, protocol: str) -> None:
+    _, pth, _ = checkpoints
+    for c in range(CLASSES):
+        (tmp_path / f"class{c}").mkdir()
+        Image.new("RGB", (40, 40)).save(tmp_path / f"class{c}" / "ok.png")
+    bad = tmp_path / "class1" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 not really a jpeg")
+    msg = cli_error("--model", NAME, "--checkpoint", str(pth), "--data-dir", str(tmp_path), "--protocol", protocol,
+                    "--img-size", str(SIZE), "--no-progress")
+    assert msg.startswith(f"validate.py: error: {bad}: cannot read the image (")
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(data, checkpoints) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValidationError, match=r"--device cuda: PyTorch sees no CUDA GPU here"):
+        validate(NAME, checkpoints[1], data[0], device="cuda", img_size=SIZE)

@@ -38,6 +38,15 @@ def derive_seed(*parts: int) -> int:
     return int(state[0]) << 31 ^ int(state[1])
 
 
+def error_line(error: BaseException) -> str:
+    """The user-facing sentence of an error, also when a DataLoader worker re-raised it inside its traceback."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in str(error):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{type(error).__module__}.") else last
+    return lines[0] if lines else type(error).__name__
+
+
 def load_image(path: str) -> Image.Image:
     """PIL decode to RGB; a file PIL cannot read becomes one DataError naming it."""
     try:

@@ -13,11 +13,13 @@ Both map an image file to a float32 CHW numpy array, so either protocol can feed
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from .data import DataError, error_line, load_image
 from .model import IMAGENET_MEAN, IMAGENET_STD
 
 PROTOCOLS = ("timm", "mindcv")
@@ -33,7 +35,6 @@ def resize_size(img_size: int, crop_pct: float) -> int:
 
 
 def timm_transform(img_size: int = DEFAULT_IMG_SIZE, crop_pct: float = DEFAULT_CROP_PCT) -> Transform:
-    from PIL import Image
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
@@ -45,8 +46,7 @@ def timm_transform(img_size: int = DEFAULT_IMG_SIZE, crop_pct: float = DEFAULT_C
     ])
 
     def apply(path: str | Path) -> np.ndarray:
-        with Image.open(path) as img:
-            return pipeline(img.convert("RGB")).numpy()
+        return pipeline(load_image(str(path))).numpy()
 
     return apply
 
@@ -65,13 +65,22 @@ def mindcv_ops(img_size: int = DEFAULT_IMG_SIZE, crop_pct: float = DEFAULT_CROP_
     ]
 
 
+def mindspore_reason(error: BaseException) -> str:
+    """The `[ERROR] ...` line of a MindSpore dataset error, whose first line only points elsewhere."""
+    found = re.search(r"\[ERROR\] (.+)", str(error))
+    return found.group(1).strip() if found else error_line(error)
+
+
 def mindcv_transform(img_size: int = DEFAULT_IMG_SIZE, crop_pct: float = DEFAULT_CROP_PCT) -> Transform:
     ops = mindcv_ops(img_size, crop_pct)
 
     def apply(path: str | Path) -> np.ndarray:
         x = np.fromfile(path, dtype=np.uint8)
-        for op in ops:  # MindSpore's dataset ops run eagerly on numpy arrays, one image at a time
-            x = op(x)
+        try:
+            for op in ops:  # MindSpore's dataset ops run eagerly on numpy arrays, one image at a time
+                x = op(x)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise DataError(f"{path}: cannot read the image ({mindspore_reason(e)})") from None
         return np.ascontiguousarray(x, dtype=np.float32)
 
     return apply

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import keymap
 from .checkpoint import atomic_path, file_format, load_state_dict_strict
 from .convert import Weights, cast_state, read_weights, torch_to_ms
-from .data import ShardSampler
+from .data import ShardSampler, error_line
 from .distributed import all_gather_objects, barrier, init_distributed, shutdown
 from .keymap import match_variant
 from .model import ACTIVATIONS, create_model, variant_arch
@@ -183,9 +183,10 @@ def mindspore_model(name: str, weights: Weights, device: torch.device, act: str 
     target = "GPU" if device.type == "cuda" else "CPU"
     try:
         ms.set_device(target, device.index or 0)
-    except RuntimeError:  # MindSpore fixes its device once it has run anything; the same device is fine
+    except RuntimeError as e:  # MindSpore fixes its device once it has run anything; the same device is fine
         if ms.get_current_device().device_target != target:
-            raise
+            raise ValidationError(f"MindSpore cannot run on {target} here ({error_line(e)}); "
+                                  "use --device cpu") from None
     net = create_ms_model(name, num_classes=weights.arch["num_classes"], **overrides)
     state = keymap.convert_state(cast_state(weights.state, "float32"), "mindspore", src="timm")
     load_params_strict(net, {k: torch_to_ms(v) for k, v in state.items()}, str(weights.path))
@@ -224,7 +225,11 @@ def validate(
         raise ValidationError(f"unknown framework {framework!r}; choose one of {', '.join(FRAMEWORKS)}")
     if framework == "mindspore" and amp:
         raise ValidationError("--amp applies to the torch framework only")
-    device_type = torch.device(device).type if device else "cuda" if torch.cuda.is_available() else "cpu"
+    if device and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValidationError(f"--device {device}: PyTorch sees no CUDA GPU here")
+    # MindSpore's wheel from the package index runs on the CPU; it uses a GPU only when asked to.
+    default = "cuda" if torch.cuda.is_available() and framework == "torch" else "cpu"
+    device_type = torch.device(device).type if device else default
     env = init_distributed(device_type)
     try:
         if framework == "mindspore" and env.distributed:

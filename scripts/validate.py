@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--framework", choices=FRAMEWORKS, help="default: from the checkpoint's format")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: the local rank's GPU if any, else cpu)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: for PyTorch the local rank's GPU if any, "
+                                    "else cpu; for MindSpore cpu)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (torch framework)")
     p.add_argument("--img-size", type=int, default=DEFAULT_IMG_SIZE, help="center crop size")
     p.add_argument("--crop-pct", type=float, default=DEFAULT_CROP_PCT,

@@ -84,3 +84,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsy
     assert_one_line(rc, err, "the training loss became", "at epoch 2",
                     f"{last} (after epoch 1) is the last good checkpoint")
     assert last.read_bytes() == good
+
+
+@pytest.mark.parametrize(("key", "value", "fragment"), [
+    ("auto_augment", "rand-q9", "auto_augment 'rand-q9': timm cannot build it"),
+    ("interpolation", "bicubc", "interpolation must be one of random, bilinear, bicubic"),
+    ("eval_interpolation", "random", "eval_interpolation must be one of bilinear, bicubic"),
+])
+def test_transform_typos_are_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture, key: str, value: str,
+                                           fragment: str) -> None:
+    data = make_imagefolder(tmp_path / "data")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{key}: {value}\n")  # in a YAML file: on the command line argparse checks the choices
+    rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), output=str(tmp_path / "o")), ["--config", str(path)])
+    assert_one_line(rc, err, fragment)

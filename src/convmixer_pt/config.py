@@ -23,6 +23,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "amp": ("auto", "bf16", "fp16", "none"),
     "mixup_mode": ("batch", "pair", "elem"),
     "re_mode": ("const", "rand", "pixel"),
+    "interpolation": ("random", "bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"),
+    "eval_interpolation": ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"),
 }
 
 

@@ -20,7 +20,7 @@ from timm.data import create_transform
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.datasets import ImageFolder
 
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .distributed import DistEnv, barrier
 
 DIGITS_CACHE = Path.home() / ".cache" / "convmixer_pt" / "digits"
@@ -108,10 +108,14 @@ class SyntheticImages(Dataset):
 def build_transforms(cfg: TrainConfig) -> tuple[object, object]:
     """timm's training pipeline (RandomResizedCrop, flip, RandAugment, erasing) and its eval pipeline."""
     common = dict(input_size=cfg.input_size, mean=tuple(cfg.mean), std=tuple(cfg.std))
-    train = create_transform(
-        is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-        color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
-        re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count, **common)
+    try:
+        train = create_transform(
+            is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
+            re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count, **common)
+    except (AssertionError, KeyError, ValueError) as e:  # timm's checks of the auto_augment string
+        raise ConfigError(f"auto_augment {cfg.auto_augment!r}: timm cannot build it ({type(e).__name__}: {e}); "
+                          "the paper's policy is rand-m9-mstd0.5-inc1") from None
     evaluate = create_transform(is_training=False, interpolation=cfg.eval_interpolation, crop_pct=cfg.crop_pct,
                                 **common)
     return train, evaluate

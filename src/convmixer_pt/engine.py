@@ -191,10 +191,13 @@ def train_one_epoch(parts: Parts, loader: torch.utils.data.DataLoader, steps: in
         if cfg.clip_grad is not None:
             parts.scaler.unscale_(parts.optimizer)
             nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad)
+        scale = parts.scaler.get_scale() if parts.scaler.is_enabled() else None
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         progress.step += 1
-        if parts.ema is not None:
+        # fp16: the scaler skips a step with inf/NaN gradients (and lowers its scale); the EMA skips it too.
+        stepped = scale is None or parts.scaler.get_scale() >= scale
+        if parts.ema is not None and stepped:
             parts.ema.update(parts.model, step=progress.step)
         loss_total += mean_loss
         rate = (step + 1) * global_batch / (time.perf_counter() - start)

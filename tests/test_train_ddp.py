@@ -48,7 +48,7 @@ EVAL_SCRIPT = textwrap.dedent("""
     import torch
     from convmixer_pt import config, engine
     from convmixer_pt.data import build_datasets, build_loaders
-    from convmixer_pt.distributed import init_distributed
+    from convmixer_pt.distributed import barrier, init_distributed, shutdown
     cfg = config.apply(config.TrainConfig(), json.loads(sys.argv[1]), "test")
     env = init_distributed("cpu")
     train, val, n = build_datasets(cfg, env)
@@ -59,6 +59,8 @@ EVAL_SCRIPT = textwrap.dedent("""
     if env.is_main:
         with open(sys.argv[2], "w") as f:
             json.dump(metrics, f)
+    barrier(env)  # as scripts/train.py ends: gloo aborts a process that exits while its peer still talks to it
+    shutdown(env)
 """)
 
 

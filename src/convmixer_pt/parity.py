@@ -130,12 +130,15 @@ def ms_model_from_params(arch: Mapping, params: Mapping, source: str):
     return net
 
 
-def ms_model(weights: Weights, act: str | None = None):
-    """A float32 MindSpore model holding `weights`, renamed through the key map."""
+def ms_model(weights: Weights, act: str | None = None, arch: Mapping | None = None):
+    """A float32 MindSpore model holding `weights`, renamed through the key map.
+
+    `arch` (default: what the weights imply) gives the constructor arguments; `act` replaces its activation.
+    """
     named = keymap.convert_state(weights.state, "mindspore", src="timm")
     params = {k: torch_to_ms(v) for k, v in named.items()}
-    return ms_model_from_params(dict(weights.model_arch, **({"act": act} if act else {})), params,
-                                str(weights.path))
+    arch = dict(weights.model_arch if arch is None else arch, **({"act": act} if act else {}))
+    return ms_model_from_params(arch, params, str(weights.path))
 
 
 def ms_model_from_file(path: str | Path, arch: Mapping):

@@ -22,9 +22,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import keymap
 from .checkpoint import atomic_path, file_format, load_state_dict_strict
-from .convert import Weights, cast_state, read_weights, torch_to_ms
+from .convert import Weights, read_weights
 from .data import ShardSampler, error_line
 from .distributed import all_gather_objects, barrier, init_distributed, shutdown
 from .keymap import match_variant
@@ -177,9 +176,9 @@ def mindspore_model(name: str, weights: Weights, device: torch.device, act: str 
     import mindspore as ms
 
     from .ms_model import ACTIVATIONS as MS_ACTIVATIONS
-    from .ms_model import create_ms_model, load_params_strict
+    from .parity import ms_model
 
-    overrides = check_act(act, MS_ACTIVATIONS, "mindspore")
+    check_act(act, MS_ACTIVATIONS, "mindspore")
     target = "GPU" if device.type == "cuda" else "CPU"
     try:
         ms.set_device(target, device.index or 0)
@@ -187,10 +186,7 @@ def mindspore_model(name: str, weights: Weights, device: torch.device, act: str 
         if ms.get_current_device().device_target != target:
             raise ValidationError(f"MindSpore cannot run on {target} here ({error_line(e)}); "
                                   "use --device cpu") from None
-    net = create_ms_model(name, num_classes=weights.arch["num_classes"], **overrides)
-    state = keymap.convert_state(cast_state(weights.state, "float32"), "mindspore", src="timm")
-    load_params_strict(net, {k: torch_to_ms(v) for k, v in state.items()}, str(weights.path))
-    return net
+    return ms_model(weights, act, arch=dict(variant_arch(name), num_classes=weights.arch["num_classes"]))
 
 
 def mindspore_predictor(net: Any) -> Predictor:

@@ -1,86 +1,114 @@
 #!/usr/bin/env bash
-# The prepared device check for issues 4 and 6: one call on one H100/H200.
+# The prepared device check for issues 4 and 6: one call on one H100/H200, inside a fixed time budget.
 #
-#   OUT=/tmp/out bash scripts/gpu_check.sh          # ~9-10 minutes (estimate); stages write as they finish
-#   STAGES="op tests" bash scripts/gpu_check.sh     # a subset: op trainer tests bench train bench_cl
+#   OUT=/tmp/out bash scripts/gpu_check.sh            # all stages, stops starting work after $BUDGET s
+#   STAGES="op tests" bash scripts/gpu_check.sh       # a subset: op trainer tests bench train bench_cl profile
 #
 # Results are written under $RES and packed after every stage into $OUT/gpu_check.tgz (plus
-# $OUT/progress.log), so a run cut short still returns the stages it finished in two files.
+# $OUT/progress.log), so a run cut short still returns the stages it finished in two files. Each stage's
+# timeout is capped by what is left of $BUDGET, so the last pack always happens inside the call.
 #
-# Stages, most informative first:
-#   op       one depthwise 9x9/7x7 conv + GELU, fwd and fwd+bwd: PyTorch NCHW, channels_last, Triton
+# Stages, in order:
+#   op       one depthwise 9x9 conv + GELU (1536 x 32 x 32, batch 64), fwd and fwd+bwd: PyTorch NCHW,
+#            channels_last, Triton
 #   trainer  issue 4's check: scripts/train.py under torchrun (NCCL, one rank), bf16, --compile, generated data
-#   tests    tests/test_depthwise_kernel.py with the compiled kernels at full ConvMixer shapes
+#   tests    tests/test_depthwise_kernel.py with the compiled kernels at full ConvMixer shapes (xdist workers)
 #   bench    scripts/benchmark.py, the three ImageNet variants, NCHW, train (batch 64) and infer (256)
 #   train    scripts/check_fast_training.py: 50 steps fast vs plain from one initialisation
-#   bench_cl the same benchmark in channels_last (timm's best layout for 768/32; our fast path falls back)
+#   bench_cl 768/32 in channels_last (timm's best layout for it; our fast path falls back there)
+#   profile  the CUDA kernels of one fast 1536/20 training step, by time
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 RES=${RES:-/tmp/gpu_check_results}
-STAGES=${STAGES:-"op trainer tests bench train bench_cl"}
+STAGES=${STAGES:-"op trainer tests bench train bench_cl profile"}
+BUDGET=${BUDGET:-480}
 PY=${PYTHON:-python3}
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RES"
-log() { echo "[$(date -u +%T)] $*" | tee -a "$RES/progress.log"; }
+log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "$RES/progress.log"; }
 pack() { tar czf "$OUT/gpu_check.tgz" -C "$RES" . && cp "$RES/progress.log" "$OUT/"; }
-stage() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# stage NAME WANT: run stage NAME if selected and at least 30 s are left; LIMIT = min(WANT, what is left - 10).
+stage() {
+  case " $STAGES " in *" $1 "*) ;; *) return 1 ;; esac
+  local left=$((BUDGET - SECONDS - 10))
+  if [ "$left" -lt 30 ]; then log "skip $1: ${left}s left"; return 1; fi
+  LIMIT=$(( $2 < left ? $2 : left ))
+  log "$1 (limit ${LIMIT}s)"
+}
 BENCH="--device cuda --steps 5 --repeats 3 --warmup 2"
 
 { nvidia-smi; $PY -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__,
 'timm', timm.__version__, torch.cuda.get_device_name(), torch.cuda.get_device_properties(0).multi_processor_count, 'SMs')"
 } > "$RES/env.txt" 2>&1
 tail -1 "$RES/env.txt"
-$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { log "no CUDA device: nothing run"; exit 2; }
+$PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { log "no CUDA device: nothing run"; pack; exit 2; }
 
-if stage op; then
-  log "op: depthwise conv + act, one block"
-  for cfg in "1536 32 9" "768 32 7" "1024 16 9"; do
-    set -- $cfg
-    timeout 120 $PY scripts/benchmark.py --device cuda --depthwise-op --batch-size 64 --dim "$1" --size "$2" --kernel "$3" \
-      --json "$RES/op_$1_$3.json" 2>&1 | tee -a "$RES/op.log"
-  done
+if stage op 60; then
+  timeout "$LIMIT" $PY scripts/benchmark.py --device cuda --depthwise-op --batch-size 64 --dim 1536 --size 32 \
+    --kernel 9 --json "$RES/op_1536_9.json" > "$RES/op.log" 2>&1
+  log "op exit $?"
   pack
 fi
-if stage trainer; then
-  log "trainer: torchrun, NCCL with one rank, bf16, compile, generated data"
-  timeout 240 $PY -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train.py \
-    --config configs/convmixer_1536_20.yaml --dataset synthetic --synthetic-train-size 1920 \
-    --synthetic-val-size 256 --device cuda --amp bf16 --compile --epochs 2 --workers 8 --no-progress \
+if stage trainer 180; then
+  timeout "$LIMIT" $PY -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train.py \
+    --config configs/convmixer_1536_20.yaml --dataset synthetic --synthetic-train-size 1280 \
+    --synthetic-val-size 256 --device cuda --amp bf16 --compile --epochs 2 --workers 12 --no-progress \
     --output /tmp/gpu_check_trainer > "$RES/trainer.log" 2>&1
   log "trainer exit $?: $(tail -1 "$RES/trainer.log")"
   cp /tmp/gpu_check_trainer/summary.csv "$RES/trainer_summary.csv" 2>/dev/null
+  cp /tmp/gpu_check_trainer/args.yaml "$RES/trainer_args.yaml" 2>/dev/null
   pack
 fi
-if stage tests; then
-  log "tests: compiled kernels at full shapes"
-  timeout 300 $PY -m pytest tests/test_depthwise_kernel.py -q -x -p no:cacheprovider -k "not compile_for_hopper" \
-    --junitxml="$RES/kernel_tests.xml" > "$RES/kernel_tests.log" 2>&1
+if stage tests 150; then
+  timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py -q -p no:cacheprovider -n 8 \
+    -k "not compile_for_hopper" --junitxml="$RES/kernel_tests.xml" > "$RES/kernel_tests.log" 2>&1
   log "tests exit $?: $(tail -1 "$RES/kernel_tests.log")"
   pack
 fi
-if stage bench; then
-  for m in convmixer_1536_20 convmixer_768_32 convmixer_1024_20; do
-    log "bench NCHW $m"
-    timeout 150 $PY scripts/benchmark.py --model "$m" $BENCH --json "$RES/bench_nchw_$m.json" \
-      >> "$RES/bench.log" 2>&1 || log "bench $m failed or timed out"
-  done
+if stage bench 150; then
+  timeout "$LIMIT" $PY scripts/benchmark.py --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
+    --json "$RES/bench_nchw.json" > "$RES/bench.log" 2>&1
+  log "bench exit $?"
   pack
 fi
-if stage train; then
-  log "train: fast vs plain, 50 steps"
-  timeout 200 $PY scripts/check_fast_training.py --model convmixer_1536_20 --steps 50 --batch-size 32 \
+if stage train 100; then
+  timeout "$LIMIT" $PY scripts/check_fast_training.py --model convmixer_1536_20 --steps 50 --batch-size 32 \
     --json "$RES/train_equivalence.json" > "$RES/train_equivalence.log" 2>&1
   log "train exit $?: $(tail -1 "$RES/train_equivalence.log")"
   pack
 fi
-if stage bench_cl; then
-  for m in convmixer_1536_20 convmixer_768_32 convmixer_1024_20; do
-    log "bench channels_last $m"
-    timeout 150 $PY scripts/benchmark.py --model "$m" $BENCH --channels-last --json "$RES/bench_cl_$m.json" \
-      >> "$RES/bench.log" 2>&1 || log "bench_cl $m failed or timed out"
-  done
+if stage bench_cl 60; then
+  timeout "$LIMIT" $PY scripts/benchmark.py --model convmixer_768_32 $BENCH --channels-last \
+    --json "$RES/bench_cl.json" > "$RES/bench_cl.log" 2>&1
+  log "bench_cl exit $?"
+  pack
+fi
+if stage profile 45; then
+  timeout "$LIMIT" $PY - > "$RES/profile.log" 2>&1 <<'PYEOF'
+import torch
+from torch.profiler import ProfilerActivity, profile
+from convmixer_pt import create_model
+model = create_model("convmixer_1536_20", fast=True).cuda()
+opt = torch.optim.AdamW(model.parameters())
+x, y = torch.randn(64, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (64,), device="cuda")
+def step():
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+for _ in range(3):
+    step()
+torch.cuda.synchronize()
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    step()
+    torch.cuda.synchronize()
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
+PYEOF
+  log "profile exit $?"
 fi
 log "done"
 pack
 grep -h "fwd+bwd" "$RES/op.log" 2>/dev/null
-grep -hE "^ *(model|convmixer_)" "$RES/bench.log" 2>/dev/null | grep -v " bs=" 
+cat "$RES/bench.log" "$RES/bench_cl.log" 2>/dev/null | grep -E "^ *(model|convmixer_)" | grep -v " bs="
+tail -3 "$RES/trainer.log" 2>/dev/null

@@ -5,9 +5,11 @@
 
 Both runs use bf16 autocast, AdamW and the same fixed synthetic batches (labels to memorise, so the loss
 falls). What "within bf16 noise" means is measured, not assumed: a third run, plain PyTorch without
-autocast (fp32), gives the distance bf16 rounding alone puts between two curves. The check passes when
-the fast curve is no farther from the plain bf16 curve than max(2 x that distance, 1e-2 x loss), at
-every step. Exit status 1 when the check fails. It is meant for CUDA; `--device cpu` only exercises the
+autocast (fp32), gives the distance bf16 rounding alone puts between two curves. Rounding differences grow
+chaotically along a training run, so step-by-step distances are single noisy samples; the check compares
+averages: it passes when the mean distance of the fast curve from the plain bf16 curve is at most twice the
+mean bf16-to-fp32 distance, and the first step (same weights, one forward) agrees within 1e-2 of the loss.
+Exit status 1 when the check fails. It is meant for CUDA; `--device cpu` only exercises the
 script (the kernels run there only under TRITON_INTERPRET=1, slowly, and at tiny sizes).
 """
 
@@ -69,13 +71,15 @@ def main(argv: list[str] | None = None) -> int:
         print(name, " ".join(f"{v:.4f}" for v in curves[name]), flush=True)
     fast_gap = [abs(a - b) for a, b in zip(curves["fast_bf16"], curves["plain_bf16"], strict=True)]
     noise = [abs(a - b) for a, b in zip(curves["plain_bf16"], curves["plain_fp32"], strict=True)]
-    bound = [max(2 * n, 1e-2 * abs(ref)) for n, ref in zip(noise, curves["plain_bf16"], strict=True)]
-    passed = all(g <= b for g, b in zip(fast_gap, bound, strict=True))
-    report = dict(vars(args), curves=curves, fast_gap=fast_gap, bf16_noise=noise, bound=bound, passed=passed,
+    mean_gap, mean_noise = sum(fast_gap) / len(fast_gap), sum(noise) / len(noise)
+    first_ok = fast_gap[0] <= 1e-2 * abs(curves["plain_bf16"][0])
+    passed = first_ok and mean_gap <= 2 * mean_noise
+    report = dict(vars(args), curves=curves, fast_gap=fast_gap, bf16_noise=noise, mean_gap=mean_gap,
+                  mean_noise=mean_noise, first_step_ok=first_ok, passed=passed,
                   device_name=torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
                   torch=torch.__version__)
-    print(f"max |fast - plain| = {max(fast_gap):.4g}; max |bf16 - fp32| = {max(noise):.4g}; "
-          f"{'PASS' if passed else 'FAIL'}")
+    print(f"mean |fast - plain| = {mean_gap:.4g}; mean |bf16 - fp32| = {mean_noise:.4g}; "
+          f"first step |fast - plain| = {fast_gap[0]:.3g}; {'PASS' if passed else 'FAIL'}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -8,11 +8,13 @@ after a synchronisation elsewhere), the median over repeats.
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import os
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -162,7 +164,9 @@ def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
     flops *= 3 if cfg.mode == "train" else 1
     del model
     row = dict(impl=impl, **asdict(cfg))
-    row.update(fast=cfg.fast if impl == "convmixer_pt" else None, step_ms=seconds * 1e3,
+    fast = cfg.fast and impl == "convmixer_pt" and torch.device(cfg.device).type == "cuda"
+    row.update(fast=cfg.fast if impl == "convmixer_pt" else None, dw_kernel=_dw_kernel() if fast else None,
+               step_ms=seconds * 1e3,
                img_per_s=cfg.batch_size / seconds, tflops=flops / seconds / 1e12, peak_mem_mib=peak,
                **_versions(device))
     return row
@@ -194,13 +198,37 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
 
+def _dw_kernel() -> str | None:
+    """The depthwise kernel set the fast path uses now ('mma' or 'direct'), or None without Triton."""
+    try:
+        from .kernels.depthwise import kernel_variant
+    except ImportError:
+        return None
+    return kernel_variant()
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set (or, for None, leave alone) one environment variable for the duration of a block."""
+    previous = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 def depthwise_op_times(batch: int, dim: int, size: int, kernel: int, dtype: torch.dtype = torch.bfloat16,
                        act: str = "gelu", device: str = "cuda") -> list[dict[str, Any]]:
     """Milliseconds of act(depthwise conv) forward and forward+backward: PyTorch NCHW and channels_last
-    against the Triton kernel, one ConvMixer block's worth (what the model-level numbers are made of)."""
+    against both Triton kernel sets, one ConvMixer block's worth (what the model-level numbers are made of)."""
     import triton.testing
 
-    from .kernels.depthwise import depthwise_conv2d
+    from .kernels.depthwise import KERNEL_ENV_VAR, depthwise_conv2d
 
     conv = nn.Conv2d(dim, dim, kernel, groups=dim, padding="same").to(device)
     x0 = torch.randn(batch, dim, size, size, device=device, dtype=dtype)
@@ -211,18 +239,20 @@ def depthwise_op_times(batch: int, dim: int, size: int, kernel: int, dtype: torc
         "torch_channels_last": (x0.contiguous(memory_format=torch.channels_last),
                                 lambda x: act_fn(F.conv2d(x, conv.weight.to(dtype), conv.bias.to(dtype),
                                                           padding="same", groups=dim))),
-        "triton": (x0, lambda x: depthwise_conv2d(x, conv.weight, conv.bias, act)),
+        "triton_direct": (x0, lambda x: depthwise_conv2d(x, conv.weight, conv.bias, act)),
+        "triton_mma": (x0, lambda x: depthwise_conv2d(x, conv.weight, conv.bias, act)),
     }
     rows = []
     for name, (x, fn) in variants.items():
         xg = x.detach().requires_grad_()
         grad = torch.randn_like(x)
-        fwd = triton.testing.do_bench(lambda fn=fn, x=x: fn(x), return_mode="median")
 
         def fwd_bwd(fn=fn, xg=xg, grad=grad) -> None:
             torch.autograd.backward(fn(xg), grad, inputs=[xg, conv.weight, conv.bias])
 
-        both = triton.testing.do_bench(fwd_bwd, return_mode="median")
+        with _env(KERNEL_ENV_VAR, name.removeprefix("triton_") if name.startswith("triton") else None):
+            fwd = triton.testing.do_bench(lambda fn=fn, x=x: fn(x), return_mode="median")
+            both = triton.testing.do_bench(fwd_bwd, return_mode="median")
         rows.append(dict(op="depthwise+act", impl=name, batch=batch, dim=dim, size=size, kernel=kernel,
                          dtype=str(dtype), fwd_ms=fwd, fwd_bwd_ms=both))
     return rows

@@ -11,9 +11,19 @@ masked where the row or column leaves the plane (zero padding). The K*K shifted 
 so device memory sees each input element about once; the K*K weights of the channel are scalars.
 'same' padding follows PyTorch exactly, also for even kernels: the top/left pad is (K-1)//2.
 
+Two kernel sets compute the same function (CONVMIXER_DW_KERNEL=mma|direct picks; mma is the default):
+- tensor cores (`_dw_conv_mma_kernel`, `_dw_wgrad_mma_kernel`), where a plane row's window (W + KW - 1
+  columns) fits MMA_MAX_WINDOW. One filter row i turns a tile of input rows into output rows by a matrix
+  product with a banded (Toeplitz) matrix: out[h, :] += x[h + i - PH, window] @ T_i, T_i[k, w] = w[i, k - w].
+  The product does ~BK/KW times the multiply-adds of the direct sum, on units ~30x faster than FMA, and each
+  input element is loaded once per filter row instead of once per tap. The weight gradient is the same
+  product transposed, m = g^T @ x_window summed over the batch, whose diagonals are the filter taps.
+  Operands are in the compute dtype (weights rounded as autocast does), products accumulate in fp32.
+- direct (`_dw_conv_kernel`, `_dw_wgrad_kernel`): one multiply-add per tap on CUDA cores; any plane width.
+
 Kernels (all accumulate in fp32; inputs and outputs are fp32, fp16 or bf16):
 - `_dw_conv_kernel`, grid (N*C, plane tiles): y = conv(x) + b; stores act(y) and, for training, y itself
-  (the pre-activation the activation's backward needs, as PyTorch also keeps). With SIGN=-1 and no bias it is
+  (the pre-activation the activation's backward needs; for ReLU its output serves). With SIGN=-1 and no bias it is
   the input gradient: a correlation with the flipped filter. With AFFINE_RESIDUAL (inference) it computes
   x + act(conv(x) + b) * scale + shift, i.e. the whole residual branch of a ConvMixer block with its
   BatchNorm folded to a per-channel scale and shift, in one read and one write.
@@ -31,6 +41,8 @@ these kernels into the model.
 from __future__ import annotations
 
 import contextlib
+import os
+from collections.abc import Callable
 
 import torch
 import triton
@@ -40,6 +52,9 @@ ACTIVATIONS = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
 MAX_WIDTH = 1024  # the weight gradient gives each position of a plane row a thread: 32 warps at most
+MMA_MAX_WINDOW = 128  # widest window row (W + KW - 1, rounded up to a power of two) of the tensor-core kernels
+KERNEL_ENV_VAR = "CONVMIXER_DW_KERNEL"
+MMA_TUNING = ((16, 4), (32, 4), (32, 8))  # (BH, num_warps) tried per shape by the tensor-core kernels on a GPU
 
 
 # Inside the kernels only Triton builtins and this module's jit functions are called, not tl.sum, tl.zeros or
@@ -196,6 +211,88 @@ def _dw_wgrad_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
     tl.store(db_ptr + slot, tl.reduce(acc_b, 0, _SUM), mask=i == 0)
 
 
+
+@triton.jit
+def _window(x_plane, rows, u, H, W, DH: tl.constexpr):
+    """The [rows, window columns] tile of input rows `rows + DH` at columns `u`, zero outside the plane."""
+    src = rows + DH
+    ok = ((src.to(tl.uint32) < H)[:, None]) & ((u.to(tl.uint32) < W)[None, :])
+    return tl.load(x_plane + src[:, None] * W + u[None, :], mask=ok, other=0.0)
+
+
+@triton.jit
+def _dw_conv_mma_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
+                        C, H, W,
+                        KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
+                        AFFINE_RESIDUAL: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
+                        UPCAST: tl.constexpr):
+    plane = tl.program_id(0)
+    c = plane % C
+    base = plane.to(tl.int64) * H * W
+    x_plane = x_ptr + base
+    rows = tl.program_id(1) * BH + tl.arange(0, BH)
+    cols = tl.arange(0, BW)
+    win = tl.arange(0, BK)
+    # Window column k is input column k - PW; output column w takes filter column k - w from it.
+    tap = win[:, None] - cols[None, :]
+    tap_ok = (tap >= 0) & (tap < KW)
+    w_chan = w_ptr + c * (KH * KW)
+    acc = tl.full([BH, BW], 0.0, tl.float32)
+    for i in tl.static_range(KH):
+        xt = _window(x_plane, rows, win - PW, H, W, i - PH)
+        toeplitz = tl.load(w_chan + i * KW + tap, mask=tap_ok, other=0.0).to(xt.dtype)
+        if UPCAST:
+            xt, toeplitz = xt.to(tl.float32), toeplitz.to(tl.float32)
+        acc = tl.dot(xt, toeplitz, acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    offs = rows[:, None] * W + cols[None, :]
+    inside = (rows < H)[:, None] & (cols < W)[None, :]
+    if SAVE_PRE:
+        tl.store(pre_ptr + base + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
+    y = _act(acc, ACT)
+    if AFFINE_RESIDUAL:
+        skip = tl.load(x_plane + offs, mask=inside, other=0.0).to(tl.float32)
+        y = skip + y * tl.load(scale_ptr + c).to(tl.float32) + tl.load(shift_ptr + c).to(tl.float32)
+    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _dw_wgrad_mma_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
+                         N, C, H, W, n_per_split,
+                         KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+                         BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+    i = tl.program_id(0)  # the filter row; first grid axis, so the programs of one channel run together
+    c = tl.program_id(1)
+    split = tl.program_id(2)
+    hw = H * W
+    cols = tl.arange(0, BW)
+    win = tl.arange(0, BK)
+    # m[w, k] = sum over the batch share and rows of g[h, w] * x[h + i - PH, k - PW]; then
+    # dw[i, j] = sum_w m[w, w + j] (a diagonal) and db = sum g.
+    m = tl.full([BW, BK], 0.0, tl.float32)
+    acc_b = tl.full([BH, BW], 0.0, tl.float32)
+    n_start = split.to(tl.int64) * n_per_split
+    n_end = tl.minimum(n_start + n_per_split, N)
+    for n in range(n_start, n_end):
+        base = (n * C + c) * hw
+        for r0 in range(0, H, BH):
+            rows = r0 + tl.arange(0, BH)
+            inside = (rows < H)[:, None] & (cols < W)[None, :]
+            g = tl.load(gy_ptr + base + rows[:, None] * W + cols[None, :], mask=inside, other=0.0)
+            acc_b += g.to(tl.float32)
+            xt = _window(x_ptr + base, rows, win - PW, H, W, i - PH).to(g.dtype)
+            if UPCAST:
+                g, xt = g.to(tl.float32), xt.to(tl.float32)
+            m = tl.dot(tl.trans(g), xt, m, input_precision="ieee")
+    diag = win[None, :] - cols[:, None]
+    slot = split * C + c
+    for j in tl.static_range(KW):
+        dw_ij = tl.reduce(tl.reduce(tl.where(diag == j, m, 0.0), 1, _SUM), 0, _SUM)
+        tl.store(dw_ptr + slot * (KH * KW) + i * KW + j, dw_ij)
+    tl.store(db_ptr + slot, tl.reduce(tl.reduce(acc_b, 1, _SUM), 0, _SUM), mask=i == 0)
+
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
     """Why the kernels cannot take these operands, computing in `dtype` (default: the input's), or None if
     they can; callers fall back to PyTorch."""
@@ -230,6 +327,62 @@ def wgrad_launch_config(w: int) -> tuple[int, int, int]:
     return block_w, rows, max(1, block_w * rows // 32)
 
 
+def mma_launch_config(h: int, w: int, kw: int) -> tuple[int, int, int, int] | None:
+    """(BH, BW, BK, num_warps) of the tensor-core kernels, or None where a plane row's window (W + KW - 1
+    columns) is wider than MMA_MAX_WINDOW: tiles of BH rows x BW output columns, windows of BK columns, each
+    a power of two of at least 16 (the smallest tl.dot). On a GPU, BH and num_warps are then tuned per shape
+    among MMA_TUNING; this is the interpreter's choice."""
+    bk = max(16, triton.next_power_of_2(w + kw - 1))
+    if bk > MMA_MAX_WINDOW:
+        return None
+    return min(32, max(16, triton.next_power_of_2(h))), max(16, triton.next_power_of_2(w)), bk, 4
+
+
+def _autotuned(kernel: triton.JITFunction) -> triton.runtime.Autotuner:
+    """`kernel` with BH and num_warps timed once per shape (first call) among MMA_TUNING. The kernels only
+    write their outputs, so the timing runs leave them correct."""
+    configs = [triton.Config({"BH": bh}, num_warps=warps) for bh, warps in MMA_TUNING]
+    return triton.autotune(configs, key=["C", "H", "W", "KH", "KW", "HAS_BIAS", "SAVE_PRE", "AFFINE_RESIDUAL"])(kernel)
+
+
+def _launch_mma(kernel: triton.JITFunction, grid: Callable[[int], tuple[int, ...]], x: torch.Tensor,
+                config: tuple[int, int, int, int], *args, **constexprs) -> None:
+    """Run a tensor-core kernel: autotuned on a GPU, with `config` in the interpreter."""
+    bh, bw, bk, num_warps = config
+    constexprs.update(BW=bw, BK=bk, UPCAST=_upcast_dot(x))
+    with _on_device_of(x):
+        if interpreted():
+            kernel[grid(bh)](*args, BH=bh, num_warps=num_warps, **constexprs)
+        else:
+            _TUNED[kernel][lambda meta: grid(meta["BH"])](*args, **constexprs)
+
+
+_TUNED = {kernel: _autotuned(kernel) for kernel in (_dw_conv_mma_kernel, _dw_wgrad_mma_kernel)}
+
+
+def kernel_variant() -> str:
+    """Which kernels run for fp16/bf16: 'mma' (tensor cores, where the plane fits; the default) or 'direct',
+    from the environment variable CONVMIXER_DW_KERNEL, read at each call so benchmarks can compare both.
+    fp32 always takes the direct kernels: exact fp32 products get no tensor cores, and as an FMA product
+    the tile needs more registers than a thread has."""
+    value = os.environ.get(KERNEL_ENV_VAR, "mma").strip().lower() or "mma"
+    if value not in ("mma", "direct"):
+        raise ValueError(f"{KERNEL_ENV_VAR}={value!r} is not one of 'mma', 'direct'")
+    return value
+
+
+def _mma_config(x: torch.Tensor, kw: int, force: bool) -> tuple[int, int, int, int] | None:
+    if not force and (kernel_variant() != "mma" or x.dtype == torch.float32):
+        return None
+    return mma_launch_config(x.shape[2], x.shape[3], kw)
+
+
+def _upcast_dot(x: torch.Tensor) -> bool:
+    """Triton's CPU interpreter multiplies bf16 tiles as raw integers: there the tensor-core kernels widen
+    both operands to fp32 first (exact for bf16 values; products and fp32 sums are what the GPU computes)."""
+    return x.dtype == torch.bfloat16 and interpreted()
+
+
 def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device and stream; make that the tensor's device."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
@@ -237,13 +390,25 @@ def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act: str,
           save_pre: bool, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+          force_mma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
     out = torch.empty_like(x)
     pre = torch.empty_like(x) if save_pre else None
-    block, num_warps = conv_launch_config(h * w)
     affine = scale is not None
+    mma = _mma_config(x, kw, force_mma)
+    if mma is not None:
+        ph, pw = (kh - 1) // 2, (kw - 1) // 2
+        if sign < 0:  # the input gradient: a correlation with the flipped filter, padded on the other side
+            weight, ph, pw = weight.flip((2, 3)), kh - 1 - ph, kw - 1 - pw
+        weight = weight.to(x.dtype)  # tensor-core operands in the compute dtype, rounded as autocast does
+        _launch_mma(_dw_conv_mma_kernel, lambda bh: (n * c, triton.cdiv(h, bh)), x, mma,
+                    x, weight.contiguous(), bias if bias is not None else weight, scale if affine else weight,
+                    shift if affine else weight, out, pre if save_pre else out, c, h, w,
+                    KH=kh, KW=kw, PH=ph, PW=pw, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act],
+                    SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine)
+        return out, pre
+    block, num_warps = conv_launch_config(h * w)
     grid = (n * c, triton.cdiv(h * w, block))
     with _on_device_of(x):
         _dw_conv_kernel[grid](
@@ -263,7 +428,8 @@ def _batch_splits(n: int, c: int) -> int:
 
 
 def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel: tuple[int, int], act: str,
-           need_w: bool, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+           need_w: bool, splits: int | None = None, force_mma: bool = False,
+           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(pre-activation gradient, weight gradient [C, KH*KW] in fp32 or None, bias gradient [C] in fp32)."""
     n, c, h, w = x.shape
     kh, kw = kernel
@@ -279,6 +445,12 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
     splits = triton.cdiv(n, n_per_split)
     dw_part = torch.empty((splits, c, kh * kw), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32)
+    mma = _mma_config(x, kw, force_mma)
+    if mma is not None:
+        _launch_mma(_dw_wgrad_mma_kernel, lambda bh: (rows, c, splits), x, mma,
+                    x, gy, dw_part, db_part, n, c, h, w, n_per_split,
+                    KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2)
+        return gy, dw_part.sum(0) if need_w else None, db_part.sum(0)
     block_w, tile_rows, num_warps = wgrad_launch_config(w)
     with _on_device_of(x):
         _dw_wgrad_kernel[(c, splits, rows)](
@@ -293,9 +465,11 @@ class _DepthwiseConvAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
                 act: str) -> torch.Tensor:
-        save_pre = act != "none" and any(ctx.needs_input_grad[:3])
+        # ReLU's derivative is readable from its output (the tensor BatchNorm saves anyway), so only the
+        # smooth activations keep a pre-activation copy.
+        save_pre = act not in ("none", "relu") and any(ctx.needs_input_grad[:3])
         out, pre = _conv(x, weight, bias, sign=1, act=act, save_pre=save_pre)
-        ctx.save_for_backward(x, weight, pre)
+        ctx.save_for_backward(x, weight, out if act == "relu" else pre)
         ctx.act, ctx.has_bias = act, bias is not None
         return out
 

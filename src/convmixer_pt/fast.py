@@ -16,8 +16,9 @@ The 1x1 convolution, its activation and BN run through the block's own modules i
 Switch: `ConvMixer(fast=...)` / `create_model(..., fast=...)`. None (default) uses the kernels for CUDA
 inputs (measured faster on an H200 for all three ImageNet variants, docs/performance.md) unless the
 environment variable CONVMIXER_FAST is 0/false/off; True uses them wherever they can run (CUDA, or CPU when
-the kernels were imported under TRITON_INTERPRET=1, which is how the tests run them); False never. Anything the kernels do not cover (other layouts such as channels_last, dtypes, activations,
-strides, torch.compile tracing, a missing Triton) falls back to the plain modules for that block.
+the kernels were imported under TRITON_INTERPRET=1, which is how the tests run them); False never.
+Anything the kernels do not cover (other layouts such as channels_last, dtypes, activations, strides,
+torch.compile tracing, a missing Triton) falls back to the plain modules for that block.
 """
 
 from __future__ import annotations

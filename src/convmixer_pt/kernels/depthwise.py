@@ -96,6 +96,21 @@ def _act_grad(y, ACT: tl.constexpr):
 
 
 @triton.jit
+def _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
+              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, AFFINE_RESIDUAL: tl.constexpr):
+    """Both conv kernels' ending: bias, the pre-activation copy, the activation, the inference branch."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + c).to(tl.float32)
+    if SAVE_PRE:
+        tl.store(pre_ptr + base + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
+    y = _act(acc, ACT)
+    if AFFINE_RESIDUAL:
+        skip = tl.load(x_plane + offs, mask=inside, other=0.0).to(tl.float32)
+        y = skip + y * tl.load(scale_ptr + c).to(tl.float32) + tl.load(shift_ptr + c).to(tl.float32)
+    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.jit
 def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
                     C, H, W,
                     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -124,15 +139,8 @@ def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
             ok = row_ok & ((w + dw).to(tl.uint32) < W)
             v = tl.load(row_ptr + dw, mask=ok, other=0.0).to(tl.float32)
             acc += v * tl.load(w_chan + (i * KW + j)).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c).to(tl.float32)
-    if SAVE_PRE:
-        tl.store(pre_ptr + base + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
-    y = _act(acc, ACT)
-    if AFFINE_RESIDUAL:
-        skip = tl.load(x_plane + offs, mask=inside, other=0.0).to(tl.float32)
-        y = skip + y * tl.load(scale_ptr + c).to(tl.float32) + tl.load(shift_ptr + c).to(tl.float32)
-    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+    _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
+              HAS_BIAS, ACT, SAVE_PRE, AFFINE_RESIDUAL)
 
 
 @triton.jit
@@ -245,17 +253,10 @@ def _dw_conv_mma_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_
         if UPCAST:
             xt, toeplitz = xt.to(tl.float32), toeplitz.to(tl.float32)
         acc = tl.dot(xt, toeplitz, acc, input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + c).to(tl.float32)
     offs = rows[:, None] * W + cols[None, :]
     inside = (rows < H)[:, None] & (cols < W)[None, :]
-    if SAVE_PRE:
-        tl.store(pre_ptr + base + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
-    y = _act(acc, ACT)
-    if AFFINE_RESIDUAL:
-        skip = tl.load(x_plane + offs, mask=inside, other=0.0).to(tl.float32)
-        y = skip + y * tl.load(scale_ptr + c).to(tl.float32) + tl.load(shift_ptr + c).to(tl.float32)
-    tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+    _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
+              HAS_BIAS, ACT, SAVE_PRE, AFFINE_RESIDUAL)
 
 
 @triton.jit

@@ -109,9 +109,9 @@ def check_conv(shape, kernel, dtype, act, seed=0):
     assert all(e < tol for e in errors.values()), errors
 
 
-@pytest.fixture(params=["mma", "direct"])
+@pytest.fixture(params=["direct", "mma"])
 def variant(request, monkeypatch):
-    """Both kernel sets: tensor cores (the default) and direct multiply-adds."""
+    """Both kernel sets: direct multiply-adds (the default) and tensor cores."""
     monkeypatch.setenv(dw.KERNEL_ENV_VAR, request.param)
     return request.param
 
@@ -123,6 +123,7 @@ def test_conv_gelu_forward_and_gradients(k, shape, dtype, variant):
     check_conv(shape, (k, k), dtype, "gelu")
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # PyTorch's, in the reference
 @pytest.mark.parametrize("kernel", [(9, 9), (4, 6)])
 def test_tensor_core_kernels_index_exactly_in_fp32(kernel):
     """fp32 runs the direct kernels; forced through the tensor-core ones it checks their indexing at fp32
@@ -150,7 +151,7 @@ def test_planes_too_wide_for_the_tensor_core_kernels_use_the_direct_ones():
 def test_unknown_kernel_variant_is_named(monkeypatch):
     monkeypatch.setenv(dw.KERNEL_ENV_VAR, "fastest")
     x = torch.randn(1, 4, 5, 5, device=DEVICE)
-    with pytest.raises(ValueError, match="CONVMIXER_DW_KERNEL='fastest' is not one of 'mma', 'direct'"):
+    with pytest.raises(ValueError, match="CONVMIXER_DW_KERNEL='fastest' is not one of 'direct', 'mma'"):
         dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE))
 
 
@@ -238,10 +239,22 @@ def test_fast_model_matches_plain_model_in_training_and_inference(act):
     grad = torch.randn_like(out_plain)
     out_fast.backward(grad)
     out_plain.backward(grad)
-    # Relative to each gradient's norm: with ReLU, a pre-activation within rounding of 0 may fall on
-    # different sides in the two models, which moves single elements but not the whole.
+    # How far rounding alone moves these gradients: the plain model with its depthwise convolutions computed
+    # in float64 (a more exact evaluation of the same function). With GELU that is ~1e-6. With ReLU,
+    # pre-activations within rounding of 0 flip sides and move every gradient by ~3e-4 at full width, so the
+    # bound follows what was measured rather than a fixed number.
+    rounded = create_model("convmixer_128_4", num_classes=7, act=act, fast=False, **MODEL_KW).to(DEVICE)
+    rounded.load_state_dict(plain.state_dict())
+    for block in rounded.blocks:
+        conv = block[0].fn[0]
+        conv.forward = lambda t, conv=conv: F.conv2d(t.double(), conv.weight.double(), conv.bias.double(),
+                                                     padding=conv.padding, groups=conv.groups).to(t.dtype)
+    rounded(x).backward(grad)
+    floor = max(rel_err(q.grad, r.grad.double())
+                for q, r in zip(plain.parameters(), rounded.parameters(), strict=True))
+    bound = max(1e-4, 10 * floor)
     for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
-        assert rel_err(p.grad, q.grad.double()) < 1e-4, name
+        assert rel_err(p.grad, q.grad.double()) < bound, (name, bound)
     for (name, b), c in zip(fast.named_buffers(), plain.buffers(), strict=True):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
     fast.eval()

@@ -11,7 +11,9 @@ masked where the row or column leaves the plane (zero padding). The K*K shifted 
 so device memory sees each input element about once; the K*K weights of the channel are scalars.
 'same' padding follows PyTorch exactly, also for even kernels: the top/left pad is (K-1)//2.
 
-Two kernel sets compute the same function (CONVMIXER_DW_KERNEL=mma|direct picks; mma is the default):
+Two kernel sets compute the same function (CONVMIXER_DW_KERNEL=direct|mma picks; direct is the default, since
+on an H200 the tensor-core set was 10% faster at 1536 channels 9x9 but 23% slower at 768 channels 7x7, see
+docs/performance.md):
 - tensor cores (`_dw_conv_mma_kernel`, `_dw_wgrad_mma_kernel`), where a plane row's window (W + KW - 1
   columns) fits MMA_MAX_WINDOW. One filter row i turns a tile of input rows into output rows by a matrix
   product with a banded (Toeplitz) matrix: out[h, :] += x[h + i - PH, window] @ T_i, T_i[k, w] = w[i, k - w].
@@ -362,13 +364,13 @@ _TUNED = {kernel: _autotuned(kernel) for kernel in (_dw_conv_mma_kernel, _dw_wgr
 
 
 def kernel_variant() -> str:
-    """Which kernels run for fp16/bf16: 'mma' (tensor cores, where the plane fits; the default) or 'direct',
+    """Which kernels run for fp16/bf16: 'direct' (the default) or 'mma' (tensor cores, where the plane fits),
     from the environment variable CONVMIXER_DW_KERNEL, read at each call so benchmarks can compare both.
     fp32 always takes the direct kernels: exact fp32 products get no tensor cores, and as an FMA product
     the tile needs more registers than a thread has."""
-    value = os.environ.get(KERNEL_ENV_VAR, "mma").strip().lower() or "mma"
-    if value not in ("mma", "direct"):
-        raise ValueError(f"{KERNEL_ENV_VAR}={value!r} is not one of 'mma', 'direct'")
+    value = os.environ.get(KERNEL_ENV_VAR, "direct").strip().lower() or "direct"
+    if value not in ("direct", "mma"):
+        raise ValueError(f"{KERNEL_ENV_VAR}={value!r} is not one of 'direct', 'mma'")
     return value
 
 

@@ -109,17 +109,17 @@ def check_conv(shape, kernel, dtype, act, seed=0):
     assert all(e < tol for e in errors.values()), errors
 
 
-@pytest.fixture(params=["direct", "mma"])
-def variant(request, monkeypatch):
-    """Both kernel sets: direct multiply-adds (the default) and tensor cores."""
-    monkeypatch.setenv(dw.KERNEL_ENV_VAR, request.param)
-    return request.param
+# (dtype, kernel set): fp32 always runs the direct kernels, 16-bit dtypes either set.
+KERNEL_SETS = [pytest.param(torch.float32, "direct", id="fp32"),
+               pytest.param(torch.bfloat16, "direct", id="bf16-direct"),
+               pytest.param(torch.bfloat16, "mma", id="bf16-mma")]
 
 
 @pytest.mark.parametrize("k", [3, 5, 7, 9])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_conv_gelu_forward_and_gradients(k, shape, dtype, variant):
+@pytest.mark.parametrize(("dtype", "variant"), KERNEL_SETS)
+def test_conv_gelu_forward_and_gradients(k, shape, dtype, variant, monkeypatch):
+    monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
     check_conv(shape, (k, k), dtype, "gelu")
 
 
@@ -141,11 +141,12 @@ def test_tensor_core_kernels_index_exactly_in_fp32(kernel):
         assert rel_err(value, expected) < 1e-5, name
 
 
-def test_planes_too_wide_for_the_tensor_core_kernels_use_the_direct_ones():
+def test_planes_too_wide_for_the_tensor_core_kernels_use_the_direct_ones(monkeypatch):
     shape = (1, 2, 3, 130)
     assert dw.mma_launch_config(shape[2], shape[3], 3) is None
     assert dw.mma_launch_config(shape[2], 114, 15) is not None  # a window of exactly 128 columns fits
-    check_conv(shape, (3, 3), torch.float32, "gelu", seed=6)
+    monkeypatch.setenv(dw.KERNEL_ENV_VAR, "mma")
+    check_conv(shape, (3, 3), torch.bfloat16, "gelu", seed=6)
 
 
 def test_unknown_kernel_variant_is_named(monkeypatch):
@@ -156,34 +157,38 @@ def test_unknown_kernel_variant_is_named(monkeypatch):
 
 
 @pytest.mark.parametrize("act", ["none", "relu", "silu"])
-def test_other_activations(act, variant):
+def test_other_activations(act):
     check_conv(SHAPES[0], (5, 5), torch.float32, act, seed=1)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # PyTorch's, in the reference
 @pytest.mark.parametrize("kernel", [(4, 4), (2, 6), (3, 1)])
-def test_even_and_rectangular_kernels_pad_like_pytorch(kernel, variant):
+def test_even_and_rectangular_kernels_pad_like_pytorch(kernel):
     check_conv(SHAPES[1], kernel, torch.float32, "gelu", seed=2)
 
 
-def test_fp16(variant):
+@pytest.mark.parametrize("variant", ["direct", "mma"])
+def test_fp16(variant, monkeypatch):
+    monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
     check_conv(SHAPES[1], (7, 7), torch.float16, "gelu", seed=3)
 
 
+@pytest.mark.parametrize("force_mma", [False, True])
 @pytest.mark.parametrize("splits", [1, 2, 3])
-def test_weight_gradient_batch_splits(splits, variant):
+def test_weight_gradient_batch_splits(splits, force_mma):
     """Partial sums per batch split (uneven last split included) add up to the full reduction."""
     shape = (3, 4, 9, 11) if not ON_GPU else (5, 64, 32, 32)
     (x, weight, _), (rx, rw, rb), grad = make_operands(shape, (5, 5), torch.float32, seed=4)
     ref = F.conv2d(rx, rw, rb, padding="same", groups=shape[1])
     ref.backward(grad.double())
-    _, gw, gb = dw._wgrad(x.detach(), grad, None, (5, 5), "none", True, splits=splits)
+    _, gw, gb = dw._wgrad(x.detach(), grad, None, (5, 5), "none", True, splits=splits, force_mma=force_mma)
     assert rel_err(gw.view_as(rw), rw.grad) < 1e-5
     assert rel_err(gb, rb.grad) < 1e-5
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype, variant):
+@pytest.mark.parametrize(("dtype", "variant"), KERNEL_SETS)
+def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype, variant, monkeypatch):
+    monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
     (x, weight, bias), (rx, rw, rb), _ = make_operands(SHAPES[0], (9, 9), dtype, seed=5)
     scale, shift = torch.rand(SHAPES[0][1], device=DEVICE) + 0.5, torch.randn(SHAPES[0][1], device=DEVICE)
     out = dw.depthwise_conv2d_affine_residual(x.detach(), weight.detach(), bias.detach(), scale, shift, "gelu")

@@ -164,8 +164,8 @@ def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
     flops *= 3 if cfg.mode == "train" else 1
     del model
     row = dict(impl=impl, **asdict(cfg))
-    fast = cfg.fast and impl == "convmixer_pt" and torch.device(cfg.device).type == "cuda"
-    row.update(fast=cfg.fast if impl == "convmixer_pt" else None, dw_kernel=_dw_kernel() if fast else None,
+    kernels_ran = cfg.fast and impl == "convmixer_pt" and torch.device(cfg.device).type == "cuda"
+    row.update(fast=cfg.fast if impl == "convmixer_pt" else None, dw_kernel=_dw_kernel() if kernels_ran else None,
                step_ms=seconds * 1e3,
                img_per_s=cfg.batch_size / seconds, tflops=flops / seconds / 1e12, peak_mem_mib=peak,
                **_versions(device))
@@ -233,24 +233,28 @@ def depthwise_op_times(batch: int, dim: int, size: int, kernel: int, dtype: torc
     conv = nn.Conv2d(dim, dim, kernel, groups=dim, padding="same").to(device)
     x0 = torch.randn(batch, dim, size, size, device=device, dtype=dtype)
     act_fn = getattr(F, act)
-    variants = {
-        "torch_nchw": (x0, lambda x: act_fn(F.conv2d(x, conv.weight.to(dtype), conv.bias.to(dtype),
-                                                     padding="same", groups=dim))),
-        "torch_channels_last": (x0.contiguous(memory_format=torch.channels_last),
-                                lambda x: act_fn(F.conv2d(x, conv.weight.to(dtype), conv.bias.to(dtype),
-                                                          padding="same", groups=dim))),
-        "triton_direct": (x0, lambda x: depthwise_conv2d(x, conv.weight, conv.bias, act)),
-        "triton_mma": (x0, lambda x: depthwise_conv2d(x, conv.weight, conv.bias, act)),
+
+    def torch_op(x: torch.Tensor) -> torch.Tensor:
+        return act_fn(F.conv2d(x, conv.weight.to(dtype), conv.bias.to(dtype), padding="same", groups=dim))
+
+    def triton_op(x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv2d(x, conv.weight, conv.bias, act)
+
+    variants = {  # name: (input, op, kernel set for the Triton rows)
+        "torch_nchw": (x0, torch_op, None),
+        "torch_channels_last": (x0.contiguous(memory_format=torch.channels_last), torch_op, None),
+        "triton_direct": (x0, triton_op, "direct"),
+        "triton_mma": (x0, triton_op, "mma"),
     }
     rows = []
-    for name, (x, fn) in variants.items():
+    for name, (x, fn, kernel_set) in variants.items():
         xg = x.detach().requires_grad_()
         grad = torch.randn_like(x)
 
         def fwd_bwd(fn=fn, xg=xg, grad=grad) -> None:
             torch.autograd.backward(fn(xg), grad, inputs=[xg, conv.weight, conv.bias])
 
-        with _env(KERNEL_ENV_VAR, name.removeprefix("triton_") if name.startswith("triton") else None):
+        with _env(KERNEL_ENV_VAR, kernel_set):
             fwd = triton.testing.do_bench(lambda fn=fn, x=x: fn(x), return_mode="median")
             both = triton.testing.do_bench(fwd_bwd, return_mode="median")
         rows.append(dict(op="depthwise+act", impl=name, batch=batch, dim=dim, size=size, kernel=kernel,

@@ -221,7 +221,6 @@ def _dw_wgrad_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
     tl.store(db_ptr + slot, tl.reduce(acc_b, 0, _SUM), mask=i == 0)
 
 
-
 @triton.jit
 def _window(x_plane, rows, u, H, W, DH: tl.constexpr):
     """The [rows, window columns] tile of input rows `rows + DH` at columns `u`, zero outside the plane."""
@@ -295,6 +294,7 @@ def _dw_wgrad_mma_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
         dw_ij = tl.reduce(tl.reduce(tl.where(diag == j, m, 0.0), 1, _SUM), 0, _SUM)
         tl.store(dw_ptr + slot * (KH * KW) + i * KW + j, dw_ij)
     tl.store(db_ptr + slot, tl.reduce(tl.reduce(acc_b, 1, _SUM), 0, _SUM), mask=i == 0)
+
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
     """Why the kernels cannot take these operands, computing in `dtype` (default: the input's), or None if

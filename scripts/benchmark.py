@@ -20,6 +20,7 @@ import sys
 import torch
 
 from convmixer_pt.benchmark import AMP_DTYPES, MODES, BenchConfig, depthwise_op_times, format_table, run
+from convmixer_pt.fast import SettingError
 from convmixer_pt.model import list_models
 
 
@@ -60,23 +61,29 @@ def main(argv: list[str] | None = None) -> int:
     amp = args.amp or ("bf16" if device.type == "cuda" else "none")
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # CUDA events, do_bench and Triton launches use the current device
-    if args.depthwise_op:
-        if device.type != "cuda":
-            print("benchmark: --depthwise-op needs a CUDA device", file=sys.stderr)
-            return 2
-        rows = depthwise_op_times(args.batch_size, args.dim, args.size, args.kernel,
-                                  AMP_DTYPES[amp] or torch.float32, device=args.device)
-        for r in rows:
-            print(f"{r['impl']:>20}  fwd {r['fwd_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms")
-    else:
-        configs = [
-            BenchConfig(model=m, mode=mode, batch_size=args.batch_size if mode == "train" else args.infer_batch_size,
-                        img_size=args.img_size, steps=args.steps, warmup=args.warmup, repeats=args.repeats, amp=amp,
-                        channels_last=args.channels_last, compile=args.compile, device=args.device, fast=args.fast)
-            for m in args.model for mode in args.mode
-        ]
-        rows = run(configs, log=lambda line: print(line, file=sys.stderr, flush=True))
-        print(format_table(rows))
+    if args.depthwise_op and device.type != "cuda":
+        print("benchmark: --depthwise-op needs a CUDA device", file=sys.stderr)
+        return 2
+    try:
+        if args.depthwise_op:
+            rows = depthwise_op_times(args.batch_size, args.dim, args.size, args.kernel,
+                                      AMP_DTYPES[amp] or torch.float32, device=args.device)
+            for r in rows:
+                print(f"{r['impl']:>20}  fwd {r['fwd_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms")
+        else:
+            configs = [
+                BenchConfig(model=m, mode=mode,
+                            batch_size=args.batch_size if mode == "train" else args.infer_batch_size,
+                            img_size=args.img_size, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
+                            amp=amp, channels_last=args.channels_last, compile=args.compile, device=args.device,
+                            fast=args.fast)
+                for m in args.model for mode in args.mode
+            ]
+            rows = run(configs, log=lambda line: print(line, file=sys.stderr, flush=True))
+            print(format_table(rows))
+    except SettingError as e:
+        print(f"benchmark: {e}", file=sys.stderr)
+        return 2
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

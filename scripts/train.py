@@ -16,8 +16,9 @@ from convmixer_pt import config, engine
 from convmixer_pt.checkpoint import CheckpointError
 from convmixer_pt.data import DataError, error_line
 from convmixer_pt.distributed import init_distributed, shutdown
+from convmixer_pt.fast import SettingError
 
-USER_ERRORS = (config.ConfigError, DataError, CheckpointError, engine.TrainingDiverged)
+USER_ERRORS = (config.ConfigError, DataError, CheckpointError, engine.TrainingDiverged, SettingError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,6 +18,7 @@ import sys
 
 from convmixer_pt.checkpoint import CheckpointError
 from convmixer_pt.data import DataError, error_line
+from convmixer_pt.fast import SettingError
 from convmixer_pt.model import list_models
 from convmixer_pt.protocols import DEFAULT_CROP_PCT, DEFAULT_IMG_SIZE, PROTOCOLS
 from convmixer_pt.validation import FRAMEWORKS, ValidationError, validate, write_json, write_predictions
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             img_size=args.img_size, crop_pct=args.crop_pct, act=args.act,
             progress=not args.no_progress,
         )
-    except (CheckpointError, ValidationError, DataError) as e:
+    except (CheckpointError, ValidationError, DataError, SettingError) as e:
         print(f"validate.py: error: {error_line(e)}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports for all

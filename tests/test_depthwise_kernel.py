@@ -23,6 +23,7 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
 from convmixer_pt import create_model  # noqa: E402
+from convmixer_pt.fast import SettingError  # noqa: E402
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -152,7 +153,7 @@ def test_planes_too_wide_for_the_tensor_core_kernels_use_the_direct_ones(monkeyp
 def test_unknown_kernel_variant_is_named(monkeypatch):
     monkeypatch.setenv(dw.KERNEL_ENV_VAR, "fastest")
     x = torch.randn(1, 4, 5, 5, device=DEVICE)
-    with pytest.raises(ValueError, match="CONVMIXER_DW_KERNEL='fastest' is not one of 'direct', 'mma'"):
+    with pytest.raises(SettingError, match="CONVMIXER_DW_KERNEL='fastest' is not one of 'direct', 'mma'"):
         dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE))
 
 
@@ -278,7 +279,7 @@ def test_switches_turn_the_fast_path_off(monkeypatch):
     monkeypatch.setenv("CONVMIXER_FAST", "off")
     assert torch.equal(fast(x), plain(x))
     monkeypatch.setenv("CONVMIXER_FAST", "maybe")
-    with pytest.raises(ValueError, match="CONVMIXER_FAST='maybe' is not one of"):
+    with pytest.raises(SettingError, match="CONVMIXER_FAST='maybe' is not one of"):
         fast(x)
     fast.fast = False
     assert torch.equal(fast(x), plain(x))

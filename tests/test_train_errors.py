@@ -44,6 +44,15 @@ def test_empty_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert_one_line(rc, err, f"{tmp_path / 'data' / 'train'}: no images found")
 
 
+def test_unknown_fast_path_setting(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVMIXER_FAST", "maybe")
+    data = make_imagefolder(tmp_path / "data")
+    rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), output=str(tmp_path / "o")))
+    assert_one_line(rc, err, "CONVMIXER_FAST='maybe' is not one of 1/true/on or 0/false/off")
+    assert not (tmp_path / "o" / "last.pth").exists()
+
+
 def test_class_count_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     data = make_imagefolder(tmp_path / "data")
     rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), num_classes=1000, output=str(tmp_path / "o")))

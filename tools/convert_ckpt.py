@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from convmixer_pt.checkpoint import CheckpointError
+from convmixer_pt.fast import SettingError
 from convmixer_pt.model import ACTIVATIONS
 
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(e.report.lines()))
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, SettingError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -34,6 +34,10 @@ ENV_VAR = "CONVMIXER_FAST"
 BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
+class SettingError(ValueError):
+    """An environment variable of this package (CONVMIXER_FAST, CONVMIXER_DW_KERNEL) holds an unknown value."""
+
+
 def env_disabled() -> bool:
     """True when CONVMIXER_FAST is 0/false/no/off; unset or empty leaves the default (on for CUDA)."""
     value = os.environ.get(ENV_VAR, "").strip().lower()
@@ -41,7 +45,7 @@ def env_disabled() -> bool:
         return False
     if value in ("0", "false", "no", "off"):
         return True
-    raise ValueError(f"{ENV_VAR}={value!r} is not one of 1/true/on or 0/false/off")
+    raise SettingError(f"{ENV_VAR}={value!r} is not one of 1/true/on or 0/false/off")
 
 
 def _kernels() -> ModuleType | None:

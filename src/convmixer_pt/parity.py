@@ -17,6 +17,7 @@ import torch
 from . import keymap
 from .checkpoint import load_state_dict_strict
 from .convert import Weights, ms_to_torch, read_weights, torch_to_ms
+from .fast import SettingError
 from .model import ConvMixer
 
 DEFAULT_TOL = 1e-5  # float32; MindSpore's tanh GELU alone moves ConvMixer logits by ~1e-4
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = compare(args.torch_checkpoint, args.ms_checkpoint, act=args.act, batch_size=args.batch_size,
                          image_size=args.image_size, seed=args.seed)
-    except (CheckpointError, OSError) as e:
+    except (CheckpointError, SettingError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print("\n".join(report.lines()))

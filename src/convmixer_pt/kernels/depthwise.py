@@ -50,6 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..fast import SettingError
+
 ACTIVATIONS = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
@@ -370,7 +372,7 @@ def kernel_variant() -> str:
     the tile needs more registers than a thread has."""
     value = os.environ.get(KERNEL_ENV_VAR, "direct").strip().lower() or "direct"
     if value not in ("direct", "mma"):
-        raise ValueError(f"{KERNEL_ENV_VAR}={value!r} is not one of 'direct', 'mma'")
+        raise SettingError(f"{KERNEL_ENV_VAR}={value!r} is not one of 'direct', 'mma'")
     return value
 
 

@@ -34,8 +34,9 @@ def _import_kernels():
     os.environ["TRITON_INTERPRET"] = "0" if ON_GPU else "1"
     try:
         module = importlib.import_module("convmixer_pt.kernels.depthwise")
-        if module.interpreted() == ON_GPU:
-            module = importlib.reload(module)
+        if module.interpreted() == ON_GPU:  # defined the other way: redefine the kernels of every module
+            for name in ("activations", "depthwise_nhwc", "depthwise"):
+                module = importlib.reload(importlib.import_module(f"convmixer_pt.kernels.{name}"))
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]
@@ -63,6 +64,7 @@ if ON_GPU:
     SHAPES = [(64, 1536, 32, 32), (64, 1024, 16, 16), (1, 768, 31, 33), (3, 100, 17, 14)]
 else:
     SHAPES = [(2, 5, 13, 13), (1, 3, 8, 10), (3, 2, 7, 12)]
+MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # bf16 rounds each output once (relative rms error ~2^-9/sqrt(3) = 1.1e-3) and the input gradient twice
 # (the pre-activation gradient is stored in bf16, as PyTorch does): 1e-2 is several times that, and any
 # indexing or masking mistake gives errors of order 1.
@@ -75,23 +77,24 @@ def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
     return ((value.double() - ref).norm() / ref.norm()).item()
 
 
-def make_operands(shape, kernel, dtype, seed):
-    """Random operands in `dtype`, and float64 leaf copies of exactly the same values for the reference."""
+def make_operands(shape, kernel, dtype, seed, layout="nchw"):
+    """Random operands in `dtype` and memory layout `layout` ('nchw' or 'nhwc', i.e. channels_last), and
+    float64 leaf copies of exactly the same values for the reference."""
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
     n, c, h, w = shape
     kh, kw = kernel
-    x = torch.randn(shape, generator=gen, device=DEVICE).to(dtype)
+    x = torch.randn(shape, generator=gen, device=DEVICE).to(dtype).contiguous(memory_format=MEMORY[layout])
     weight = torch.randn(c, 1, kh, kw, generator=gen, device=DEVICE) / (kh * kw) ** 0.5
     bias = torch.randn(c, generator=gen, device=DEVICE)
     # The offset keeps the bias gradient, a plain sum of N*H*W terms, away from cancellation (which would
     # magnify fp32 rounding in a relative error without any fault of the kernel).
-    grad = (torch.randn(shape, generator=gen, device=DEVICE) + 0.5).to(dtype)
+    grad = (torch.randn(shape, generator=gen, device=DEVICE) + 0.5).to(dtype).contiguous(memory_format=MEMORY[layout])
     ref = [t.double().requires_grad_() for t in (x, weight, bias)]
     return (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()), ref, grad
 
 
-def check_conv(shape, kernel, dtype, act, seed=0):
-    (x, weight, bias), (rx, rw, rb), grad = make_operands(shape, kernel, dtype, seed)
+def check_conv(shape, kernel, dtype, act, seed=0, layout="nchw"):
+    (x, weight, bias), (rx, rw, rb), grad = make_operands(shape, kernel, dtype, seed, layout)
     pre = F.conv2d(rx, rw, rb, padding="same", groups=shape[1])
     if act == "relu":
         # ReLU's derivative jumps at 0: where the pre-activation is within rounding of 0 the kernel and the
@@ -103,6 +106,7 @@ def check_conv(shape, kernel, dtype, act, seed=0):
     out.backward(grad)
     ref.backward(grad.double())
     assert out.dtype == dtype and x.grad.dtype == dtype and weight.grad.dtype == torch.float32
+    assert out.is_contiguous(memory_format=MEMORY[layout]) and x.grad.is_contiguous(memory_format=MEMORY[layout])
     tol = TOLERANCE[dtype]
     errors = {name: rel_err(a, b) for name, a, b in [
         ("out", out, ref), ("grad_x", x.grad, rx.grad), ("grad_w", weight.grad, rw.grad),
@@ -110,18 +114,29 @@ def check_conv(shape, kernel, dtype, act, seed=0):
     assert all(e < tol for e in errors.values()), errors
 
 
-# (dtype, kernel set): fp32 always runs the direct kernels, 16-bit dtypes either set.
-KERNEL_SETS = [pytest.param(torch.float32, "direct", id="fp32"),
-               pytest.param(torch.bfloat16, "direct", id="bf16-direct"),
-               pytest.param(torch.bfloat16, "mma", id="bf16-mma")]
+# (dtype, layout, NCHW kernel set): in NCHW fp32 always runs the direct kernels, 16-bit dtypes either set;
+# channels_last has one kernel set.
+KERNEL_SETS = [pytest.param(torch.float32, "nchw", "direct", id="fp32"),
+               pytest.param(torch.bfloat16, "nchw", "direct", id="bf16-direct"),
+               pytest.param(torch.bfloat16, "nchw", "mma", id="bf16-mma"),
+               pytest.param(torch.float32, "nhwc", "direct", id="fp32-channels_last"),
+               pytest.param(torch.bfloat16, "nhwc", "direct", id="bf16-channels_last")]
 
 
 @pytest.mark.parametrize("k", [3, 5, 7, 9])
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize(("dtype", "variant"), KERNEL_SETS)
-def test_conv_gelu_forward_and_gradients(k, shape, dtype, variant, monkeypatch):
+@pytest.mark.parametrize(("dtype", "layout", "variant"), KERNEL_SETS)
+def test_conv_gelu_forward_and_gradients(k, shape, dtype, layout, variant, monkeypatch):
     monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
-    check_conv(shape, (k, k), dtype, "gelu")
+    check_conv(shape, (k, k), dtype, "gelu", layout=layout)
+
+
+@pytest.mark.parametrize("k", [3, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_kernels_over_several_channel_blocks(k, dtype):
+    """The channels_last kernels take 32-128 channels per program: a count that spans blocks and ends in a
+    partial one (on the GPU the full-shape tests above already do)."""
+    check_conv((1, 70, 5, 9), (k, k), dtype, "gelu", seed=8, layout="nhwc")
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # PyTorch's, in the reference
@@ -157,29 +172,31 @@ def test_unknown_kernel_variant_is_named(monkeypatch):
         dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE))
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("act", ["none", "relu", "silu"])
-def test_other_activations(act):
-    check_conv(SHAPES[0], (5, 5), torch.float32, act, seed=1)
+def test_other_activations(act, layout):
+    check_conv(SHAPES[0], (5, 5), torch.float32, act, seed=1, layout=layout)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # PyTorch's, in the reference
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("kernel", [(4, 4), (2, 6), (3, 1)])
-def test_even_and_rectangular_kernels_pad_like_pytorch(kernel):
-    check_conv(SHAPES[1], kernel, torch.float32, "gelu", seed=2)
+def test_even_and_rectangular_kernels_pad_like_pytorch(kernel, layout):
+    check_conv(SHAPES[1], kernel, torch.float32, "gelu", seed=2, layout=layout)
 
 
-@pytest.mark.parametrize("variant", ["direct", "mma"])
-def test_fp16(variant, monkeypatch):
+@pytest.mark.parametrize(("layout", "variant"), [("nchw", "direct"), ("nchw", "mma"), ("nhwc", "direct")])
+def test_fp16(layout, variant, monkeypatch):
     monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
-    check_conv(SHAPES[1], (7, 7), torch.float16, "gelu", seed=3)
+    check_conv(SHAPES[1], (7, 7), torch.float16, "gelu", seed=3, layout=layout)
 
 
-@pytest.mark.parametrize("force_mma", [False, True])
+@pytest.mark.parametrize(("layout", "force_mma"), [("nchw", False), ("nchw", True), ("nhwc", False)])
 @pytest.mark.parametrize("splits", [1, 2, 3])
-def test_weight_gradient_batch_splits(splits, force_mma):
+def test_weight_gradient_batch_splits(splits, layout, force_mma):
     """Partial sums per batch split (uneven last split included) add up to the full reduction."""
     shape = (3, 4, 9, 11) if not ON_GPU else (5, 64, 32, 32)
-    (x, weight, _), (rx, rw, rb), grad = make_operands(shape, (5, 5), torch.float32, seed=4)
+    (x, weight, _), (rx, rw, rb), grad = make_operands(shape, (5, 5), torch.float32, seed=4, layout=layout)
     ref = F.conv2d(rx, rw, rb, padding="same", groups=shape[1])
     ref.backward(grad.double())
     _, gw, gb = dw._wgrad(x.detach(), grad, None, (5, 5), "none", True, splits=splits, force_mma=force_mma)
@@ -187,19 +204,19 @@ def test_weight_gradient_batch_splits(splits, force_mma):
     assert rel_err(gb, rb.grad) < 1e-5
 
 
-@pytest.mark.parametrize(("dtype", "variant"), KERNEL_SETS)
-def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype, variant, monkeypatch):
+@pytest.mark.parametrize(("dtype", "layout", "variant"), KERNEL_SETS)
+def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype, layout, variant, monkeypatch):
     monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
-    (x, weight, bias), (rx, rw, rb), _ = make_operands(SHAPES[0], (9, 9), dtype, seed=5)
+    (x, weight, bias), (rx, rw, rb), _ = make_operands(SHAPES[0], (9, 9), dtype, seed=5, layout=layout)
     scale, shift = torch.rand(SHAPES[0][1], device=DEVICE) + 0.5, torch.randn(SHAPES[0][1], device=DEVICE)
     out = dw.depthwise_conv2d_affine_residual(x.detach(), weight.detach(), bias.detach(), scale, shift, "gelu")
     ref = rx + F.gelu(F.conv2d(rx, rw, rb, padding="same", groups=SHAPES[0][1])) * scale.double()[:, None, None] \
         + shift.double()[:, None, None]
-    assert out.dtype == dtype
+    assert out.dtype == dtype and out.is_contiguous(memory_format=MEMORY[layout])
     assert rel_err(out, ref) < TOLERANCE[dtype]
 
 
-def test_module_keeps_conv2d_parameters_and_falls_back_for_channels_last():
+def test_module_keeps_conv2d_parameters_runs_both_layouts_and_falls_back_for_strided_input():
     c = SHAPES[0][1]
     module = dw.DepthwiseConv2d(c, 7).to(DEVICE)
     plain = torch.nn.Conv2d(c, c, 7, groups=c, padding="same").to(DEVICE)
@@ -208,8 +225,12 @@ def test_module_keeps_conv2d_parameters_and_falls_back_for_channels_last():
     x = torch.randn(SHAPES[0], device=DEVICE)
     assert rel_err(module(x), plain(x).double()) < 1e-5
     x_cl = x.to(memory_format=torch.channels_last)
-    assert dw.unsupported_reason(x_cl, module.weight) == "input is not a contiguous NCHW tensor"
-    assert torch.equal(module(x_cl), plain(x_cl))
+    assert dw.layout(x_cl) == "nhwc"
+    assert rel_err(module(x_cl), plain(x_cl).double()) < 1e-5
+    assert not torch.equal(module(x_cl), plain(x_cl))  # the kernel ran, not nn.Conv2d
+    strided = x.transpose(2, 3)
+    assert dw.unsupported_reason(strided, module.weight) == "input is not a contiguous NCHW or channels_last tensor"
+    assert torch.equal(module(strided), plain(strided))
 
 
 def test_unsupported_reasons_name_the_problem():
@@ -218,6 +239,8 @@ def test_unsupported_reasons_name_the_problem():
     assert "(4, 2, 3, 3)" in dw.unsupported_reason(x, torch.randn(4, 2, 3, 3))
     assert "larger than 15" in dw.unsupported_reason(x, torch.randn(4, 1, 17, 17))
     assert "width 1025 is above 1024" in dw.unsupported_reason(torch.empty(1, 4, 1, 1025), torch.randn(4, 1, 3, 3))
+    wide_cl = torch.empty(1, 4, 1, 1025).contiguous(memory_format=torch.channels_last)
+    assert dw.unsupported_reason(wide_cl, torch.randn(4, 1, 3, 3)) is None  # no row tile in channels_last
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), None, "tanh")
 
@@ -235,11 +258,14 @@ def model_pair(act: str, seed: int = 0):
     return fast, plain
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_fast_model_matches_plain_model_in_training_and_inference(act):
+def test_fast_model_matches_plain_model_in_training_and_inference(act, layout, monkeypatch):
+    monkeypatch.setenv("CONVMIXER_FAST_CHANNELS_LAST", "1")
     fast, plain = model_pair(act)
+    fast, plain = fast.to(memory_format=MEMORY[layout]), plain.to(memory_format=MEMORY[layout])
     assert list(fast.state_dict()) == list(plain.state_dict())
-    x = torch.randn(IMG, device=DEVICE)
+    x = torch.randn(IMG, device=DEVICE).contiguous(memory_format=MEMORY[layout])
     out_fast, out_plain = fast(x), plain(x)
     assert rel_err(out_fast, out_plain.double()) < 1e-5
     grad = torch.randn_like(out_plain)
@@ -285,6 +311,20 @@ def test_switches_turn_the_fast_path_off(monkeypatch):
     assert torch.equal(fast(x), plain(x))
 
 
+def test_channels_last_takes_the_kernels_only_when_switched_on(monkeypatch):
+    fast, plain = model_pair("gelu")
+    fast, plain = fast.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
+    x = torch.randn(IMG, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    monkeypatch.delenv("CONVMIXER_FAST_CHANNELS_LAST", raising=False)
+    assert torch.equal(fast(x), plain(x))  # default: channels_last runs the plain modules
+    monkeypatch.setenv("CONVMIXER_FAST_CHANNELS_LAST", "on")
+    out = fast(x)
+    assert not torch.equal(out, plain(x)) and rel_err(out, plain(x).double()) < 1e-5
+    monkeypatch.setenv("CONVMIXER_FAST_CHANNELS_LAST", "sometimes")
+    with pytest.raises(SettingError, match="CONVMIXER_FAST_CHANNELS_LAST='sometimes' is not one of"):
+        fast(x)
+
+
 def test_fast_training_follows_plain_training():
     """A few AdamW steps from the same initialisation give the same losses (fp32: to rounding)."""
     fast, plain = model_pair("gelu", seed=3)
@@ -306,12 +346,13 @@ def test_fast_training_follows_plain_training():
 
 
 COMPILE_FOR_HOPPER = r"""
-import os, subprocess, sys
+import os, re, subprocess, sys
 from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from convmixer_pt.kernels import depthwise as dw
+from convmixer_pt.kernels import depthwise_nhwc as nhwc
 
 assert not dw.interpreted()
 common = dict(KH=9, KW=9, PH=4, PW=4)
@@ -320,6 +361,10 @@ conv_sig = dict(x_ptr="*{t}", w_ptr="*fp32", b_ptr="*fp32", scale_ptr="*fp32", s
 wgrad_sig = dict(x_ptr="*{t}", gy_ptr="*{t}", dw_ptr="*fp32", db_ptr="*fp32", N="i32", C="i32", H="i32", W="i32",
                  n_per_split="i32")
 act_sig = dict(g_ptr="*{t}", pre_ptr="*{t}", gy_ptr="*{t}", numel="i32")
+nhwc_conv_sig = dict(conv_sig, H="i32")
+for name in ("C", "W"):
+    del nhwc_conv_sig[name]
+nhwc_wgrad_sig = {k: v for k, v in wgrad_sig.items() if k not in ("C", "W")}
 conv_cfg = dw.conv_launch_config(32 * 32)  # 1536/20 at 224: 32x32 planes, 9x9
 block_w, rows, wgrad_warps = dw.wgrad_launch_config(32)
 variants = [
@@ -331,7 +376,7 @@ variants = [
                                         BLOCK=conv_cfg[0]), conv_cfg[1]),
     (dw._dw_wgrad_kernel, wgrad_sig, dict(common, NEED_W=True, C8=8, C4=0, C2=0, C1=1, BLOCK_W=block_w, ROWS=rows),
      wgrad_warps),
-    (dw._act_grad_kernel, act_sig, dict(ACT=1, BLOCK=1024), 4),
+    (dw.act_grad_kernel, act_sig, dict(ACT=1, BLOCK=1024), 4),
 ]
 _, bw, bk, _ = dw.mma_launch_config(32, 32, 9)
 mma_conv_sig = dict(conv_sig, w_ptr="*{t}")
@@ -344,20 +389,42 @@ for bh, mma_warps in dw.MMA_TUNING:  # every configuration the GPU may pick; bf1
                                                     AFFINE_RESIDUAL=True), mma_warps),
         (dw._dw_wgrad_mma_kernel, wgrad_sig, mma, mma_warps),
     ]
+nhwc_common = dict(common, C=1536, W=32)
+for th, tw, block_c, warps in nhwc.NHWC_CONV_TUNING:
+    tile = dict(nhwc_common, TH=th, TW=tw, BLOCK_C=block_c)
+    variants += [
+        (nhwc._dw_conv_nhwc_kernel, nhwc_conv_sig, dict(tile, SIGN=1, HAS_BIAS=True, ACT=1, SAVE_PRE=True,
+                                                        AFFINE_RESIDUAL=False), warps),
+        (nhwc._dw_conv_nhwc_kernel, nhwc_conv_sig, dict(tile, SIGN=-1, HAS_BIAS=False, ACT=0, SAVE_PRE=False,
+                                                        AFFINE_RESIDUAL=False), warps),
+        (nhwc._dw_conv_nhwc_kernel, nhwc_conv_sig, dict(tile, SIGN=1, HAS_BIAS=True, ACT=2, SAVE_PRE=False,
+                                                        AFFINE_RESIDUAL=True), warps),
+    ]
+for p, warps in nhwc.NHWC_WGRAD_TUNING:
+    variants.append((nhwc._dw_wgrad_nhwc_kernel, nhwc_wgrad_sig, dict(nhwc_common, NEED_W=True, C8=8, C4=0, C2=0, C1=1,
+                                                                      P=p, BLOCK_C=nhwc.WGRAD_BLOCK_C), warps))
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 for t in ("bf16", "fp32"):
     for fn, sig, constexprs, warps in variants:
         if t == "fp32" and "mma" in fn.__name__:
             continue
         signature = {k: v.format(t=t) for k, v in sig.items()} | {k: "constexpr" for k in constexprs}
-        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        # What a launch specializes on: 16-byte aligned pointers, a 32-row plane (16 divides it).
+        attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+                 if v.startswith("*") or k == "H"}
+        kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
         if cuobjdump.exists():
             cubin = Path(os.environ["TMP_CUBIN"])
             cubin.write_bytes(kernel.asm["cubin"])
             usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", str(cubin)], capture_output=True,
                                    text=True, check=True).stdout
-            assert "STACK:0 " in usage and "LOCAL:0 " in usage, (fn.__name__, t, constexprs, usage)
+            stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+            # fp32 in channels_last (the precise path, not the timed one) spills a few bytes at 128 registers.
+            allowed = 64 if t == "fp32" and "nhwc" in fn.__name__ else 0
+            assert stack <= allowed and "LOCAL:0 " in usage, (fn.__name__, t, constexprs, usage)
+            if "nhwc" in fn.__name__ and "wgrad" not in fn.__name__:  # tile shapes chosen to need none
+                assert "convert_layout" not in kernel.asm["ttgir"], (fn.__name__, constexprs)
 print("compiled")
 """
 

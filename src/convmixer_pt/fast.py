@@ -17,8 +17,12 @@ Switch: `ConvMixer(fast=...)` / `create_model(..., fast=...)`. None (default) us
 inputs (measured faster on an H200 for all three ImageNet variants, docs/performance.md) unless the
 environment variable CONVMIXER_FAST is 0/false/off; True uses them wherever they can run (CUDA, or CPU when
 the kernels were imported under TRITON_INTERPRET=1, which is how the tests run them); False never.
-Anything the kernels do not cover (other layouts such as channels_last, dtypes, activations, strides,
-torch.compile tracing, a missing Triton) falls back to the plain modules for that block.
+
+Layouts: NCHW inputs take the NCHW kernels. channels_last inputs take the channels_last kernels only when
+CONVMIXER_FAST_CHANNELS_LAST is 1/true/on: they pass the same tests, but no GPU has timed them yet, so by
+default channels_last runs the plain modules (cuDNN), which is what was measured.
+Anything the kernels do not cover (other layouts, dtypes, activations, strides, torch.compile tracing, a
+missing Triton) falls back to the plain modules for that block.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from torch import nn
 
 ENV_VAR = "CONVMIXER_FAST"
+CHANNELS_LAST_ENV_VAR = "CONVMIXER_FAST_CHANNELS_LAST"
 BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
@@ -38,14 +43,26 @@ class SettingError(ValueError):
     """An environment variable of this package (CONVMIXER_FAST, CONVMIXER_DW_KERNEL) holds an unknown value."""
 
 
+def _env_flag(name: str, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value == "":
+        return default
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise SettingError(f"{name}={value!r} is not one of 1/true/on or 0/false/off")
+
+
 def env_disabled() -> bool:
     """True when CONVMIXER_FAST is 0/false/no/off; unset or empty leaves the default (on for CUDA)."""
-    value = os.environ.get(ENV_VAR, "").strip().lower()
-    if value in ("", "1", "true", "yes", "on"):
-        return False
-    if value in ("0", "false", "no", "off"):
-        return True
-    raise SettingError(f"{ENV_VAR}={value!r} is not one of 1/true/on or 0/false/off")
+    return not _env_flag(ENV_VAR, True)
+
+
+def channels_last_enabled() -> bool:
+    """Whether channels_last inputs take the channels_last kernels (CONVMIXER_FAST_CHANNELS_LAST; off by default
+    until timed on a GPU)."""
+    return _env_flag(CHANNELS_LAST_ENV_VAR, False)
 
 
 def _kernels() -> ModuleType | None:
@@ -122,6 +139,8 @@ def run_fused(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if activation is None or not conv_supported(dw):
         return block(x)
     if kernels.unsupported_reason(x, dw.weight, kernels.compute_dtype(x)) is not None:
+        return block(x)
+    if kernels.layout(x) == "nhwc" and not channels_last_enabled():
         return block(x)
     params = (x, dw.weight, dw.bias, *bn.parameters())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)

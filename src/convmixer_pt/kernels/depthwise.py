@@ -5,7 +5,9 @@ ConvMixer-1536/20 that one op takes ~8x the time of the 1x1 convolution that has
 is one pass over each tensor, but with K*K taps per element the instructions issued per tap decide the time
 on a GPU (docs/performance.md), so every tap here is a load, a bounds check, a convert and an FMA.
 
-Layout: NCHW, contiguous. Each channel plane (H*W elements) is flattened, so a 32x32 plane is one block of
+Layouts: contiguous NCHW here; channels_last tensors go to `depthwise_nhwc` (same function, same tests), and
+this module's entry points (`depthwise_conv2d`, the inference function, the autograd backward) dispatch on
+the input's layout. In NCHW each channel plane (H*W elements) is flattened, so a 32x32 plane is one block of
 1024 lanes with no padding lanes; a tap (dh, dw) of the filter is the same block loaded at offset dh*W + dw,
 masked where the row or column leaves the plane (zero padding). The K*K shifted loads of one plane hit L1,
 so device memory sees each input element about once; the K*K weights of the channel are scalars.
@@ -29,7 +31,7 @@ Kernels (all accumulate in fp32; inputs and outputs are fp32, fp16 or bf16):
   the input gradient: a correlation with the flipped filter. With AFFINE_RESIDUAL (inference) it computes
   x + act(conv(x) + b) * scale + shift, i.e. the whole residual branch of a ConvMixer block with its
   BatchNorm folded to a per-channel scale and shift, in one read and one write.
-- `_act_grad_kernel`, elementwise: the pre-activation gradient g = grad * act'(y), once (one pass).
+- `activations.act_grad_kernel`, elementwise: the pre-activation gradient g = grad * act'(y), once (one pass).
 - `_dw_wgrad_kernel`, grid (C, batch splits, filter rows): reduces g (bias gradient) and g times the KW
   shifted inputs of one filter row (weight gradient) over its share of the batch and the whole plane.
   A thread holds one plane position and the row's KW taps as register tiles of 8/4/2/1 columns, so each tap
@@ -51,52 +53,15 @@ import triton
 import triton.language as tl
 
 from ..fast import SettingError
+from . import depthwise_nhwc as nhwc
+from .activations import ACTIVATIONS, SUM, act, act_grad_kernel, interpreted
 
-ACTIVATIONS = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
 MAX_WIDTH = 1024  # the weight gradient gives each position of a plane row a thread: 32 warps at most
 MMA_MAX_WINDOW = 128  # widest window row (W + KW - 1, rounded up to a power of two) of the tensor-core kernels
 KERNEL_ENV_VAR = "CONVMIXER_DW_KERNEL"
 MMA_TUNING = ((16, 4), (32, 4), (32, 8))  # (BH, num_warps) tried per shape by the tensor-core kernels on a GPU
-
-
-# Inside the kernels only Triton builtins and this module's jit functions are called, not tl.sum, tl.zeros or
-# tl.sigmoid: those are jit functions of Triton's library, defined when Triton is first imported, so they
-# would run in the CPU interpreter only if TRITON_INTERPRET was set before anything imported Triton (torch
-# does). Sums go through tl.reduce with the library's own sum combiner, which the interpreter maps to numpy.
-_SUM = tl.standard._sum_combine
-
-
-@triton.jit
-def _sigmoid(y):
-    return 1.0 / (1.0 + tl.exp(-y))
-
-
-@triton.jit
-def _act(y, ACT: tl.constexpr):
-    out = y
-    if ACT == 1:
-        out = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
-    elif ACT == 2:
-        out = tl.maximum(y, 0.0)
-    elif ACT == 3:
-        out = y * _sigmoid(y)
-    return out
-
-
-@triton.jit
-def _act_grad(y, ACT: tl.constexpr):
-    d = y * 0.0 + 1.0
-    if ACT == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
-        d = cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
-    elif ACT == 2:
-        d = tl.where(y > 0.0, 1.0, 0.0)
-    elif ACT == 3:
-        s = _sigmoid(y)
-        d = s * (1.0 + y * (1.0 - s))
-    return d
 
 
 @triton.jit
@@ -107,7 +72,7 @@ def _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, 
         acc += tl.load(b_ptr + c).to(tl.float32)
     if SAVE_PRE:
         tl.store(pre_ptr + base + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
-    y = _act(acc, ACT)
+    y = act(acc, ACT)
     if AFFINE_RESIDUAL:
         skip = tl.load(x_plane + offs, mask=inside, other=0.0).to(tl.float32)
         y = skip + y * tl.load(scale_ptr + c).to(tl.float32) + tl.load(shift_ptr + c).to(tl.float32)
@@ -161,16 +126,7 @@ def _wgrad_taps(acc, row_ptr, w, W, row_ok, g, J0: tl.constexpr, COUNT: tl.const
 @triton.jit
 def _store_taps(dw_ptr, acc, J0: tl.constexpr, COUNT: tl.constexpr):
     if COUNT > 0:
-        tl.store(dw_ptr + J0 + tl.arange(0, COUNT), tl.reduce(acc, 1, _SUM))
-
-
-@triton.jit
-def _act_grad_kernel(g_ptr, pre_ptr, gy_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    pre = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    tl.store(gy_ptr + offs, (g * _act_grad(pre, ACT)).to(gy_ptr.dtype.element_ty), mask=ok)
+        tl.store(dw_ptr + J0 + tl.arange(0, COUNT), tl.reduce(acc, 1, SUM))
 
 
 @triton.jit
@@ -220,7 +176,7 @@ def _dw_wgrad_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
         _store_taps(row_out, acc4, C8, C4)
         _store_taps(row_out, acc2, C8 + C4, C2)
         _store_taps(row_out, acc1, C8 + C4 + C2, C1)
-    tl.store(db_ptr + slot, tl.reduce(acc_b, 0, _SUM), mask=i == 0)
+    tl.store(db_ptr + slot, tl.reduce(acc_b, 0, SUM), mask=i == 0)
 
 
 @triton.jit
@@ -293,16 +249,17 @@ def _dw_wgrad_mma_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
     diag = win[None, :] - cols[:, None]
     slot = split * C + c
     for j in tl.static_range(KW):
-        dw_ij = tl.reduce(tl.reduce(tl.where(diag == j, m, 0.0), 1, _SUM), 0, _SUM)
+        dw_ij = tl.reduce(tl.reduce(tl.where(diag == j, m, 0.0), 1, SUM), 0, SUM)
         tl.store(dw_ptr + slot * (KH * KW) + i * KW + j, dw_ij)
-    tl.store(db_ptr + slot, tl.reduce(tl.reduce(acc_b, 1, _SUM), 0, _SUM), mask=i == 0)
+    tl.store(db_ptr + slot, tl.reduce(tl.reduce(acc_b, 1, SUM), 0, SUM), mask=i == 0)
 
 
 def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype | None = None) -> str | None:
     """Why the kernels cannot take these operands, computing in `dtype` (default: the input's), or None if
     they can; callers fall back to PyTorch."""
-    if x.dim() != 4 or not x.is_contiguous():
-        return "input is not a contiguous NCHW tensor"
+    memory = layout(x)
+    if memory is None:
+        return "input is not a contiguous NCHW or channels_last tensor"
     dtype = dtype or x.dtype
     if dtype not in DTYPES:
         return f"dtype {dtype} is not one of fp32/fp16/bf16"
@@ -311,11 +268,21 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
         return f"weight shape {tuple(weight.shape)} is not depthwise for {c} channels"
     if not (1 <= weight.shape[2] <= MAX_KERNEL and 1 <= weight.shape[3] <= MAX_KERNEL):
         return f"kernel {tuple(weight.shape[2:])} is larger than {MAX_KERNEL}"
-    if x.shape[0] * c >= 2**31 - 1 or x.shape[2] * x.shape[3] >= 2**31:
-        return "more planes or a larger plane than one launch grid can index"
-    if x.shape[3] > MAX_WIDTH:
+    if x.shape[0] * c >= 2**31 - 1 or x[0].numel() >= 2**31:
+        return "more planes or a larger image than one launch grid can index"
+    if memory == "nchw" and x.shape[3] > MAX_WIDTH:
         return f"plane width {x.shape[3]} is above {MAX_WIDTH} (the weight-gradient kernel's row tile)"
     return None
+
+
+def layout(x: torch.Tensor) -> str | None:
+    """'nchw' (contiguous), 'nhwc' (channels_last) or None: the two memory layouts the kernels read. A tensor
+    that is both (one channel, or a 1x1 plane) counts as NCHW."""
+    if x.dim() != 4:
+        return None
+    if x.is_contiguous():
+        return "nchw"
+    return "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else None
 
 
 def conv_launch_config(hw: int) -> tuple[int, int]:
@@ -396,6 +363,9 @@ def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act: str,
           save_pre: bool, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
           force_mma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if layout(x) == "nhwc":
+        return nhwc.conv_nhwc(x, weight, bias, sign=sign, act_name=act, save_pre=save_pre, scale=scale,
+                              shift=shift)
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
     out = torch.empty_like(x)
@@ -442,8 +412,11 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
     if act != "none":
         gy = torch.empty_like(grad)
         with _on_device_of(x):
-            _act_grad_kernel[(triton.cdiv(grad.numel(), 1024),)](grad, pre, gy, grad.numel(),
+            act_grad_kernel[(triton.cdiv(grad.numel(), 1024),)](grad, pre, gy, grad.numel(),
                                                                 ACT=ACTIVATIONS[act], BLOCK=1024, num_warps=4)
+    if layout(x) == "nhwc":
+        dw_part, db_part = nhwc.wgrad_nhwc(x, gy, kernel, need_w, splits)
+        return gy, dw_part.sum(0) if need_w else None, db_part.sum(0)
     rows = kh if need_w else 1
     splits = splits or _batch_splits(n, c * rows)
     n_per_split = triton.cdiv(n, splits)
@@ -483,7 +456,8 @@ class _DepthwiseConvAct(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight, pre = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gy, dw, db = _wgrad(x, grad.contiguous(), pre, tuple(weight.shape[2:]), ctx.act, need_w)
+        memory = torch.channels_last if layout(x) == "nhwc" else torch.contiguous_format
+        gy, dw, db = _wgrad(x, grad.contiguous(memory_format=memory), pre, tuple(weight.shape[2:]), ctx.act, need_w)
         gx = _conv(gy, weight, None, sign=-1, act="none", save_pre=False)[0] if need_x else None
         gw = dw.view(weight.shape).to(weight.dtype) if need_w else None
         gb = db.to(weight.dtype) if need_b and ctx.has_bias else None
@@ -534,11 +508,6 @@ class DepthwiseConv2d(torch.nn.Conv2d):
         if kernels_can_run(x) and unsupported_reason(x, self.weight, compute_dtype(x)) is None:
             return depthwise_conv2d(x, self.weight, self.bias)
         return super().forward(x)
-
-
-def interpreted() -> bool:
-    """Whether these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
-    return not isinstance(_dw_conv_kernel, triton.runtime.JITFunction)
 
 
 def kernels_can_run(x: torch.Tensor) -> bool:

@@ -1,0 +1,61 @@
+"""Jit helpers shared by the depthwise kernels of both layouts: activations, their derivatives, sums.
+
+Inside the kernels only Triton builtins and our own jit functions are called, not tl.sum, tl.zeros or
+tl.sigmoid: those are jit functions of Triton's library, defined when Triton is first imported, so they
+would run in the CPU interpreter only if TRITON_INTERPRET was set before anything imported Triton (torch
+does). Sums go through tl.reduce with the library's own sum combiner, which the interpreter maps to numpy.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+ACTIVATIONS = {"none": 0, "gelu": 1, "relu": 2, "silu": 3}
+SUM = tl.standard._sum_combine
+
+
+@triton.jit
+def sigmoid(y):
+    return 1.0 / (1.0 + tl.exp(-y))
+
+
+@triton.jit
+def act(y, ACT: tl.constexpr):
+    out = y
+    if ACT == 1:
+        out = 0.5 * y * (1.0 + tl.math.erf(y * 0.7071067811865476))
+    elif ACT == 2:
+        out = tl.maximum(y, 0.0)
+    elif ACT == 3:
+        out = y * sigmoid(y)
+    return out
+
+
+@triton.jit
+def act_grad(y, ACT: tl.constexpr):
+    d = y * 0.0 + 1.0
+    if ACT == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(y * 0.7071067811865476))
+        d = cdf + y * tl.exp(-0.5 * y * y) * 0.3989422804014327
+    elif ACT == 2:
+        d = tl.where(y > 0.0, 1.0, 0.0)
+    elif ACT == 3:
+        s = sigmoid(y)
+        d = s * (1.0 + y * (1.0 - s))
+    return d
+
+
+@triton.jit
+def act_grad_kernel(g_ptr, pre_ptr, gy_ptr, numel, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    """gy = g * act'(pre), elementwise over memory: any layout, as long as the three tensors share it."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    g = tl.load(g_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    pre = tl.load(pre_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(gy_ptr + offs, (g * act_grad(pre, ACT)).to(gy_ptr.dtype.element_ty), mask=ok)
+
+
+def interpreted() -> bool:
+    """Whether these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return not isinstance(act_grad_kernel, triton.runtime.JITFunction)

@@ -191,15 +191,18 @@ def test_fp16(layout, variant, monkeypatch):
     check_conv(SHAPES[1], (7, 7), torch.float16, "gelu", seed=3, layout=layout)
 
 
-@pytest.mark.parametrize(("layout", "force_mma"), [("nchw", False), ("nchw", True), ("nhwc", False)])
+@pytest.mark.parametrize(("layout", "force_mma", "row_first"), [
+    ("nchw", False, True), ("nchw", False, False), ("nchw", True, None), ("nhwc", False, None)])
 @pytest.mark.parametrize("splits", [1, 2, 3])
-def test_weight_gradient_batch_splits(splits, layout, force_mma):
-    """Partial sums per batch split (uneven last split included) add up to the full reduction."""
+def test_weight_gradient_batch_splits(splits, layout, force_mma, row_first):
+    """Partial sums per batch split (uneven last split included) add up to the full reduction, in either grid
+    order of the direct kernel."""
     shape = (3, 4, 9, 11) if not ON_GPU else (5, 64, 32, 32)
     (x, weight, _), (rx, rw, rb), grad = make_operands(shape, (5, 5), torch.float32, seed=4, layout=layout)
     ref = F.conv2d(rx, rw, rb, padding="same", groups=shape[1])
     ref.backward(grad.double())
-    _, gw, gb = dw._wgrad(x.detach(), grad, None, (5, 5), "none", True, splits=splits, force_mma=force_mma)
+    _, gw, gb = dw._wgrad(x.detach(), grad, None, (5, 5), "none", True, splits=splits, force_mma=force_mma,
+                          row_first=row_first)
     assert rel_err(gw.view_as(rw), rw.grad) < 1e-5
     assert rel_err(gb, rb.grad) < 1e-5
 
@@ -374,8 +377,8 @@ variants = [
                                         AFFINE_RESIDUAL=False, BLOCK=conv_cfg[0]), conv_cfg[1]),
     (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=1, HAS_BIAS=True, ACT=3, SAVE_PRE=False, AFFINE_RESIDUAL=True,
                                         BLOCK=conv_cfg[0]), conv_cfg[1]),
-    (dw._dw_wgrad_kernel, wgrad_sig, dict(common, NEED_W=True, C8=8, C4=0, C2=0, C1=1, BLOCK_W=block_w, ROWS=rows),
-     wgrad_warps),
+    (dw._dw_wgrad_kernel, wgrad_sig, dict(common, NEED_W=True, C8=8, C4=0, C2=0, C1=1, BLOCK_W=block_w, ROWS=rows,
+                                          ROW_FIRST=True), wgrad_warps),
     (dw.act_grad_kernel, act_sig, dict(ACT=1, BLOCK=1024), 4),
 ]
 _, bw, bk, _ = dw.mma_launch_config(32, 32, 9)

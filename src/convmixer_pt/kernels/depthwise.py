@@ -32,7 +32,8 @@ Kernels (all accumulate in fp32; inputs and outputs are fp32, fp16 or bf16):
   x + act(conv(x) + b) * scale + shift, i.e. the whole residual branch of a ConvMixer block with its
   BatchNorm folded to a per-channel scale and shift, in one read and one write.
 - `activations.act_grad_kernel`, elementwise: the pre-activation gradient g = grad * act'(y), once (one pass).
-- `_dw_wgrad_kernel`, grid (C, batch splits, filter rows): reduces g (bias gradient) and g times the KW
+- `_dw_wgrad_kernel`, grid (C, batch splits, filter rows) or (filter rows, C, batch splits), whichever a GPU
+  times faster per shape: reduces g (bias gradient) and g times the KW
   shifted inputs of one filter row (weight gradient) over its share of the batch and the whole plane.
   A thread holds one plane position and the row's KW taps as register tiles of 8/4/2/1 columns, so each tap
   is a compile-time offset: a load, a bounds check and an FMA, one reduction per program at the end.
@@ -134,10 +135,17 @@ def _dw_wgrad_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr,
                      N, C, H, W, n_per_split,
                      KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, NEED_W: tl.constexpr,
                      C8: tl.constexpr, C4: tl.constexpr, C2: tl.constexpr, C1: tl.constexpr,
-                     BLOCK_W: tl.constexpr, ROWS: tl.constexpr):
-    c = tl.program_id(0)
-    split = tl.program_id(1)
-    i = tl.program_id(2)  # the filter row this program reduces
+                     BLOCK_W: tl.constexpr, ROWS: tl.constexpr, ROW_FIRST: tl.constexpr):
+    # i: the filter row this program reduces. ROW_FIRST: grid (rows, C, splits), so the KH programs that read
+    # the same planes run together and can share L2; else (C, splits, rows). On a GPU the faster is timed.
+    if ROW_FIRST:
+        i = tl.program_id(0)
+        c = tl.program_id(1)
+        split = tl.program_id(2)
+    else:
+        c = tl.program_id(0)
+        split = tl.program_id(1)
+        i = tl.program_id(2)
     hw = H * W
     dh = i - PH
     # Positions as ROWS plane rows of BLOCK_W (a power of two >= W) columns: row and column are a shift
@@ -403,9 +411,10 @@ def _batch_splits(n: int, c: int) -> int:
 
 
 def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel: tuple[int, int], act: str,
-           need_w: bool, splits: int | None = None, force_mma: bool = False,
+           need_w: bool, splits: int | None = None, force_mma: bool = False, row_first: bool | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(pre-activation gradient, weight gradient [C, KH*KW] in fp32 or None, bias gradient [C] in fp32)."""
+    """(pre-activation gradient, weight gradient [C, KH*KW] in fp32 or None, bias gradient [C] in fp32).
+    `row_first` fixes the direct kernel's grid order (None: timed on a GPU, row first in the interpreter)."""
     n, c, h, w = x.shape
     kh, kw = kernel
     gy = grad
@@ -430,13 +439,33 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
                     KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2)
         return gy, dw_part.sum(0) if need_w else None, db_part.sum(0)
     block_w, tile_rows, num_warps = wgrad_launch_config(w)
+
+    def grid(meta: dict) -> tuple[int, int, int]:
+        return (rows, c, splits) if meta["ROW_FIRST"] else (c, splits, rows)
+
+    args = (x, gy, dw_part, db_part, n, c, h, w, n_per_split)
+    constexprs = dict(KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w, C8=kw & 8, C4=kw & 4,
+                      C2=kw & 2, C1=kw & 1, BLOCK_W=block_w, ROWS=tile_rows)
     with _on_device_of(x):
-        _dw_wgrad_kernel[(c, splits, rows)](
-            x, gy, dw_part, db_part, n, c, h, w, n_per_split,
-            KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w,
-            C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1, BLOCK_W=block_w, ROWS=tile_rows, num_warps=num_warps,
-        )
+        if row_first is not None or interpreted():
+            meta = dict(ROW_FIRST=row_first is not False)
+            _dw_wgrad_kernel[grid(meta)](*args, **constexprs, **meta, num_warps=num_warps)
+        else:
+            _wgrad_tuned(num_warps)[grid](*args, **constexprs)
     return gy, dw_part.sum(0) if need_w else None, db_part.sum(0)
+
+
+_WGRAD_TUNED: dict[int, triton.runtime.Autotuner] = {}
+
+
+def _wgrad_tuned(num_warps: int) -> triton.runtime.Autotuner:
+    """The direct weight-gradient kernel with its grid order timed once per shape (both orders write every
+    output, so the timing runs leave them correct); one tuner per warp count, which the plane width sets."""
+    if num_warps not in _WGRAD_TUNED:
+        configs = [triton.Config({"ROW_FIRST": order}, num_warps=num_warps) for order in (True, False)]
+        _WGRAD_TUNED[num_warps] = triton.autotune(configs, key=["N", "C", "H", "W", "KH", "KW", "NEED_W"])(
+            _dw_wgrad_kernel)
+    return _WGRAD_TUNED[num_warps]
 
 
 class _DepthwiseConvAct(torch.autograd.Function):

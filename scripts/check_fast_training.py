@@ -18,12 +18,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from convmixer_pt import create_model
+from convmixer_pt.fast import CHANNELS_LAST_ENV_VAR
 from convmixer_pt.model import list_models
 
 
@@ -50,21 +52,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-batches", type=int, default=4, help="distinct synthetic batches, cycled")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--channels-last", action="store_true",
+                   help="models and inputs in channels_last; the fast run takes the channels_last kernels")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", metavar="OUT")
     args = p.parse_args(argv)
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         print(f"check_fast_training: device {args.device!r} requested but CUDA is not available", file=sys.stderr)
         return 2
+    memory = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.channels_last:
+        os.environ[CHANNELS_LAST_ENV_VAR] = "1"
     gen = torch.Generator().manual_seed(0)
-    batches = [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(args.device),
+    batches = [(torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=gen).to(args.device,
+                memory_format=memory),
                 torch.randint(0, 1000, (args.batch_size,), generator=gen).to(args.device))
                for _ in range(args.num_batches)]
     torch.manual_seed(0)
     init = create_model(args.model, fast=False).state_dict()
     curves = {}
     for name, fast, amp in [("fast_bf16", True, True), ("plain_bf16", False, True), ("plain_fp32", False, False)]:
-        model = create_model(args.model, fast=fast).to(args.device)
+        model = create_model(args.model, fast=fast).to(args.device, memory_format=memory)
         model.load_state_dict(copy.deepcopy(init))
         curves[name] = loss_curve(model, batches, args.steps, amp, args.lr, args.device)
         del model

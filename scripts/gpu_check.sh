@@ -2,29 +2,31 @@
 # The prepared device check for issues 4 and 6: one call on one H100/H200, inside a fixed time budget.
 #
 #   OUT=/tmp/out bash scripts/gpu_check.sh            # all stages, stops starting work after $BUDGET s
-#   STAGES="op tests" bash scripts/gpu_check.sh       # a subset: op tests bench trainer train profile bench_cl
+#   STAGES="op tests" bash scripts/gpu_check.sh       # a subset: op tests bench_cl bench train_cl profile trainer
 #
 # Results are written under $RES and packed after every stage into $OUT/gpu_check.tgz (plus
 # $OUT/progress.log), so a run cut short still returns the stages it finished in two files. Each stage's
 # timeout is capped by what is left of $BUDGET, so the last pack always happens inside the call.
 #
-# Stages, in order:
-#   op       one depthwise conv + GELU per block shape (1536 x 32 x 32 9x9; 768 x 32 x 32 7x7; batch 64), fwd
-#            and fwd+bwd: PyTorch NCHW, channels_last, the direct and the tensor-core Triton kernels
+# Stages, in order (default: all but trainer):
+#   op       one depthwise conv + GELU per block shape (1536 x 32 x 32 9x9; 768 x 32 x 32 7x7; 1024 x 16 x 16
+#            9x9; batch 64), fwd and fwd+bwd: PyTorch NCHW and channels_last, the Triton direct, tensor-core
+#            and channels_last kernels
 #   tests    tests/test_depthwise_kernel.py with the compiled kernels at full ConvMixer shapes (xdist workers)
-#            -> the later stages use the tensor-core kernels only if these pass and the op stage found them
-#               faster at 1536/9x9; otherwise CONVMIXER_DW_KERNEL=direct (logged)
-#   bench    scripts/benchmark.py, the three ImageNet variants, NCHW, train (batch 64) and infer (256)
-#   trainer  issue 4's check: scripts/train.py under torchrun (NCCL, one rank), bf16, generated data; the
-#            default path (Triton kernels; --compile, which traces plain PyTorch blocks, ran in the first check)
-#   train    scripts/check_fast_training.py: 50 steps fast vs plain from one initialisation
-#   profile  the CUDA kernels of one fast 1536/20 training step, by time
-#   bench_cl 768/32 in channels_last (timm's best layout for it; our fast path falls back there)
+#            -> the NCHW model stages use the tensor-core kernels only if these pass and the op stage found
+#               them faster at 1536/9x9; otherwise CONVMIXER_DW_KERNEL=direct (logged)
+#   bench_cl scripts/benchmark.py, the three ImageNet variants in channels_last with the channels_last kernels
+#            (CONVMIXER_FAST_CHANNELS_LAST=1), train (batch 64) and infer (256), timm in channels_last
+#   bench    the same in NCHW (our NCHW kernels, timm NCHW)
+#   train_cl scripts/check_fast_training.py --channels-last: 50 steps fast vs plain from one initialisation
+#   profile  the CUDA kernels of one fast 1536/20 training step in channels_last, by time
+#   trainer  issue 4's check (resolved; not run by default): scripts/train.py under torchrun, bf16
+# At the end summary.txt puts each model's best layout for ours and for timm side by side (issue 6's ratios).
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 RES=${RES:-/tmp/gpu_check_results}
-STAGES=${STAGES:-"op tests bench trainer train profile bench_cl"}
-BUDGET=${BUDGET:-420}
+STAGES=${STAGES:-"op tests bench_cl bench train_cl profile"}
+BUDGET=${BUDGET:-540}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RES"
@@ -50,18 +52,18 @@ $PY -c "import sys, torch; sys.exit(not torch.cuda.is_available())" || { log "no
 
 MMA_FASTER=unknown
 if stage op 80; then
-  for cfg in "1536 9" "768 7"; do
+  for cfg in "1536 32 9" "768 32 7" "1024 16 9"; do
     set -- $cfg
-    timeout "$LIMIT" $PY scripts/benchmark.py --device cuda --depthwise-op --batch-size 64 --dim "$1" --size 32 \
-      --kernel "$2" --json "$RES/op_$1_$2.json" >> "$RES/op.log" 2>&1
-    log "op $1 k$2 exit $?"
+    timeout "$LIMIT" $PY scripts/benchmark.py --device cuda --depthwise-op --batch-size 64 --dim "$1" --size "$2" \
+      --kernel "$3" --json "$RES/op_$1_$3.json" >> "$RES/op.log" 2>&1
+    log "op $1 k$3 exit $?"
   done
   MMA_FASTER=$($PY -c "import json; r = {x['impl']: x['fwd_bwd_ms'] for x in json.load(open('$RES/op_1536_9.json'))}
 print('yes' if r['triton_mma'] < r['triton_direct'] else 'no')" 2>/dev/null || echo unknown)
   pack
 fi
 TESTS_OK=unknown
-if stage tests 120; then
+if stage tests 150; then
   timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py -q -p no:cacheprovider -n 8 \
     -k "not compile_for_hopper" --junitxml="$RES/kernel_tests.xml" > "$RES/kernel_tests.log" 2>&1
   rc=$?
@@ -75,6 +77,13 @@ else
   export CONVMIXER_DW_KERNEL=direct
 fi
 log "kernel set for the model stages: $CONVMIXER_DW_KERNEL (mma faster: $MMA_FASTER, kernel tests pass: $TESTS_OK)"
+if stage bench_cl 150; then
+  CONVMIXER_FAST_CHANNELS_LAST=1 timeout "$LIMIT" $PY scripts/benchmark.py --channels-last \
+    --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH --json "$RES/bench_cl.json" \
+    > "$RES/bench_cl.log" 2>&1
+  log "bench_cl exit $?"
+  pack
+fi
 if stage bench 150; then
   timeout "$LIMIT" $PY scripts/benchmark.py --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
     --json "$RES/bench_nchw.json" > "$RES/bench.log" 2>&1
@@ -89,20 +98,21 @@ if stage trainer 100; then
   cp /tmp/gpu_check_trainer/args.yaml "$RES/trainer_args.yaml" 2>/dev/null
   pack
 fi
-if stage train 90; then
+if stage train_cl 90; then
   timeout "$LIMIT" $PY scripts/check_fast_training.py --model convmixer_1536_20 --steps 50 --batch-size 32 \
-    --json "$RES/train_equivalence.json" > "$RES/train_equivalence.log" 2>&1
-  log "train exit $?: $(tail -1 "$RES/train_equivalence.log")"
+    --channels-last --json "$RES/train_equivalence_cl.json" > "$RES/train_equivalence_cl.log" 2>&1
+  log "train_cl exit $?: $(tail -1 "$RES/train_equivalence_cl.log")"
   pack
 fi
 if stage profile 45; then
-  timeout "$LIMIT" $PY - > "$RES/profile.log" 2>&1 <<'PYEOF'
+  CONVMIXER_FAST_CHANNELS_LAST=1 timeout "$LIMIT" $PY - > "$RES/profile.log" 2>&1 <<'PYEOF'
 import torch
 from torch.profiler import ProfilerActivity, profile
 from convmixer_pt import create_model
-model = create_model("convmixer_1536_20").cuda()
+model = create_model("convmixer_1536_20").cuda().to(memory_format=torch.channels_last)
 opt = torch.optim.AdamW(model.parameters())
-x, y = torch.randn(64, 3, 224, 224, device="cuda"), torch.randint(0, 1000, (64,), device="cuda")
+x = torch.randn(64, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 1000, (64,), device="cuda")
 def step():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -120,13 +130,26 @@ PYEOF
   log "profile exit $?"
   pack
 fi
-if stage bench_cl 60; then
-  timeout "$LIMIT" $PY scripts/benchmark.py --model convmixer_768_32 $BENCH --channels-last \
-    --json "$RES/bench_cl.json" > "$RES/bench_cl.log" 2>&1
-  log "bench_cl exit $?"
-fi
+$PY - > "$RES/summary.txt" 2>&1 <<PYEOF
+import json, os
+rows = [r for f in ("bench_nchw.json", "bench_cl.json") if os.path.exists(f"$RES/{f}") for r in json.load(open(f"$RES/{f}"))]
+targets = {("convmixer_1536_20", "train"): 3.0}
+for model in ("convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20"):
+    for mode in ("train", "infer"):
+        best = {}
+        for r in rows:
+            if r["model"] == model and r["mode"] == mode and r["img_per_s"] > best.get(r["impl"], {}).get("img_per_s", 0):
+                best[r["impl"]] = r
+        if len(best) == 2:
+            ours, timm = best["convmixer_pt"], best["timm"]
+            need = targets.get((model, mode), 1.5 if mode == "train" else 2.0)
+            ratio = ours["img_per_s"] / timm["img_per_s"]
+            lay = lambda r: "channels_last" if r["channels_last"] else "NCHW"
+            print(f"{model} {mode}: ours {ours['img_per_s']:.1f} ({lay(ours)}, {ours['dw_kernel']}) / timm "
+                  f"{timm['img_per_s']:.1f} ({lay(timm)}) = {ratio:.2f}x, target {need}x: {'met' if ratio >= need else 'NOT met'}")
+PYEOF
 log "done"
 pack
 grep -hE "triton|torch_" "$RES/op.log" 2>/dev/null
-cat "$RES/bench.log" "$RES/bench_cl.log" 2>/dev/null | grep -E "^ *(model|convmixer_)" | grep -v " bs="
-tail -3 "$RES/trainer.log" 2>/dev/null
+cat "$RES/bench_cl.log" "$RES/bench.log" 2>/dev/null | grep -E "^ *(model|convmixer_)" | grep -v " bs="
+cat "$RES/summary.txt"

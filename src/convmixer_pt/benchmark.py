@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .engine import autocast
+from .fast import channels_last_enabled
 from .model import ACTIVATIONS, VARIANTS, create_model, variant_arch
 
 IMPLS = ("timm", "convmixer_pt")
@@ -165,7 +166,8 @@ def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
     del model
     row = dict(impl=impl, **asdict(cfg))
     kernels_ran = cfg.fast and impl == "convmixer_pt" and torch.device(cfg.device).type == "cuda"
-    row.update(fast=cfg.fast if impl == "convmixer_pt" else None, dw_kernel=_dw_kernel() if kernels_ran else None,
+    row.update(fast=cfg.fast if impl == "convmixer_pt" else None,
+               dw_kernel=_dw_kernel(cfg.channels_last) if kernels_ran else None,
                step_ms=seconds * 1e3,
                img_per_s=cfg.batch_size / seconds, tflops=flops / seconds / 1e12, peak_mem_mib=peak,
                **_versions(device))
@@ -198,12 +200,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 
 
-def _dw_kernel() -> str | None:
-    """The depthwise kernel set the fast path uses now ('mma' or 'direct'), or None without Triton."""
+def _dw_kernel(channels_last: bool) -> str | None:
+    """The depthwise kernel set the fast path uses now ('mma', 'direct' or 'channels_last'), or None where the
+    blocks run the plain modules (no Triton, or channels_last without CONVMIXER_FAST_CHANNELS_LAST)."""
     try:
         from .kernels.depthwise import kernel_variant
     except ImportError:
         return None
+    if channels_last:
+        return "channels_last" if channels_last_enabled() else None
     return kernel_variant()
 
 
@@ -225,7 +230,8 @@ def _env(name: str, value: str | None) -> Iterator[None]:
 def depthwise_op_times(batch: int, dim: int, size: int, kernel: int, dtype: torch.dtype = torch.bfloat16,
                        act: str = "gelu", device: str = "cuda") -> list[dict[str, Any]]:
     """Milliseconds of act(depthwise conv) forward and forward+backward: PyTorch NCHW and channels_last
-    against both Triton kernel sets, one ConvMixer block's worth (what the model-level numbers are made of)."""
+    against the Triton kernels (both NCHW sets and channels_last), one ConvMixer block's worth (what the
+    model-level numbers are made of)."""
     import triton.testing
 
     from .kernels.depthwise import KERNEL_ENV_VAR, depthwise_conv2d
@@ -240,11 +246,13 @@ def depthwise_op_times(batch: int, dim: int, size: int, kernel: int, dtype: torc
     def triton_op(x: torch.Tensor) -> torch.Tensor:
         return depthwise_conv2d(x, conv.weight, conv.bias, act)
 
-    variants = {  # name: (input, op, kernel set for the Triton rows)
+    x_cl = x0.contiguous(memory_format=torch.channels_last)
+    variants = {  # name: (input, op, kernel set for the NCHW Triton rows)
         "torch_nchw": (x0, torch_op, None),
-        "torch_channels_last": (x0.contiguous(memory_format=torch.channels_last), torch_op, None),
+        "torch_channels_last": (x_cl, torch_op, None),
         "triton_direct": (x0, triton_op, "direct"),
         "triton_mma": (x0, triton_op, "mma"),
+        "triton_channels_last": (x_cl, triton_op, None),
     }
     rows = []
     for name, (x, fn, kernel_set) in variants.items():

@@ -1,15 +1,11 @@
 """The Triton depthwise kernels and the fast model path against float64 PyTorch references.
 
-Without CUDA the kernels run in Triton's CPU interpreter at small shapes. Triton decides interpreter or
-compiler when a kernel is defined (and reads the variable again while running one), so TRITON_INTERPRET=1
-is set around the import of the kernels module (re-imported if it was defined the other way) and, by a
-fixture, while this module's tests run; it is restored afterwards, so no other test module sees it.
-With CUDA (and TRITON_INTERPRET unset) the compiled kernels run at full ConvMixer shapes.
+Without CUDA the kernels run in Triton's CPU interpreter at small shapes (tests/triton_env.py); with CUDA
+the compiled kernels run at full ConvMixer shapes.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import subprocess
@@ -22,42 +18,12 @@ import torch.nn.functional as F
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
+from triton_env import DEVICE, ON_GPU, import_kernels, interpreter_or_exact_fp32  # noqa: E402, F401
+
 from convmixer_pt import create_model  # noqa: E402
 from convmixer_pt.fast import SettingError  # noqa: E402
 
-ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
-DEVICE = "cuda" if ON_GPU else "cpu"
-
-
-def _import_kernels():
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0" if ON_GPU else "1"
-    try:
-        module = importlib.import_module("convmixer_pt.kernels.depthwise")
-        if module.interpreted() == ON_GPU:  # defined the other way: redefine the kernels of every module
-            for name in ("activations", "depthwise_nhwc", "depthwise"):
-                module = importlib.reload(importlib.import_module(f"convmixer_pt.kernels.{name}"))
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return module
-
-
-dw = _import_kernels()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_or_exact_fp32():
-    """CPU: the interpreter. GPU: no TF32 in the surrounding PyTorch convs, so fp32 comparisons stay fp32."""
-    with pytest.MonkeyPatch.context() as patch:
-        if ON_GPU:
-            patch.setattr(torch.backends.cudnn, "allow_tf32", False)
-            patch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-        else:
-            patch.setenv("TRITON_INTERPRET", "1")
-        yield
+dw = import_kernels("depthwise")
 
 # (N, C, H, W): odd and even planes, batch 1, channel counts that divide no block size.
 if ON_GPU:
@@ -261,10 +227,12 @@ def model_pair(act: str, seed: int = 0):
     return fast, plain
 
 
+@pytest.mark.parametrize("fused_bn", ["0", "1"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_fast_model_matches_plain_model_in_training_and_inference(act, layout, monkeypatch):
+def test_fast_model_matches_plain_model_in_training_and_inference(act, layout, fused_bn, monkeypatch):
     monkeypatch.setenv("CONVMIXER_FAST_CHANNELS_LAST", "1")
+    monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", fused_bn)
     fast, plain = model_pair(act)
     fast, plain = fast.to(memory_format=MEMORY[layout]), plain.to(memory_format=MEMORY[layout])
     assert list(fast.state_dict()) == list(plain.state_dict())
@@ -314,6 +282,28 @@ def test_switches_turn_the_fast_path_off(monkeypatch):
     assert torch.equal(fast(x), plain(x))
 
 
+def test_fused_batchnorm_runs_only_when_switched_on(monkeypatch):
+    fast, plain = model_pair("gelu")
+    x = torch.randn(IMG, device=DEVICE)
+    calls = []
+    bn_kernels = import_kernels("batchnorm")
+    original = bn_kernels.act_batch_norm
+    monkeypatch.setattr(bn_kernels, "act_batch_norm", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    monkeypatch.delenv("CONVMIXER_FAST_BATCHNORM", raising=False)
+    fast(x)
+    assert calls == []
+    monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", "1")
+    out = fast(x)
+    assert calls == ["gelu", "gelu"] * MODEL_KW["depth"]  # both BatchNorms of every block
+    assert rel_err(out, plain(x).double()) < 1e-5
+    fast.eval()
+    fast(x)  # inference: BN folds into the depthwise kernel, no batch statistics
+    assert len(calls) == 2 * MODEL_KW["depth"]
+    monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", "perhaps")
+    with pytest.raises(SettingError, match="CONVMIXER_FAST_BATCHNORM='perhaps' is not one of"):
+        fast.train()(x)
+
+
 def test_channels_last_takes_the_kernels_only_when_switched_on(monkeypatch):
     fast, plain = model_pair("gelu")
     fast, plain = fast.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
@@ -328,8 +318,10 @@ def test_channels_last_takes_the_kernels_only_when_switched_on(monkeypatch):
         fast(x)
 
 
-def test_fast_training_follows_plain_training():
+@pytest.mark.parametrize("fused_bn", ["0", "1"])
+def test_fast_training_follows_plain_training(fused_bn, monkeypatch):
     """A few AdamW steps from the same initialisation give the same losses (fp32: to rounding)."""
+    monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", fused_bn)
     fast, plain = model_pair("gelu", seed=3)
     gen = torch.Generator().manual_seed(0)
     data = [(torch.randn(IMG, generator=gen).to(DEVICE), torch.randint(0, 7, (IMG[0],), generator=gen).to(DEVICE))
@@ -355,6 +347,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from convmixer_pt.kernels import depthwise as dw
+from convmixer_pt.kernels import batchnorm as bn
 from convmixer_pt.kernels import depthwise_nhwc as nhwc
 
 assert not dw.interpreted()
@@ -406,15 +399,35 @@ for th, tw, block_c, warps in nhwc.NHWC_CONV_TUNING:
 for p, warps in nhwc.NHWC_WGRAD_TUNING:
     variants.append((nhwc._dw_wgrad_nhwc_kernel, nhwc_wgrad_sig, dict(nhwc_common, NEED_W=True, C8=8, C4=0, C2=0, C1=1,
                                                                       P=p, BLOCK_C=nhwc.WGRAD_BLOCK_C), warps))
+dims = dict(n_outer="i32", C="i32", n_inner="i32")
+bn_sigs = {
+    bn._stats_kernel: (dict(src_ptr="*{t}", sum_ptr="*fp32", m2_ptr="*fp32", count_ptr="*fp32", **dims), {}),
+    bn._apply_kernel: (dict(src_ptr="*{t}", skip_ptr="*{t}", out_ptr="*{t}", mean_ptr="*fp32", scale_ptr="*fp32",
+                            shift_ptr="*fp32", **dims), dict(HAS_SKIP=True)),
+    bn._grad_sums_kernel: (dict(grad_ptr="*{t}", src_ptr="*{t}", mean_ptr="*fp32", s1_ptr="*fp32", s2_ptr="*fp32",
+                                **dims), {}),
+    bn._grad_kernel: (dict(grad_ptr="*{t}", src_ptr="*{t}", out_ptr="*{t}", mean_ptr="*fp32", a_ptr="*fp32",
+                           b_ptr="*fp32", k_ptr="*fp32", **dims), {}),
+}
+for o, c, i in ((64, 1536, 1024), (64 * 1024, 1536, 1)):  # NCHW and channels_last at 1536/20's shape
+    block_o, block_c, block_i, bn_warps = bn._blocks(o, c, i)
+    for fn, (sig, extra) in bn_sigs.items():
+        variants.append((fn, sig, dict(extra, ACT=1, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_I=block_i), bn_warps))
+variants.append((bn._finalize_kernel, dict(sum_ptr="*fp32", m2_ptr="*fp32", count_ptr="*fp32", T="i32", C="i32",
+                                           n="fp32", weight_ptr="*fp32", bias_ptr="*fp32", run_mean_ptr="*fp32",
+                                           run_var_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
+                                           scale_ptr="*fp32", shift_ptr="*fp32", eps="fp32", factor="fp32",
+                                           unbias="fp32"),
+                 dict(AFFINE=True, UPDATE=True, BLOCK_T=32, BLOCK_C=128), 4))
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 for t in ("bf16", "fp32"):
     for fn, sig, constexprs, warps in variants:
         if t == "fp32" and "mma" in fn.__name__:
             continue
         signature = {k: v.format(t=t) for k, v in sig.items()} | {k: "constexpr" for k in constexprs}
-        # What a launch specializes on: 16-byte aligned pointers, a 32-row plane (16 divides it).
+        # What a launch specializes on: 16-byte aligned pointers, 32 rows and 1536 channels (16 divides both).
         attrs = {(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-                 if v.startswith("*") or k == "H"}
+                 if v.startswith("*") or k in ("H", "C")}
         kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                 target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
         if cuobjdump.exists():

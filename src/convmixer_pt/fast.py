@@ -8,7 +8,9 @@ the fast path on loads with it off and vice versa.
 Per block, `Residual(dw conv, act, BN) -> 1x1 conv -> act -> BN`:
 - training (or whenever autograd needs gradients): one kernel computes act(dw(x) + b) and keeps the
   pre-activation; BatchNorm (batch statistics, running-stat updates) and the residual add run in PyTorch
-  through the block's own modules.
+  through the block's own modules. With CONVMIXER_FAST_BATCHNORM=1 (untimed, so off by default) the kernel
+  computes dw(x) + b only, and `kernels.batchnorm` computes BN(act(.)) + x, and BN(act(.)) after the 1x1
+  convolution, in two passes each way.
 - inference (BN in eval mode and no gradient needed): one kernel computes x + BN(act(dw(x) + b)) with
   BN folded to a per-channel scale and shift.
 The 1x1 convolution, its activation and BN run through the block's own modules in both cases.
@@ -36,6 +38,7 @@ from torch import nn
 
 ENV_VAR = "CONVMIXER_FAST"
 CHANNELS_LAST_ENV_VAR = "CONVMIXER_FAST_CHANNELS_LAST"
+BATCHNORM_ENV_VAR = "CONVMIXER_FAST_BATCHNORM"
 BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
@@ -65,12 +68,24 @@ def channels_last_enabled() -> bool:
     return _env_flag(CHANNELS_LAST_ENV_VAR, False)
 
 
+def batchnorm_enabled() -> bool:
+    """Whether training-mode BatchNorm runs fused with its activation and the residual add
+    (CONVMIXER_FAST_BATCHNORM; off by default until timed on a GPU)."""
+    return _env_flag(BATCHNORM_ENV_VAR, False)
+
+
 def _kernels() -> ModuleType | None:
     try:
         from .kernels import depthwise
     except ImportError:
         return None
     return depthwise
+
+
+def _batchnorm_kernels() -> ModuleType:
+    from .kernels import batchnorm  # Triton is there: the depthwise kernels imported
+
+    return batchnorm
 
 
 def activation_name(module: nn.Module) -> str | None:
@@ -147,6 +162,14 @@ def run_fused(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if _bn_is_eval_affine(bn) and not needs_grad:
         scale, shift = _bn_affine(bn)
         y = kernels.depthwise_conv2d_affine_residual(x, dw.weight, dw.bias, scale, shift, activation)
+        return block[3](block[2](block[1](y)))
+    fused_bn = _batchnorm_kernels() if batchnorm_enabled() else None
+    if fused_bn is not None and fused_bn.supports(x, bn):
+        y = fused_bn.act_batch_norm(kernels.depthwise_conv2d(x, dw.weight, dw.bias), bn, activation, skip=x)
     else:
         y = bn(kernels.depthwise_conv2d(x, dw.weight, dw.bias, activation)) + x
-    return block[3](block[2](block[1](y)))
+    p = block[1](y)
+    pointwise_act = activation_name(block[2])
+    if fused_bn is not None and pointwise_act is not None and fused_bn.supports(p, block[3]):
+        return fused_bn.act_batch_norm(p, block[3], pointwise_act)
+    return block[3](block[2](p))

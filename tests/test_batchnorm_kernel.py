@@ -1,0 +1,128 @@
+"""The fused activation + training-mode BatchNorm (+ residual) kernels against nn.BatchNorm2d in float64.
+
+Without CUDA the kernels run in Triton's CPU interpreter at small shapes (tests/triton_env.py); with CUDA
+the compiled kernels run at full ConvMixer shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if importlib.util.find_spec("triton") is None:
+    pytest.skip("Triton is not installed", allow_module_level=True)
+
+from triton_env import DEVICE, ON_GPU, import_kernels, interpreter_or_exact_fp32  # noqa: E402, F401
+
+kb = import_kernels("batchnorm")
+
+SHAPES = [(64, 1536, 32, 32), (3, 100, 17, 14)] if ON_GPU else [(2, 5, 13, 13), (3, 70, 7, 12)]
+MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+ACT = {"none": lambda t: t, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+
+
+def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(value).all()
+    return ((value.double() - ref).norm() / ref.norm()).item()
+
+
+def make_case(shape, layout, dtype=torch.float32, seed=0, offset=0.0, with_skip=True, **bn_kwargs):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    fmt = MEMORY[layout]
+    src = (torch.randn(shape, generator=gen, device=DEVICE) * 2 + offset).to(dtype).contiguous(memory_format=fmt)
+    skip = torch.randn(shape, generator=gen, device=DEVICE).to(dtype).contiguous(memory_format=fmt) \
+        if with_skip else None
+    bn = torch.nn.BatchNorm2d(shape[1], **bn_kwargs).to(DEVICE)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.copy_(torch.rand(shape[1], generator=gen, device=DEVICE) + 0.5)
+            bn.bias.copy_(torch.randn(shape[1], generator=gen, device=DEVICE))
+    # Running statistics that are not the defaults, so the update's both terms count.
+    if bn.track_running_stats:
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.0)
+        bn.num_batches_tracked.fill_(4)
+    grad = torch.randn(shape, generator=gen, device=DEVICE).to(dtype).contiguous(memory_format=fmt)
+    return src, skip, bn, grad
+
+
+def run_both(src, skip, bn, grad, act):
+    """(ours, reference): outputs, gradients and modules after one forward and backward each."""
+    ref_bn = copy.deepcopy(bn).double()
+    src_k = src.detach().requires_grad_()
+    skip_k = skip.detach().requires_grad_() if skip is not None else None
+    out = kb.act_batch_norm(src_k, bn, act, skip=skip_k)
+    out.backward(grad)
+    src_r = src.detach().double().requires_grad_()
+    skip_r = skip.detach().double().requires_grad_() if skip is not None else None
+    ref = ref_bn(ACT[act](src_r)) + (skip_r if skip is not None else 0)
+    ref.backward(grad.double())
+    return (out, src_k, skip_k, bn), (ref, src_r, skip_r, ref_bn)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("act", ["gelu", "relu", "none"])
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_batchnorm_in_float64(shape, layout, act, momentum):
+    src, skip, bn, grad = make_case(shape, layout, momentum=momentum)
+    (out, src_k, skip_k, bn_k), (ref, src_r, skip_r, bn_r) = run_both(src, skip, bn, grad, act)
+    assert out.is_contiguous(memory_format=MEMORY[layout]) and src_k.grad.is_contiguous(memory_format=MEMORY[layout])
+    errors = {name: rel_err(a, b) for name, a, b in [
+        ("out", out, ref), ("grad_src", src_k.grad, src_r.grad), ("grad_skip", skip_k.grad, skip_r.grad),
+        ("grad_weight", bn_k.weight.grad, bn_r.weight.grad), ("grad_bias", bn_k.bias.grad, bn_r.bias.grad),
+        ("running_mean", bn_k.running_mean, bn_r.running_mean), ("running_var", bn_k.running_var, bn_r.running_var)]}
+    assert all(e < 1e-5 for e in errors.values()), errors
+    assert bn_k.num_batches_tracked.item() == bn_r.num_batches_tracked.item() == 5
+
+
+def test_bf16_within_bf16_rounding():
+    src, skip, bn, grad = make_case(SHAPES[0], "nhwc", dtype=torch.bfloat16)
+    (out, src_k, skip_k, bn_k), (ref, src_r, skip_r, bn_r) = run_both(src, skip, bn, grad, "gelu")
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 1e-2 and rel_err(src_k.grad, src_r.grad) < 1e-2
+    assert rel_err(bn_k.running_var, bn_r.running_var) < 1e-5  # statistics accumulate in fp32
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_variance_stays_exact_when_the_mean_is_large(layout):
+    """Mean 1000, spread 2: a sum of squares minus the squared mean in fp32 would lose the variance to
+    cancellation (relative error ~1e-2); centring each tile on its own mean keeps it."""
+    src, _, bn, grad = make_case(SHAPES[0], layout, offset=1000.0, with_skip=False, momentum=1.0)
+    (out, *_), (ref, *_, bn_r) = run_both(src, None, bn, grad, "none")
+    assert rel_err(bn.running_var, bn_r.running_var) < 1e-5
+    assert rel_err(bn.running_mean, bn_r.running_mean) < 1e-6
+    plain = torch.nn.BatchNorm2d(src.shape[1]).to(DEVICE)
+    plain.load_state_dict(bn_r.state_dict())
+    assert rel_err(out, ref) < max(1e-5, 4 * rel_err(plain.float()(src), ref))  # as exact as PyTorch's fp32 BN
+
+
+def test_without_affine_or_running_statistics():
+    src, _, bn, grad = make_case(SHAPES[1], "nhwc", with_skip=False, affine=False, track_running_stats=False)
+    (out, src_k, *_), (ref, src_r, *_) = run_both(src, None, bn, grad, "silu")
+    assert rel_err(out, ref) < 1e-5 and rel_err(src_k.grad, src_r.grad) < 1e-5
+
+
+def test_wider_skip_gives_the_wider_dtype_like_pytorch():
+    src, skip, bn, grad = make_case(SHAPES[1], "nchw", dtype=torch.bfloat16)
+    out = kb.act_batch_norm(src, bn, "gelu", skip=skip.float())
+    assert out.dtype == (bn(F.gelu(src)) + skip.float()).dtype == torch.float32
+
+
+def test_what_is_not_supported_is_refused():
+    x = torch.randn(2, 4, 3, 3, device=DEVICE)
+    bn = torch.nn.BatchNorm2d(4).to(DEVICE)
+    assert kb.supports(x, bn) and kb.supports(x.contiguous(memory_format=torch.channels_last), bn)
+    assert not kb.supports(x.transpose(2, 3), bn)
+    assert not kb.supports(x[:1, :, :1, :1], bn)  # one value per channel: PyTorch refuses to normalise it
+    assert not kb.supports(x, torch.nn.SyncBatchNorm(4))
+    assert not kb.supports(x, bn.eval())
+    with pytest.raises(ValueError, match=r"needs a training-mode nn.BatchNorm2d .* got \(2, 4, 3, 3\)"):
+        kb.act_batch_norm(x, bn, "gelu")
+    with pytest.raises(ValueError, match="unknown activation 'tanh'"):
+        kb.act_batch_norm(x, bn.train(), "tanh")

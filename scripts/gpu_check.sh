@@ -2,31 +2,34 @@
 # The prepared device check for issues 4 and 6: one call on one H100/H200, inside a fixed time budget.
 #
 #   OUT=/tmp/out bash scripts/gpu_check.sh            # all stages, stops starting work after $BUDGET s
-#   STAGES="op tests" bash scripts/gpu_check.sh       # a subset: op tests bench_cl bench train_cl profile trainer
+#   STAGES="op tests" bash scripts/gpu_check.sh       # a subset of the stages below
 #
 # Results are written under $RES and packed after every stage into $OUT/gpu_check.tgz (plus
 # $OUT/progress.log), so a run cut short still returns the stages it finished in two files. Each stage's
 # timeout is capped by what is left of $BUDGET, so the last pack always happens inside the call.
 #
 # Stages, in order (default: all but trainer):
-#   op       one depthwise conv + GELU per block shape (1536 x 32 x 32 9x9; 768 x 32 x 32 7x7; 1024 x 16 x 16
-#            9x9; batch 64), fwd and fwd+bwd: PyTorch NCHW and channels_last, the Triton direct, tensor-core
-#            and channels_last kernels
-#   tests    tests/test_depthwise_kernel.py with the compiled kernels at full ConvMixer shapes (xdist workers)
-#            -> the NCHW model stages use the tensor-core kernels only if these pass and the op stage found
-#               them faster at 1536/9x9; otherwise CONVMIXER_DW_KERNEL=direct (logged)
-#   bench_cl scripts/benchmark.py, the three ImageNet variants in channels_last with the channels_last kernels
-#            (CONVMIXER_FAST_CHANNELS_LAST=1), train (batch 64) and infer (256), timm in channels_last
-#   bench    the same in NCHW (our NCHW kernels, timm NCHW)
-#   train_cl scripts/check_fast_training.py --channels-last: 50 steps fast vs plain from one initialisation
-#   profile  the CUDA kernels of one fast 1536/20 training step in channels_last, by time
-#   trainer  issue 4's check (resolved; not run by default): scripts/train.py under torchrun, bf16
-# At the end summary.txt puts each model's best layout for ours and for timm side by side (issue 6's ratios).
+#   op        one depthwise conv + GELU per block shape (1536 x 32 x 32 9x9; 768 x 32 x 32 7x7; 1024 x 16 x 16
+#             9x9; batch 64), fwd and fwd+bwd: PyTorch NCHW and channels_last, the Triton direct, tensor-core
+#             and channels_last kernels
+#   tests     the kernel tests (depthwise and fused BatchNorm) with the compiled kernels at full ConvMixer
+#             shapes (xdist workers) -> the NCHW model stages use the tensor-core kernels only if these pass
+#             and the op stage found them faster at 1536/9x9; otherwise CONVMIXER_DW_KERNEL=direct (logged)
+#   bench_cl  scripts/benchmark.py, the three ImageNet variants in channels_last with the channels_last kernels
+#             (CONVMIXER_FAST_CHANNELS_LAST=1), train (batch 64) and infer (256), timm in channels_last
+#   bench_cl_bn  the same, training only, with the fused BatchNorm as well (CONVMIXER_FAST_BATCHNORM=1)
+#   bench     the three variants in NCHW (our NCHW kernels, timm NCHW), train and infer
+#   bench_bn  NCHW training with the fused BatchNorm
+#   train_cl  scripts/check_fast_training.py --channels-last with the fused BatchNorm: 50 steps fast vs plain
+#   profile   the CUDA kernels of one 1536/20 training step in channels_last with the fused BatchNorm
+#   trainer   issue 4's check (resolved; not run by default): scripts/train.py under torchrun, bf16
+# At the end summary.txt gives, per model and mode, the fastest configuration of ours and of timm and the
+# ratio against issue 6's target.
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 RES=${RES:-/tmp/gpu_check_results}
-STAGES=${STAGES:-"op tests bench_cl bench train_cl profile"}
-BUDGET=${BUDGET:-540}
+STAGES=${STAGES:-"op tests bench_cl bench_cl_bn bench bench_bn train_cl profile"}
+BUDGET=${BUDGET:-600}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RES"
@@ -64,7 +67,7 @@ print('yes' if r['triton_mma'] < r['triton_direct'] else 'no')" 2>/dev/null || e
 fi
 TESTS_OK=unknown
 if stage tests 150; then
-  timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py -q -p no:cacheprovider -n 8 \
+  timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py tests/test_batchnorm_kernel.py -q -p no:cacheprovider -n 8 \
     -k "not compile_for_hopper" --junitxml="$RES/kernel_tests.xml" > "$RES/kernel_tests.log" 2>&1
   rc=$?
   log "tests exit $rc: $(tail -1 "$RES/kernel_tests.log")"
@@ -84,10 +87,24 @@ if stage bench_cl 150; then
   log "bench_cl exit $?"
   pack
 fi
+if stage bench_cl_bn 100; then
+  CONVMIXER_FAST_CHANNELS_LAST=1 CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY scripts/benchmark.py \
+    --channels-last --mode train --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
+    --json "$RES/bench_cl_bn.json" > "$RES/bench_cl_bn.log" 2>&1
+  log "bench_cl_bn exit $?"
+  pack
+fi
 if stage bench 150; then
   timeout "$LIMIT" $PY scripts/benchmark.py --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
     --json "$RES/bench_nchw.json" > "$RES/bench.log" 2>&1
   log "bench exit $?"
+  pack
+fi
+if stage bench_bn 100; then
+  CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY scripts/benchmark.py --mode train \
+    --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH --json "$RES/bench_bn.json" \
+    > "$RES/bench_bn.log" 2>&1
+  log "bench_bn exit $?"
   pack
 fi
 if stage trainer 100; then
@@ -99,13 +116,13 @@ if stage trainer 100; then
   pack
 fi
 if stage train_cl 90; then
-  timeout "$LIMIT" $PY scripts/check_fast_training.py --model convmixer_1536_20 --steps 50 --batch-size 32 \
-    --channels-last --json "$RES/train_equivalence_cl.json" > "$RES/train_equivalence_cl.log" 2>&1
+  CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY scripts/check_fast_training.py --model convmixer_1536_20 \
+    --steps 50 --batch-size 32 --channels-last --json "$RES/train_equivalence_cl.json" > "$RES/train_equivalence_cl.log" 2>&1
   log "train_cl exit $?: $(tail -1 "$RES/train_equivalence_cl.log")"
   pack
 fi
 if stage profile 45; then
-  CONVMIXER_FAST_CHANNELS_LAST=1 timeout "$LIMIT" $PY - > "$RES/profile.log" 2>&1 <<'PYEOF'
+  CONVMIXER_FAST_CHANNELS_LAST=1 CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY - > "$RES/profile.log" 2>&1 <<'PYEOF'
 import torch
 from torch.profiler import ProfilerActivity, profile
 from convmixer_pt import create_model
@@ -132,7 +149,8 @@ PYEOF
 fi
 $PY - > "$RES/summary.txt" 2>&1 <<PYEOF
 import json, os
-rows = [r for f in ("bench_nchw.json", "bench_cl.json") if os.path.exists(f"$RES/{f}") for r in json.load(open(f"$RES/{f}"))]
+files = ("bench_nchw.json", "bench_bn.json", "bench_cl.json", "bench_cl_bn.json")
+rows = [r for f in files if os.path.exists(f"$RES/{f}") for r in json.load(open(f"$RES/{f}"))]
 targets = {("convmixer_1536_20", "train"): 3.0}
 for model in ("convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20"):
     for mode in ("train", "infer"):
@@ -145,11 +163,14 @@ for model in ("convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20"):
             need = targets.get((model, mode), 1.5 if mode == "train" else 2.0)
             ratio = ours["img_per_s"] / timm["img_per_s"]
             lay = lambda r: "channels_last" if r["channels_last"] else "NCHW"
-            print(f"{model} {mode}: ours {ours['img_per_s']:.1f} ({lay(ours)}, {ours['dw_kernel']}) / timm "
-                  f"{timm['img_per_s']:.1f} ({lay(timm)}) = {ratio:.2f}x, target {need}x: {'met' if ratio >= need else 'NOT met'}")
+            print(f"{model} {mode}: ours {ours['img_per_s']:.1f} ({lay(ours)}, kernels {ours['dw_kernel']}, fused BN "
+                  f"{ours['fused_bn']}, {ours['peak_mem_mib']:.0f} MiB) / timm {timm['img_per_s']:.1f} ({lay(timm)}, "
+                  f"{timm['peak_mem_mib']:.0f} MiB) = {ratio:.2f}x, target {need}x: {'met' if ratio >= need else 'NOT met'}")
 PYEOF
 log "done"
 pack
 grep -hE "triton|torch_" "$RES/op.log" 2>/dev/null
-cat "$RES/bench_cl.log" "$RES/bench.log" 2>/dev/null | grep -E "^ *(model|convmixer_)" | grep -v " bs="
+for f in bench_cl bench_cl_bn bench bench_bn; do
+  grep -E "^ *(model|convmixer_)" "$RES/$f.log" 2>/dev/null | grep -v " bs=" | sed "s/^/$f /"
+done
 cat "$RES/summary.txt"

@@ -126,3 +126,17 @@ def test_what_is_not_supported_is_refused():
         kb.act_batch_norm(x, bn, "gelu")
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
         kb.act_batch_norm(x, bn.train(), "tanh")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize(("layout", "act"), [("nchw", "gelu"), ("nhwc", "relu")])
+def test_inference_form_uses_the_running_statistics(layout, act, affine):
+    src, _, bn, _ = make_case(SHAPES[1], layout, with_skip=False, affine=affine)
+    bn.running_mean.uniform_(-1, 1)
+    bn.running_var.uniform_(0.5, 2)
+    bn.eval()
+    out = kb.eval_act_batch_norm(src, bn, act)
+    ref = copy.deepcopy(bn).double()(ACT[act](src.double()))
+    assert out.is_contiguous(memory_format=MEMORY[layout]) and rel_err(out, ref) < 1e-5
+    with pytest.raises(ValueError, match="needs an eval-mode nn.BatchNorm2d"):
+        kb.eval_act_batch_norm(src, bn.train(), act)

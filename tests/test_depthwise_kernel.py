@@ -287,18 +287,24 @@ def test_fused_batchnorm_runs_only_when_switched_on(monkeypatch):
     x = torch.randn(IMG, device=DEVICE)
     calls = []
     bn_kernels = import_kernels("batchnorm")
-    original = bn_kernels.act_batch_norm
-    monkeypatch.setattr(bn_kernels, "act_batch_norm", lambda *a, **k: calls.append(a[2]) or original(*a, **k))
+    for name in ("act_batch_norm", "eval_act_batch_norm"):
+        original = getattr(bn_kernels, name)
+        monkeypatch.setattr(bn_kernels, name, lambda *a, name=name, original=original, **k:
+                            calls.append(name) or original(*a, **k))
     monkeypatch.delenv("CONVMIXER_FAST_BATCHNORM", raising=False)
     fast(x)
     assert calls == []
     monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", "1")
     out = fast(x)
-    assert calls == ["gelu", "gelu"] * MODEL_KW["depth"]  # both BatchNorms of every block
+    assert calls == ["act_batch_norm"] * 2 * MODEL_KW["depth"]  # both BatchNorms of every block
     assert rel_err(out, plain(x).double()) < 1e-5
+    calls.clear()
     fast.eval()
-    fast(x)  # inference: BN folds into the depthwise kernel, no batch statistics
-    assert len(calls) == 2 * MODEL_KW["depth"]
+    plain.load_state_dict(fast.state_dict())  # the running statistics both updated
+    with torch.no_grad():
+        out = fast(x)  # the first BN folds into the depthwise kernel, the second runs with its activation
+        assert calls == ["eval_act_batch_norm"] * MODEL_KW["depth"]
+        assert rel_err(out, plain.eval()(x).double()) < 1e-5
     monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", "perhaps")
     with pytest.raises(SettingError, match="CONVMIXER_FAST_BATCHNORM='perhaps' is not one of"):
         fast.train()(x)

@@ -10,7 +10,8 @@ Per block, `Residual(dw conv, act, BN) -> 1x1 conv -> act -> BN`:
   pre-activation; BatchNorm (batch statistics, running-stat updates) and the residual add run in PyTorch
   through the block's own modules. With CONVMIXER_FAST_BATCHNORM=1 (untimed, so off by default) the kernel
   computes dw(x) + b only, and `kernels.batchnorm` computes BN(act(.)) + x, and BN(act(.)) after the 1x1
-  convolution, in two passes each way.
+  convolution, in two passes each way; in inference it also computes BN(act(.)) after the 1x1 convolution
+  in one pass.
 - inference (BN in eval mode and no gradient needed): one kernel computes x + BN(act(dw(x) + b)) with
   BN folded to a per-channel scale and shift.
 The 1x1 convolution, its activation and BN run through the block's own modules in both cases.
@@ -159,17 +160,22 @@ def run_fused(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block(x)
     params = (x, dw.weight, dw.bias, *bn.parameters())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    fused_bn = _batchnorm_kernels() if batchnorm_enabled() else None
+    pointwise_act = activation_name(block[2])
     if _bn_is_eval_affine(bn) and not needs_grad:
         scale, shift = _bn_affine(bn)
         y = kernels.depthwise_conv2d_affine_residual(x, dw.weight, dw.bias, scale, shift, activation)
-        return block[3](block[2](block[1](y)))
-    fused_bn = _batchnorm_kernels() if batchnorm_enabled() else None
+        p = block[1](y)
+        pointwise_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (p, *block[3].parameters()))
+        if fused_bn is not None and pointwise_act is not None and _bn_is_eval_affine(block[3]) \
+                and type(block[3]) is nn.BatchNorm2d and not pointwise_grad and kernels.layout(p) is not None:
+            return fused_bn.eval_act_batch_norm(p, block[3], pointwise_act)
+        return block[3](block[2](p))
     if fused_bn is not None and fused_bn.supports(x, bn):
         y = fused_bn.act_batch_norm(kernels.depthwise_conv2d(x, dw.weight, dw.bias), bn, activation, skip=x)
     else:
         y = bn(kernels.depthwise_conv2d(x, dw.weight, dw.bias, activation)) + x
     p = block[1](y)
-    pointwise_act = activation_name(block[2])
     if fused_bn is not None and pointwise_act is not None and fused_bn.supports(p, block[3]):
         return fused_bn.act_batch_norm(p, block[3], pointwise_act)
     return block[3](block[2](p))

@@ -279,3 +279,30 @@ def act_batch_norm(src: torch.Tensor, bn: nn.BatchNorm2d, activation: str = "non
                          f"channels_last input with more than one value per channel, got {tuple(src.shape)}")
     return _ActBatchNorm.apply(src, skip, bn.weight, bn.bias, bn, activation)
 
+
+@torch.no_grad()
+def eval_act_batch_norm(src: torch.Tensor, bn: nn.BatchNorm2d, activation: str) -> torch.Tensor:
+    """`bn(act(src))` with `bn` in eval mode (running statistics), in one pass; inference only, no autograd."""
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    if bn.training or bn.running_mean is None or _memory_format_or_none(src) is None:
+        raise ValueError("eval_act_batch_norm needs an eval-mode nn.BatchNorm2d with running statistics and a "
+                         f"contiguous NCHW or channels_last input, got {tuple(src.shape)}")
+    mean = bn.running_mean.float().contiguous()
+    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+    shift = torch.zeros_like(scale)
+    if bn.weight is not None:
+        scale = scale * bn.weight.float()
+        shift = bn.bias.float().contiguous()
+    out = torch.empty_like(src)
+    _launch(_apply_kernel, src, src, src, out, mean, scale.contiguous(), shift, ACT=ACTIVATIONS[activation],
+            HAS_SKIP=False)
+    return out
+
+
+def _memory_format_or_none(x: torch.Tensor) -> torch.memory_format | None:
+    if x.dim() != 4:
+        return None
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None

@@ -5,19 +5,20 @@
 #   STAGES="op tests" bash scripts/gpu_check.sh       # a subset of the stages below
 #
 # Results are written under $RES and packed after every stage into $OUT/gpu_check.tgz (plus
-# $OUT/progress.log), so a run cut short still returns the stages it finished in two files. Each stage's
+# $OUT/progress.log and, at the end, $OUT/summary.txt), so a run cut short still returns the stages it
+# finished in at most three files (the device tool returns 8 at most: copy nothing else into $OUT). Each stage's
 # timeout is capped by what is left of $BUDGET, so the last pack always happens inside the call.
 #
 # Stages, in order (default: all but trainer):
 #   op        one depthwise conv + GELU per block shape (1536 x 32 x 32 9x9; 768 x 32 x 32 7x7; 1024 x 16 x 16
 #             9x9; batch 64), fwd and fwd+bwd: PyTorch NCHW and channels_last, the Triton direct, tensor-core
 #             and channels_last kernels
-#   tests     the kernel tests (depthwise and fused BatchNorm) with the compiled kernels at full ConvMixer
-#             shapes (xdist workers) -> the NCHW model stages use the tensor-core kernels only if these pass
-#             and the op stage found them faster at 1536/9x9; otherwise CONVMIXER_DW_KERNEL=direct (logged)
 #   bench_cl  scripts/benchmark.py, the three ImageNet variants in channels_last with the channels_last kernels
 #             (CONVMIXER_FAST_CHANNELS_LAST=1), train (batch 64) and infer (256), timm in channels_last
 #   bench_cl_bn  the same, training only, with the fused BatchNorm as well (CONVMIXER_FAST_BATCHNORM=1)
+#   tests     the kernel tests (depthwise and fused BatchNorm) with the compiled kernels at full ConvMixer
+#             shapes (xdist workers) -> the NCHW model stages use the tensor-core kernels only if these pass
+#             and the op stage found them faster at 1536/9x9; otherwise CONVMIXER_DW_KERNEL=direct (logged)
 #   bench     the three variants in NCHW (our NCHW kernels, timm NCHW), train and infer
 #   bench_bn  NCHW training with the fused BatchNorm
 #   train_cl  scripts/check_fast_training.py --channels-last with the fused BatchNorm: 50 steps fast vs plain
@@ -28,13 +29,14 @@
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 RES=${RES:-/tmp/gpu_check_results}
-STAGES=${STAGES:-"op tests bench_cl bench_cl_bn bench bench_bn train_cl profile"}
+STAGES=${STAGES:-"op bench_cl bench_cl_bn tests bench bench_bn train_cl profile"}
 BUDGET=${BUDGET:-600}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RES"
 log() { echo "[$(date -u +%T) +${SECONDS}s] $*" | tee -a "$RES/progress.log"; }
-pack() { tar czf "$OUT/gpu_check.tgz" -C "$RES" . && cp "$RES/progress.log" "$OUT/"; }
+pack() { tar czf "$OUT/gpu_check.tgz" -C "$RES" . && cp "$RES/progress.log" "$OUT/" \
+  && { [ ! -f "$RES/summary.txt" ] || cp "$RES/summary.txt" "$OUT/"; }; }
 # stage NAME WANT: run stage NAME if selected and at least 30 s are left; LIMIT = min(WANT, what is left - 10).
 stage() {
   case " $STAGES " in *" $1 "*) ;; *) return 1 ;; esac
@@ -65,6 +67,20 @@ if stage op 80; then
 print('yes' if r['triton_mma'] < r['triton_direct'] else 'no')" 2>/dev/null || echo unknown)
   pack
 fi
+if stage bench_cl 150; then
+  CONVMIXER_FAST_CHANNELS_LAST=1 timeout "$LIMIT" $PY scripts/benchmark.py --channels-last \
+    --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH --json "$RES/bench_cl.json" \
+    > "$RES/bench_cl.log" 2>&1
+  log "bench_cl exit $?"
+  pack
+fi
+if stage bench_cl_bn 100; then
+  CONVMIXER_FAST_CHANNELS_LAST=1 CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY scripts/benchmark.py \
+    --channels-last --mode train --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
+    --json "$RES/bench_cl_bn.json" > "$RES/bench_cl_bn.log" 2>&1
+  log "bench_cl_bn exit $?"
+  pack
+fi
 TESTS_OK=unknown
 if stage tests 150; then
   timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py tests/test_batchnorm_kernel.py -q -p no:cacheprovider -n 8 \
@@ -80,20 +96,6 @@ else
   export CONVMIXER_DW_KERNEL=direct
 fi
 log "kernel set for the model stages: $CONVMIXER_DW_KERNEL (mma faster: $MMA_FASTER, kernel tests pass: $TESTS_OK)"
-if stage bench_cl 150; then
-  CONVMIXER_FAST_CHANNELS_LAST=1 timeout "$LIMIT" $PY scripts/benchmark.py --channels-last \
-    --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH --json "$RES/bench_cl.json" \
-    > "$RES/bench_cl.log" 2>&1
-  log "bench_cl exit $?"
-  pack
-fi
-if stage bench_cl_bn 100; then
-  CONVMIXER_FAST_CHANNELS_LAST=1 CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY scripts/benchmark.py \
-    --channels-last --mode train --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
-    --json "$RES/bench_cl_bn.json" > "$RES/bench_cl_bn.log" 2>&1
-  log "bench_cl_bn exit $?"
-  pack
-fi
 if stage bench 150; then
   timeout "$LIMIT" $PY scripts/benchmark.py --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
     --json "$RES/bench_nchw.json" > "$RES/bench.log" 2>&1

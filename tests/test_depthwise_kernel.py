@@ -425,6 +425,10 @@ variants.append((bn._finalize_kernel, dict(sum_ptr="*fp32", m2_ptr="*fp32", coun
                                            scale_ptr="*fp32", shift_ptr="*fp32", eps="fp32", factor="fp32",
                                            unbias="fp32"),
                  dict(AFFINE=True, UPDATE=True, BLOCK_T=32, BLOCK_C=128), 4))
+variants.append((bn._finalize_grad_kernel, dict(s1_ptr="*fp32", s2_ptr="*fp32", T="i32", C="i32", n="fp32",
+                                                weight_ptr="*fp32", rstd_ptr="*fp32", a_ptr="*fp32", b_ptr="*fp32",
+                                                k_ptr="*fp32", d_weight_ptr="*fp32", d_bias_ptr="*fp32"),
+                 dict(AFFINE=True, BLOCK_T=32, BLOCK_C=128), 4))
 cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 for t in ("bf16", "fp32"):
     for fn, sig, constexprs, warps in variants:

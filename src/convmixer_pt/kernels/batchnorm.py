@@ -143,6 +143,31 @@ def _grad_sums_kernel(grad_ptr, src_ptr, mean_ptr, s1_ptr, s2_ptr, n_outer, C, n
 
 
 @triton.jit
+def _finalize_grad_kernel(s1_ptr, s2_ptr, T, C, n, weight_ptr, rstd_ptr, a_ptr, b_ptr, k_ptr, d_weight_ptr,
+                          d_bias_ptr, AFFINE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sums over the tiles, the coefficients of d src, and the weight and bias gradients, in one launch:
+    d act(src) = gamma * rstd * (grad - s1 / n - (act(src) - mean) * rstd^2 * s2 / n)."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < C
+    s1 = tl.full([BLOCK_C], 0.0, tl.float32)
+    s2 = tl.full([BLOCK_C], 0.0, tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = (t < T)[:, None] & c_ok[None, :]
+        s1 += tl.reduce(tl.load(s1_ptr + t[:, None] * C + c[None, :], mask=ok, other=0.0), 0, SUM)
+        s2 += tl.reduce(tl.load(s2_ptr + t[:, None] * C + c[None, :], mask=ok, other=0.0), 0, SUM)
+    rstd = tl.load(rstd_ptr + c, mask=c_ok, other=0.0)
+    a = rstd
+    if AFFINE:
+        a = tl.load(weight_ptr + c, mask=c_ok, other=0.0).to(tl.float32) * rstd
+        tl.store(d_weight_ptr + c, s2 * rstd, mask=c_ok)
+        tl.store(d_bias_ptr + c, s1, mask=c_ok)
+    tl.store(a_ptr + c, a, mask=c_ok)
+    tl.store(b_ptr + c, -a * rstd * rstd * s2 / n, mask=c_ok)
+    tl.store(k_ptr + c, -a * s1 / n, mask=c_ok)
+
+
+@triton.jit
 def _grad_kernel(grad_ptr, src_ptr, out_ptr, mean_ptr, a_ptr, b_ptr, k_ptr, n_outer, C, n_inner, ACT: tl.constexpr,
                  BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
     """d src = (a * grad + b * (act(src) - mean) + k) * act'(src), per channel a, b, k."""
@@ -251,16 +276,16 @@ class _ActBatchNorm(torch.autograd.Function):
         s1, s2 = torch.empty(tiles, c, **f32), torch.empty(tiles, c, **f32)
         act_id = ACTIVATIONS[ctx.activation]
         _launch(_grad_sums_kernel, src, grad, src, mean, s1, s2, ACT=act_id)
-        s1, s2 = s1.sum(0), s2.sum(0)
-        gamma = weight.float() if weight is not None else torch.ones_like(rstd)
-        # d act(src) = gamma * rstd * (grad - s1 / n - (y - mean) * rstd^2 * s2 / n)
-        a = gamma * rstd
-        b = -a * rstd * rstd * s2 / n
-        k = -a * s1 / n
+        a, b, k, d_weight, d_bias = (torch.empty(c, **f32) for _ in range(5))
+        affine = weight is not None
+        with _on_device_of(src):
+            _finalize_grad_kernel[(triton.cdiv(c, 128),)](
+                s1, s2, tiles, c, float(n), weight if affine else rstd, rstd, a, b, k, d_weight, d_bias,
+                AFFINE=affine, BLOCK_T=32, BLOCK_C=128, num_warps=4)
         d_src = torch.empty_like(src)
         _launch(_grad_kernel, src, grad, src, d_src, mean, a, b, k, ACT=act_id)
-        d_weight = (s2 * rstd).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
-        d_bias = s1.to(weight.dtype) if weight is not None and ctx.needs_input_grad[3] else None
+        d_weight = d_weight.to(weight.dtype) if affine and ctx.needs_input_grad[2] else None
+        d_bias = d_bias.to(weight.dtype) if affine and ctx.needs_input_grad[3] else None
         return d_src, grad if ctx.has_skip else None, d_weight, d_bias, None, None
 
 

@@ -168,7 +168,7 @@ def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
     kernels_ran = cfg.fast and impl == "convmixer_pt" and torch.device(cfg.device).type == "cuda"
     row.update(fast=cfg.fast if impl == "convmixer_pt" else None,
                dw_kernel=_dw_kernel(cfg.channels_last) if kernels_ran else None,
-               fused_bn=batchnorm_enabled() if kernels_ran and cfg.mode == "train" else None,
+               fused_bn=batchnorm_enabled() if kernels_ran else None,
                step_ms=seconds * 1e3,
                img_per_s=cfg.batch_size / seconds, tflops=flops / seconds / 1e12, peak_mem_mib=peak,
                **_versions(device))

@@ -1,4 +1,5 @@
-"""The fused activation + training-mode BatchNorm (+ residual) kernels against nn.BatchNorm2d in float64.
+"""The fused activation + training-mode BatchNorm (+ residual) kernels against nn.BatchNorm2d in float64, and
+the whole residual branch x + BN(act(dwconv(x))) as one function.
 
 Without CUDA the kernels run in Triton's CPU interpreter at small shapes (tests/triton_env.py); with CUDA
 the compiled kernels run at full ConvMixer shapes.
@@ -19,6 +20,8 @@ if importlib.util.find_spec("triton") is None:
 from triton_env import DEVICE, ON_GPU, import_kernels, interpreter_or_exact_fp32  # noqa: E402, F401
 
 kb = import_kernels("batchnorm")
+residual = import_kernels("residual")
+dw = import_kernels("depthwise")
 
 SHAPES = [(64, 1536, 32, 32), (3, 100, 17, 14)] if ON_GPU else [(2, 5, 13, 13), (3, 70, 7, 12)]
 MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -140,3 +143,52 @@ def test_inference_form_uses_the_running_statistics(layout, act, affine):
     assert out.is_contiguous(memory_format=MEMORY[layout]) and rel_err(out, ref) < 1e-5
     with pytest.raises(ValueError, match="needs an eval-mode nn.BatchNorm2d"):
         kb.eval_act_batch_norm(src, bn.train(), act)
+
+
+@pytest.mark.parametrize(("layout", "dtype", "act", "variant"), [
+    ("nchw", torch.float32, "gelu", "direct"), ("nhwc", torch.float32, "relu", "direct"),
+    ("nhwc", torch.bfloat16, "gelu", "direct"), ("nchw", torch.bfloat16, "gelu", "mma")])
+def test_residual_branch_matches_float64(layout, dtype, act, variant, monkeypatch):
+    """x + BN(act(dwconv(x) + b)): output, all five gradients (the input's includes the skip's, added by the
+    input-gradient kernel) and the running statistics."""
+    monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
+    shape = SHAPES[0]
+    src, _, bn, grad = make_case(shape, layout, dtype=dtype, seed=3)
+    conv = torch.nn.Conv2d(shape[1], shape[1], 5, padding=2, groups=shape[1]).to(DEVICE)
+    with torch.no_grad():
+        gen = torch.Generator(device=DEVICE).manual_seed(4)
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=gen, device=DEVICE) / 5)
+        conv.bias.copy_(torch.randn(shape[1], generator=gen, device=DEVICE))
+    ref_conv, ref_bn = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    x = src.detach().requires_grad_()
+    assert residual.supports(x, conv, bn)
+    out = residual.residual_depthwise_batch_norm(x, conv, bn, act)
+    out.backward(grad)
+    rx = src.detach().double().requires_grad_()
+    ref_pre = ref_conv(rx)
+    ref_pre.retain_grad()
+    ref = rx + ref_bn(ACT[act](ref_pre))
+    ref.backward(grad.double())
+    tol = TOLERANCE[dtype]
+    errors = {name: rel_err(a, b) for name, a, b in [
+        ("out", out, ref), ("grad_x", x.grad, rx.grad), ("grad_w", conv.weight.grad, ref_conv.weight.grad),
+        ("grad_gamma", bn.weight.grad, ref_bn.weight.grad), ("grad_beta", bn.bias.grad, ref_bn.bias.grad),
+        ("running_var", bn.running_var, ref_bn.running_var)]}
+    # The conv bias gradient is the sum of the pre-activation gradient, which BatchNorm's backward makes
+    # cancel almost exactly (a shift of BN's input changes nothing): measure its error against the sum of
+    # the terms' magnitudes, not against the near-zero result.
+    magnitude = ref_pre.grad.abs().sum((0, 2, 3))
+    errors["grad_b"] = ((conv.bias.grad.double() - ref_conv.bias.grad).abs() / magnitude).max().item()
+    assert all(e < tol for e in errors.values()), errors
+    assert out.dtype == dtype and x.grad.is_contiguous(memory_format=MEMORY[layout])
+
+
+def test_residual_branch_is_refused_where_autocast_would_cast_the_input():
+    x = torch.randn(2, 4, 5, 5, device=DEVICE)
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1, groups=4).to(DEVICE)
+    bn = torch.nn.BatchNorm2d(4).to(DEVICE)
+    assert residual.supports(x, conv, bn)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        assert not residual.supports(x, conv, bn)  # fp32 input, bf16 convolution: the skip would differ
+        with pytest.raises(ValueError, match=r"cannot take input \(2, 4, 5, 5\) torch.float32"):
+            residual.residual_depthwise_batch_norm(x, conv, bn, "gelu")

@@ -287,16 +287,18 @@ def test_fused_batchnorm_runs_only_when_switched_on(monkeypatch):
     x = torch.randn(IMG, device=DEVICE)
     calls = []
     bn_kernels = import_kernels("batchnorm")
-    for name in ("act_batch_norm", "eval_act_batch_norm"):
-        original = getattr(bn_kernels, name)
-        monkeypatch.setattr(bn_kernels, name, lambda *a, name=name, original=original, **k:
+    residual = import_kernels("residual")
+    for module, name in [(bn_kernels, "act_batch_norm"), (bn_kernels, "eval_act_batch_norm"),
+                         (residual, "residual_depthwise_batch_norm")]:
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, name=name, original=original, **k:
                             calls.append(name) or original(*a, **k))
     monkeypatch.delenv("CONVMIXER_FAST_BATCHNORM", raising=False)
     fast(x)
     assert calls == []
     monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", "1")
     out = fast(x)
-    assert calls == ["act_batch_norm"] * 2 * MODEL_KW["depth"]  # both BatchNorms of every block
+    assert calls == ["residual_depthwise_batch_norm", "act_batch_norm"] * MODEL_KW["depth"]  # both BNs per block
     assert rel_err(out, plain(x).double()) < 1e-5
     calls.clear()
     fast.eval()
@@ -359,7 +361,7 @@ from convmixer_pt.kernels import depthwise_nhwc as nhwc
 assert not dw.interpreted()
 common = dict(KH=9, KW=9, PH=4, PW=4)
 conv_sig = dict(x_ptr="*{t}", w_ptr="*fp32", b_ptr="*fp32", scale_ptr="*fp32", shift_ptr="*fp32", out_ptr="*{t}",
-                pre_ptr="*{t}", C="i32", H="i32", W="i32")
+                pre_ptr="*{t}", add_ptr="*{t}", C="i32", H="i32", W="i32")
 wgrad_sig = dict(x_ptr="*{t}", gy_ptr="*{t}", dw_ptr="*fp32", db_ptr="*fp32", N="i32", C="i32", H="i32", W="i32",
                  n_per_split="i32")
 act_sig = dict(g_ptr="*{t}", pre_ptr="*{t}", gy_ptr="*{t}", numel="i32")
@@ -371,11 +373,11 @@ conv_cfg = dw.conv_launch_config(32 * 32)  # 1536/20 at 224: 32x32 planes, 9x9
 block_w, rows, wgrad_warps = dw.wgrad_launch_config(32)
 variants = [
     (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=1, HAS_BIAS=True, ACT=1, SAVE_PRE=True, AFFINE_RESIDUAL=False,
-                                        BLOCK=conv_cfg[0]), conv_cfg[1]),
+                                        ADD=False, BLOCK=conv_cfg[0]), conv_cfg[1]),
     (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=-1, HAS_BIAS=False, ACT=0, SAVE_PRE=False,
-                                        AFFINE_RESIDUAL=False, BLOCK=conv_cfg[0]), conv_cfg[1]),
+                                        AFFINE_RESIDUAL=False, ADD=True, BLOCK=conv_cfg[0]), conv_cfg[1]),
     (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=1, HAS_BIAS=True, ACT=3, SAVE_PRE=False, AFFINE_RESIDUAL=True,
-                                        BLOCK=conv_cfg[0]), conv_cfg[1]),
+                                        ADD=False, BLOCK=conv_cfg[0]), conv_cfg[1]),
     (dw._dw_wgrad_kernel, wgrad_sig, dict(common, NEED_W=True, C8=8, C4=0, C2=0, C1=1, BLOCK_W=block_w, ROWS=rows,
                                           ROW_FIRST=True), wgrad_warps),
     (dw.act_grad_kernel, act_sig, dict(ACT=1, BLOCK=1024), 4),
@@ -386,9 +388,9 @@ for bh, mma_warps in dw.MMA_TUNING:  # every configuration the GPU may pick; bf1
     mma = dict(common, BH=bh, BW=bw, BK=bk, UPCAST=False)
     variants += [
         (dw._dw_conv_mma_kernel, mma_conv_sig, dict(mma, HAS_BIAS=True, ACT=1, SAVE_PRE=True,
-                                                    AFFINE_RESIDUAL=False), mma_warps),
+                                                    AFFINE_RESIDUAL=False, ADD=False), mma_warps),
         (dw._dw_conv_mma_kernel, mma_conv_sig, dict(mma, HAS_BIAS=True, ACT=2, SAVE_PRE=False,
-                                                    AFFINE_RESIDUAL=True), mma_warps),
+                                                    AFFINE_RESIDUAL=True, ADD=False), mma_warps),
         (dw._dw_wgrad_mma_kernel, wgrad_sig, mma, mma_warps),
     ]
 nhwc_common = dict(common, C=1536, W=32)
@@ -396,11 +398,11 @@ for th, tw, block_c, warps in nhwc.NHWC_CONV_TUNING:
     tile = dict(nhwc_common, TH=th, TW=tw, BLOCK_C=block_c)
     variants += [
         (nhwc._dw_conv_nhwc_kernel, nhwc_conv_sig, dict(tile, SIGN=1, HAS_BIAS=True, ACT=1, SAVE_PRE=True,
-                                                        AFFINE_RESIDUAL=False), warps),
+                                                        AFFINE_RESIDUAL=False, ADD=False), warps),
         (nhwc._dw_conv_nhwc_kernel, nhwc_conv_sig, dict(tile, SIGN=-1, HAS_BIAS=False, ACT=0, SAVE_PRE=False,
-                                                        AFFINE_RESIDUAL=False), warps),
+                                                        AFFINE_RESIDUAL=False, ADD=True), warps),
         (nhwc._dw_conv_nhwc_kernel, nhwc_conv_sig, dict(tile, SIGN=1, HAS_BIAS=True, ACT=2, SAVE_PRE=False,
-                                                        AFFINE_RESIDUAL=True), warps),
+                                                        AFFINE_RESIDUAL=True, ADD=False), warps),
     ]
 for p, warps in nhwc.NHWC_WGRAD_TUNING:
     variants.append((nhwc._dw_wgrad_nhwc_kernel, nhwc_wgrad_sig, dict(nhwc_common, NEED_W=True, C8=8, C4=0, C2=0, C1=1,

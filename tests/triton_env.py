@@ -17,7 +17,7 @@ import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
-KERNEL_MODULES = ("activations", "depthwise_nhwc", "batchnorm", "depthwise")  # dependencies first
+KERNEL_MODULES = ("activations", "depthwise_nhwc", "batchnorm", "depthwise", "residual")  # dependencies first
 
 
 def import_kernels(name: str) -> ModuleType:

@@ -8,10 +8,11 @@ the fast path on loads with it off and vice versa.
 Per block, `Residual(dw conv, act, BN) -> 1x1 conv -> act -> BN`:
 - training (or whenever autograd needs gradients): one kernel computes act(dw(x) + b) and keeps the
   pre-activation; BatchNorm (batch statistics, running-stat updates) and the residual add run in PyTorch
-  through the block's own modules. With CONVMIXER_FAST_BATCHNORM=1 (untimed, so off by default) the kernel
-  computes dw(x) + b only, and `kernels.batchnorm` computes BN(act(.)) + x, and BN(act(.)) after the 1x1
-  convolution, in two passes each way; in inference it also computes BN(act(.)) after the 1x1 convolution
-  in one pass.
+  through the block's own modules. With CONVMIXER_FAST_BATCHNORM=1 (untimed, so off by default) the
+  residual branch x + BN(act(dw(x) + b)) is one function (`kernels.residual`: the depthwise kernel adds the
+  bias only, `kernels.batchnorm` computes BN(act(.)) + x in two passes each way, and the input gradient
+  kernel adds the skip's gradient), and BN(act(.)) after the 1x1 convolution is fused the same way; in
+  inference it also computes BN(act(.)) after the 1x1 convolution in one pass.
 - inference (BN in eval mode and no gradient needed): one kernel computes x + BN(act(dw(x) + b)) with
   BN folded to a per-channel scale and shift.
 The 1x1 convolution, its activation and BN run through the block's own modules in both cases.
@@ -87,6 +88,12 @@ def _batchnorm_kernels() -> ModuleType:
     from .kernels import batchnorm  # Triton is there: the depthwise kernels imported
 
     return batchnorm
+
+
+def _residual_kernels() -> ModuleType:
+    from .kernels import residual
+
+    return residual
 
 
 def activation_name(module: nn.Module) -> str | None:
@@ -171,7 +178,9 @@ def run_fused(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
                 and type(block[3]) is nn.BatchNorm2d and not pointwise_grad and kernels.layout(p) is not None:
             return fused_bn.eval_act_batch_norm(p, block[3], pointwise_act)
         return block[3](block[2](p))
-    if fused_bn is not None and fused_bn.supports(x, bn):
+    if fused_bn is not None and _residual_kernels().supports(x, dw, bn):
+        y = _residual_kernels().residual_depthwise_batch_norm(x, dw, bn, activation)
+    elif fused_bn is not None and fused_bn.supports(x, bn):
         y = fused_bn.act_batch_norm(kernels.depthwise_conv2d(x, dw.weight, dw.bias), bn, activation, skip=x)
     else:
         y = bn(kernels.depthwise_conv2d(x, dw.weight, dw.bias, activation)) + x

@@ -229,37 +229,70 @@ def supports(x: torch.Tensor, bn: nn.Module) -> bool:
         and x.numel() // x.shape[1] > 1
 
 
+def bn_forward(src: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tensor | None,
+               bias: torch.Tensor | None, bn: nn.BatchNorm2d, activation: str,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(bn(act(src)) [+ skip], batch mean, 1/std), updating bn's running statistics; no autograd."""
+    o, c, i = _view(src)
+    n = o * i
+    tiles = _tiles(src)
+    f32 = dict(device=src.device, dtype=torch.float32)
+    sums, m2s, counts = torch.empty(tiles, c, **f32), torch.empty(tiles, c, **f32), torch.empty(tiles, **f32)
+    act_id = ACTIVATIONS[activation]
+    _launch(_stats_kernel, src, src, sums, m2s, counts, ACT=act_id)
+    mean, rstd, scale, shift = (torch.empty(c, **f32) for _ in range(4))
+    update = bn.track_running_stats and bn.running_mean is not None
+    factor = 0.0
+    if update:
+        bn.num_batches_tracked.add_(1)
+        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    affine = weight is not None
+    dummy = mean
+    with _on_device_of(src):
+        _finalize_kernel[(triton.cdiv(c, 128),)](
+            sums, m2s, counts, tiles, c, float(n), weight if affine else dummy, bias if affine else dummy,
+            bn.running_mean if update else dummy, bn.running_var if update else dummy,
+            mean, rstd, scale, shift, bn.eps, factor, n / (n - 1),
+            AFFINE=affine, UPDATE=update, BLOCK_T=32, BLOCK_C=128, num_warps=4)
+    # The dtype `bn(act(src)) + skip` has in PyTorch (the skip may be wider than src).
+    out = torch.empty_like(src, dtype=torch.result_type(src, skip) if skip is not None else src.dtype)
+    if skip is not None:
+        skip = skip.contiguous(memory_format=_memory_format(src))
+    _launch(_apply_kernel, src, src, skip if skip is not None else src, out, mean, scale, shift, ACT=act_id,
+            HAS_SKIP=skip is not None)
+    return out, mean, rstd
+
+
+def bn_backward(src: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
+                activation: str, grad: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(gradient of src, of the BN weight, of the BN bias; None without affine) from the output's gradient."""
+    grad = grad.contiguous(memory_format=_memory_format(src))
+    o, c, i = _view(src)
+    n = o * i
+    tiles = _tiles(src)
+    f32 = dict(device=src.device, dtype=torch.float32)
+    s1, s2 = torch.empty(tiles, c, **f32), torch.empty(tiles, c, **f32)
+    act_id = ACTIVATIONS[activation]
+    _launch(_grad_sums_kernel, src, grad, src, mean, s1, s2, ACT=act_id)
+    a, b, k, d_weight, d_bias = (torch.empty(c, **f32) for _ in range(5))
+    affine = weight is not None
+    with _on_device_of(src):
+        _finalize_grad_kernel[(triton.cdiv(c, 128),)](
+            s1, s2, tiles, c, float(n), weight if affine else rstd, rstd, a, b, k, d_weight, d_bias,
+            AFFINE=affine, BLOCK_T=32, BLOCK_C=128, num_warps=4)
+    d_src = torch.empty_like(src)
+    _launch(_grad_kernel, src, grad, src, d_src, mean, a, b, k, ACT=act_id)
+    if not affine:
+        return d_src, None, None
+    return d_src, d_weight.to(weight.dtype), d_bias.to(weight.dtype)
+
+
 class _ActBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, src: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tensor | None,  # type: ignore[override]
                 bias: torch.Tensor | None, bn: nn.BatchNorm2d, activation: str) -> torch.Tensor:
-        o, c, i = _view(src)
-        n = o * i
-        tiles = _tiles(src)
-        f32 = dict(device=src.device, dtype=torch.float32)
-        sums, m2s, counts = torch.empty(tiles, c, **f32), torch.empty(tiles, c, **f32), torch.empty(tiles, **f32)
-        act_id = ACTIVATIONS[activation]
-        _launch(_stats_kernel, src, src, sums, m2s, counts, ACT=act_id)
-        mean, rstd, scale, shift = (torch.empty(c, **f32) for _ in range(4))
-        update = bn.track_running_stats and bn.running_mean is not None
-        factor = 0.0
-        if update:
-            bn.num_batches_tracked.add_(1)
-            factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-        affine = weight is not None
-        dummy = mean
-        with _on_device_of(src):
-            _finalize_kernel[(triton.cdiv(c, 128),)](
-                sums, m2s, counts, tiles, c, float(n), weight if affine else dummy, bias if affine else dummy,
-                bn.running_mean if update else dummy, bn.running_var if update else dummy,
-                mean, rstd, scale, shift, bn.eps, factor, n / (n - 1),
-                AFFINE=affine, UPDATE=update, BLOCK_T=32, BLOCK_C=128, num_warps=4)
-        # The dtype `bn(act(src)) + skip` has in PyTorch (the skip may be wider than src).
-        out = torch.empty_like(src, dtype=torch.result_type(src, skip) if skip is not None else src.dtype)
-        if skip is not None:
-            skip = skip.contiguous(memory_format=_memory_format(src))
-        _launch(_apply_kernel, src, src, skip if skip is not None else src, out, mean, scale, shift, ACT=act_id,
-                HAS_SKIP=skip is not None)
+        out, mean, rstd = bn_forward(src, skip, weight, bias, bn, activation)
         ctx.save_for_backward(src, weight, mean, rstd)
         ctx.activation, ctx.has_skip = activation, skip is not None
         return out
@@ -268,24 +301,7 @@ class _ActBatchNorm(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         src, weight, mean, rstd = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=_memory_format(src))
-        o, c, i = _view(src)
-        n = o * i
-        tiles = _tiles(src)
-        f32 = dict(device=src.device, dtype=torch.float32)
-        s1, s2 = torch.empty(tiles, c, **f32), torch.empty(tiles, c, **f32)
-        act_id = ACTIVATIONS[ctx.activation]
-        _launch(_grad_sums_kernel, src, grad, src, mean, s1, s2, ACT=act_id)
-        a, b, k, d_weight, d_bias = (torch.empty(c, **f32) for _ in range(5))
-        affine = weight is not None
-        with _on_device_of(src):
-            _finalize_grad_kernel[(triton.cdiv(c, 128),)](
-                s1, s2, tiles, c, float(n), weight if affine else rstd, rstd, a, b, k, d_weight, d_bias,
-                AFFINE=affine, BLOCK_T=32, BLOCK_C=128, num_warps=4)
-        d_src = torch.empty_like(src)
-        _launch(_grad_kernel, src, grad, src, d_src, mean, a, b, k, ACT=act_id)
-        d_weight = d_weight.to(weight.dtype) if affine and ctx.needs_input_grad[2] else None
-        d_bias = d_bias.to(weight.dtype) if affine and ctx.needs_input_grad[3] else None
+        d_src, d_weight, d_bias = bn_backward(src, weight, mean, rstd, ctx.activation, grad)
         return d_src, grad if ctx.has_skip else None, d_weight, d_bias, None, None
 
 

@@ -66,9 +66,11 @@ MMA_TUNING = ((16, 4), (32, 4), (32, 8))  # (BH, num_warps) tried per shape by t
 
 
 @triton.jit
-def _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
-              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, AFFINE_RESIDUAL: tl.constexpr):
-    """Both conv kernels' ending: bias, the pre-activation copy, the activation, the inference branch."""
+def _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr, add_ptr,
+              HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr, AFFINE_RESIDUAL: tl.constexpr,
+              ADD: tl.constexpr):
+    """Both conv kernels' ending: bias, the pre-activation copy, the activation, the inference branch, and a
+    tensor added to the result (the residual's gradient, in the input gradient)."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
     if SAVE_PRE:
@@ -77,15 +79,17 @@ def _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, 
     if AFFINE_RESIDUAL:
         skip = tl.load(x_plane + offs, mask=inside, other=0.0).to(tl.float32)
         y = skip + y * tl.load(scale_ptr + c).to(tl.float32) + tl.load(shift_ptr + c).to(tl.float32)
+    if ADD:
+        y += tl.load(add_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_ptr + base + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit
-def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
+def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr, add_ptr,
                     C, H, W,
                     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                     SIGN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
-                    AFFINE_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                    AFFINE_RESIDUAL: tl.constexpr, ADD: tl.constexpr, BLOCK: tl.constexpr):
     plane = tl.program_id(0)
     c = plane % C
     hw = H * W
@@ -109,8 +113,8 @@ def _dw_conv_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
             ok = row_ok & ((w + dw).to(tl.uint32) < W)
             v = tl.load(row_ptr + dw, mask=ok, other=0.0).to(tl.float32)
             acc += v * tl.load(w_chan + (i * KW + j)).to(tl.float32)
-    _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
-              HAS_BIAS, ACT, SAVE_PRE, AFFINE_RESIDUAL)
+    _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr, add_ptr,
+              HAS_BIAS, ACT, SAVE_PRE, AFFINE_RESIDUAL, ADD)
 
 
 @triton.jit
@@ -196,12 +200,12 @@ def _window(x_plane, rows, u, H, W, DH: tl.constexpr):
 
 
 @triton.jit
-def _dw_conv_mma_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
+def _dw_conv_mma_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr, add_ptr,
                         C, H, W,
                         KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                         HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
-                        AFFINE_RESIDUAL: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BK: tl.constexpr,
-                        UPCAST: tl.constexpr):
+                        AFFINE_RESIDUAL: tl.constexpr, ADD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                        BK: tl.constexpr, UPCAST: tl.constexpr):
     plane = tl.program_id(0)
     c = plane % C
     base = plane.to(tl.int64) * H * W
@@ -222,8 +226,8 @@ def _dw_conv_mma_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_
         acc = tl.dot(xt, toeplitz, acc, input_precision="ieee")
     offs = rows[:, None] * W + cols[None, :]
     inside = (rows < H)[:, None] & (cols < W)[None, :]
-    _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr,
-              HAS_BIAS, ACT, SAVE_PRE, AFFINE_RESIDUAL)
+    _epilogue(acc, c, base, offs, inside, x_plane, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr, add_ptr,
+              HAS_BIAS, ACT, SAVE_PRE, AFFINE_RESIDUAL, ADD)
 
 
 @triton.jit
@@ -283,6 +287,9 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
     return None
 
 
+_MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
 def layout(x: torch.Tensor) -> str | None:
     """'nchw' (contiguous), 'nhwc' (channels_last) or None: the two memory layouts the kernels read. A tensor
     that is both (one channel, or a 1x1 plane) counts as NCHW."""
@@ -322,7 +329,8 @@ def _autotuned(kernel: triton.JITFunction) -> triton.runtime.Autotuner:
     """`kernel` with BH and num_warps timed once per shape (first call) among MMA_TUNING. The kernels only
     write their outputs, so the timing runs leave them correct."""
     configs = [triton.Config({"BH": bh}, num_warps=warps) for bh, warps in MMA_TUNING]
-    return triton.autotune(configs, key=["C", "H", "W", "KH", "KW", "HAS_BIAS", "SAVE_PRE", "AFFINE_RESIDUAL"])(kernel)
+    return triton.autotune(configs, key=["C", "H", "W", "KH", "KW", "HAS_BIAS", "SAVE_PRE", "AFFINE_RESIDUAL",
+                                         "ADD"])(kernel)
 
 
 def _launch_mma(kernel: triton.JITFunction, grid: Callable[[int], tuple[int, ...]], x: torch.Tensor,
@@ -370,10 +378,13 @@ def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act: str,
           save_pre: bool, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-          force_mma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+          add: torch.Tensor | None = None, force_mma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(conv(x) + b) [inference BN + residual] [+ add], pre-activation or None), in x's layout."""
+    if add is not None:
+        add = add.contiguous(memory_format=_MEMORY[layout(x)])
     if layout(x) == "nhwc":
         return nhwc.conv_nhwc(x, weight, bias, sign=sign, act_name=act, save_pre=save_pre, scale=scale,
-                              shift=shift)
+                              shift=shift, add=add)
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
     out = torch.empty_like(x)
@@ -387,19 +398,19 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, s
         weight = weight.to(x.dtype)  # tensor-core operands in the compute dtype, rounded as autocast does
         _launch_mma(_dw_conv_mma_kernel, lambda bh: (n * c, triton.cdiv(h, bh)), x, mma,
                     x, weight.contiguous(), bias if bias is not None else weight, scale if affine else weight,
-                    shift if affine else weight, out, pre if save_pre else out, c, h, w,
-                    KH=kh, KW=kw, PH=ph, PW=pw, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act],
-                    SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine)
+                    shift if affine else weight, out, pre if save_pre else out, add if add is not None else out,
+                    c, h, w, KH=kh, KW=kw, PH=ph, PW=pw, HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act],
+                    SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine, ADD=add is not None)
         return out, pre
     block, num_warps = conv_launch_config(h * w)
     grid = (n * c, triton.cdiv(h * w, block))
     with _on_device_of(x):
         _dw_conv_kernel[grid](
             x, weight.contiguous(), bias if bias is not None else weight, scale if affine else weight,
-            shift if affine else weight, out, pre if save_pre else out,
+            shift if affine else weight, out, pre if save_pre else out, add if add is not None else out,
             c, h, w,
             KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, SIGN=sign, HAS_BIAS=bias is not None,
-            ACT=ACTIVATIONS[act], SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine, BLOCK=block,
+            ACT=ACTIVATIONS[act], SAVE_PRE=save_pre, AFFINE_RESIDUAL=affine, ADD=add is not None, BLOCK=block,
             num_warps=num_warps,
         )
     return out, pre
@@ -485,8 +496,8 @@ class _DepthwiseConvAct(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight, pre = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        memory = torch.channels_last if layout(x) == "nhwc" else torch.contiguous_format
-        gy, dw, db = _wgrad(x, grad.contiguous(memory_format=memory), pre, tuple(weight.shape[2:]), ctx.act, need_w)
+        gy, dw, db = _wgrad(x, grad.contiguous(memory_format=_MEMORY[layout(x)]), pre, tuple(weight.shape[2:]),
+                            ctx.act, need_w)
         gx = _conv(gy, weight, None, sign=-1, act="none", save_pre=False)[0] if need_x else None
         gw = dw.view(weight.shape).to(weight.dtype) if need_w else None
         gb = db.to(weight.dtype) if need_b and ctx.has_bias else None

@@ -38,11 +38,11 @@ WGRAD_BLOCK_C = 64
 
 
 @triton.jit
-def _dw_conv_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr, H,
+def _dw_conv_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr, add_ptr, H,
                          C: tl.constexpr, W: tl.constexpr,
                          KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                          SIGN: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
-                         AFFINE_RESIDUAL: tl.constexpr,
+                         AFFINE_RESIDUAL: tl.constexpr, ADD: tl.constexpr,
                          TH: tl.constexpr, TW: tl.constexpr, BLOCK_C: tl.constexpr):
     tiles_w: tl.constexpr = (W + TW - 1) // TW
     tiles = (H + TH - 1) // TH * tiles_w
@@ -84,6 +84,8 @@ def _dw_conv_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre
         scale = tl.load(scale_ptr + cc, mask=c_ok, other=0.0)
         shift = tl.load(shift_ptr + cc, mask=c_ok, other=0.0)
         y = skip + y * scale[None, :] + shift[None, :]
+    if ADD:
+        y += tl.load(add_ptr + img + offs, mask=inside, other=0.0).to(tl.float32)
     tl.store(out_ptr + img + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
@@ -160,7 +162,7 @@ def _conv_configs() -> list[triton.Config]:
 
 
 _CONV_TUNED = triton.autotune(_conv_configs(), key=["H", "C", "W", "KH", "KW", "SIGN", "HAS_BIAS", "SAVE_PRE",
-                                                     "AFFINE_RESIDUAL"])(_dw_conv_nhwc_kernel)
+                                                     "AFFINE_RESIDUAL", "ADD"])(_dw_conv_nhwc_kernel)
 _WGRAD_TUNED = triton.autotune([triton.Config({"P": p, "BLOCK_C": WGRAD_BLOCK_C}, num_warps=warps)
                                 for p, warps in NHWC_WGRAD_TUNING],
                                key=["N", "H", "C", "W", "KH", "KW", "NEED_W"])(_dw_wgrad_nhwc_kernel)
@@ -168,8 +170,9 @@ _WGRAD_TUNED = triton.autotune([triton.Config({"P": p, "BLOCK_C": WGRAD_BLOCK_C}
 
 def conv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act_name: str,
               save_pre: bool, scale: torch.Tensor | None, shift: torch.Tensor | None,
-              ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(act(conv(x) + b) [with the inference BN + residual], pre-activation or None) for channels_last x."""
+              add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(act(conv(x) + b) [with the inference BN + residual] [+ add], pre-activation or None) for channels_last
+    x (and add)."""
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
     out = torch.empty_like(x, memory_format=torch.channels_last)
@@ -178,10 +181,10 @@ def conv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     taps = weight.detach().float().reshape(c, kh * kw).t().contiguous()
     affine = scale is not None
     args = (x, taps, bias if bias is not None else taps, scale if affine else taps, shift if affine else taps,
-            out, pre if save_pre else out, h)
+            out, pre if save_pre else out, add if add is not None else out, h)
     constexprs = dict(C=c, W=w, KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, SIGN=sign,
                       HAS_BIAS=bias is not None, ACT=ACTIVATIONS[act_name], SAVE_PRE=save_pre,
-                      AFFINE_RESIDUAL=affine)
+                      AFFINE_RESIDUAL=affine, ADD=add is not None)
 
     def grid(meta: dict) -> tuple[int, int]:
         tiles = triton.cdiv(h, meta["TH"]) * triton.cdiv(w, meta["TW"])

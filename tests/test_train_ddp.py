@@ -85,3 +85,26 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path: Path) -> None:
     assert dist_metrics["count"] == one["count"] == 20
     assert dist_metrics["top1"] == one["top1"] and dist_metrics["top5"] == one["top5"]
     assert abs(dist_metrics["loss"] - one["loss"]) < 1e-5
+
+
+def test_several_models_are_evaluated_in_one_pass_over_the_loader(tmp_path: Path) -> None:
+    """The model and its EMA share one pass over the validation loader (each image decoded once), with the
+    same metrics as evaluating each on its own."""
+    data = make_imagefolder(tmp_path / "data", classes=4, val_per_class=5, train_per_class=2)
+    cfg = config.apply(config.TrainConfig(), dict(TINY, data_dir=str(data), batch_size=3, device="cpu"), "test")
+    env = init_distributed("cpu")
+    train, val, n = build_datasets(cfg, env)
+    _, val_loader, _, _ = build_loaders(cfg, train, val, env)
+    torch.manual_seed(0)
+    models = [engine.build_model(cfg, n), engine.build_model(cfg, n)]
+    passes = []
+
+    class Counting:
+        def __iter__(self):
+            passes.append(1)
+            return iter(val_loader)
+
+    together = engine.evaluate_models(models, Counting(), env, "none")
+    assert len(passes) == 1
+    alone = [engine.evaluate(model, val_loader, env, "none") for model in models]
+    assert together == alone and together[0] != together[1]

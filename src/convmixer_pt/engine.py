@@ -208,26 +208,38 @@ def train_one_epoch(parts: Parts, loader: torch.utils.data.DataLoader, steps: in
     return dict(train_loss=loss_total / steps, lr=lr, img_per_s=steps * global_batch / elapsed)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, env: DistEnv, amp: str,
              channels_last: bool = False) -> dict[str, float]:
     """Cross-entropy, top-1 and top-5 (percent) over the whole validation set, each image counted once."""
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=env.device)  # loss, top-1 hits, top-5 hits, images
+    return evaluate_models([model], loader, env, amp, channels_last)[0]
+
+
+@torch.no_grad()
+def evaluate_models(models: list[nn.Module], loader: torch.utils.data.DataLoader, env: DistEnv, amp: str,
+                    channels_last: bool = False) -> list[dict[str, float]]:
+    """`evaluate` for several models (the model and its EMA) in one pass over the loader, so each validation
+    image is decoded and augmented once, not once per model."""
+    for model in models:
+        model.eval()
+    sums = torch.zeros(len(models), 4, dtype=torch.float64, device=env.device)  # loss, top-1, top-5, images
     for images, targets in loader:
         images = images.to(env.device, non_blocking=True)
         targets = targets.to(env.device, non_blocking=True)
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        with autocast(env.device, amp):
-            logits = model(images)
-        logits = logits.float()
-        top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
-        sums += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
-                             top[:, 0].sum().double(), top.any(dim=1).sum().double(),
-                             torch.tensor(float(len(targets)), dtype=torch.float64, device=env.device)])
-    loss, top1, top5, count = all_reduce_sum(sums, env).tolist()
-    return dict(loss=loss / count, top1=100.0 * top1 / count, top5=100.0 * top5 / count, count=int(count))
+        for k, model in enumerate(models):
+            with autocast(env.device, amp):
+                logits = model(images)
+            logits = logits.float()
+            top = logits.topk(min(5, logits.shape[1]), dim=1).indices.eq(targets[:, None])
+            sums[k] += torch.stack([F.cross_entropy(logits, targets, reduction="sum").double(),
+                                    top[:, 0].sum().double(), top.any(dim=1).sum().double(),
+                                    torch.tensor(float(len(targets)), dtype=torch.float64, device=env.device)])
+    results = []
+    for loss, top1, top5, count in all_reduce_sum(sums, env).tolist():
+        results.append(dict(loss=loss / count, top1=100.0 * top1 / count, top5=100.0 * top5 / count,
+                            count=int(count)))
+    return results
 
 
 def training_checkpoint(parts: Parts, progress: Progress, cfg: TrainConfig, rng: list[dict[str, Any]]
@@ -405,12 +417,13 @@ def run(cfg: TrainConfig, env: DistEnv) -> Progress:
             average_bn_stats(parts.model, env)
             if parts.ema is not None:
                 average_bn_stats(parts.ema.module, env)
-        val = evaluate(parts.model, val_loader, env, amp, cfg.channels_last)
+        models = [parts.model] if parts.ema is None else [parts.model, parts.ema.module]
+        val, *ema = evaluate_models(models, val_loader, env, amp, cfg.channels_last)
         row = dict(epoch=epoch + 1, train_loss=train["train_loss"], val_loss=val["loss"], val_top1=val["top1"],
                    val_top5=val["top5"], lr=train["lr"], img_per_s=train["img_per_s"])
         score = val["top1"]
-        if parts.ema is not None:
-            ema_val = evaluate(parts.ema.module, val_loader, env, amp, cfg.channels_last)
+        if ema:
+            ema_val = ema[0]
             row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
             score = ema_val["top1"]
         row["epoch_time"] = time.perf_counter() - start

@@ -1,4 +1,5 @@
-"""Jit helpers shared by the depthwise kernels of both layouts: activations, their derivatives, sums.
+"""What the kernel modules share: activations and their derivatives as jit helpers, the sum combiner, the
+elementwise activation-gradient kernel, and where kernels launch.
 
 Inside the kernels only Triton builtins and our own jit functions are called, not tl.sum, tl.zeros or
 tl.sigmoid: those are jit functions of Triton's library, defined when Triton is first imported, so they
@@ -8,6 +9,9 @@ does). Sums go through tl.reduce with the library's own sum combiner, which the 
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
 import triton
 import triton.language as tl
 
@@ -59,3 +63,8 @@ def act_grad_kernel(g_ptr, pre_ptr, gy_ptr, numel, ACT: tl.constexpr, BLOCK: tl.
 def interpreted() -> bool:
     """Whether these kernels were built for Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
     return not isinstance(act_grad_kernel, triton.runtime.JITFunction)
+
+
+def on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and stream; make that the tensor's device."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

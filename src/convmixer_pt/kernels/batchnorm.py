@@ -22,14 +22,12 @@ kernels serves both layouts.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 from torch import nn
 
-from .activations import ACTIVATIONS, SUM, act, act_grad
+from .activations import ACTIVATIONS, SUM, act, act_grad, on_device_of
 
 
 @triton.jit
@@ -204,14 +202,10 @@ def _grid(o: int, c: int, i: int, blocks: tuple[int, int, int, int]) -> tuple[in
 def _launch(kernel: triton.JITFunction, x: torch.Tensor, *args, **constexprs) -> None:
     o, c, i = _view(x)
     blocks = _blocks(o, c, i)
-    with _on_device_of(x):
+    with on_device_of(x):
         kernel[_grid(o, c, i, blocks)](*args, o, c, i, **constexprs, BLOCK_O=blocks[0], BLOCK_C=blocks[1],
                                        BLOCK_I=blocks[2], num_warps=blocks[3])
 
-
-def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device; make that the tensor's device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
 
 
 def _tiles(x: torch.Tensor) -> int:
@@ -248,7 +242,7 @@ def bn_forward(src: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tenso
         factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
     affine = weight is not None
     dummy = mean
-    with _on_device_of(src):
+    with on_device_of(src):
         _finalize_kernel[(triton.cdiv(c, 128),)](
             sums, m2s, counts, tiles, c, float(n), weight if affine else dummy, bias if affine else dummy,
             bn.running_mean if update else dummy, bn.running_var if update else dummy,
@@ -277,7 +271,7 @@ def bn_backward(src: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tens
     _launch(_grad_sums_kernel, src, grad, src, mean, s1, s2, ACT=act_id)
     a, b, k, d_weight, d_bias = (torch.empty(c, **f32) for _ in range(5))
     affine = weight is not None
-    with _on_device_of(src):
+    with on_device_of(src):
         _finalize_grad_kernel[(triton.cdiv(c, 128),)](
             s1, s2, tiles, c, float(n), weight if affine else rstd, rstd, a, b, k, d_weight, d_bias,
             AFFINE=affine, BLOCK_T=32, BLOCK_C=128, num_warps=4)

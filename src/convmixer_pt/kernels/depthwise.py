@@ -45,7 +45,6 @@ these kernels into the model.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Callable
 
@@ -55,7 +54,7 @@ import triton.language as tl
 
 from ..fast import SettingError
 from . import depthwise_nhwc as nhwc
-from .activations import ACTIVATIONS, SUM, act, act_grad_kernel, interpreted
+from .activations import ACTIVATIONS, SUM, act, act_grad_kernel, interpreted, on_device_of
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
@@ -338,7 +337,7 @@ def _launch_mma(kernel: triton.JITFunction, grid: Callable[[int], tuple[int, ...
     """Run a tensor-core kernel: autotuned on a GPU, with `config` in the interpreter."""
     bh, bw, bk, num_warps = config
     constexprs.update(BW=bw, BK=bk, UPCAST=_upcast_dot(x))
-    with _on_device_of(x):
+    with on_device_of(x):
         if interpreted():
             kernel[grid(bh)](*args, BH=bh, num_warps=num_warps, **constexprs)
         else:
@@ -371,10 +370,6 @@ def _upcast_dot(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and interpreted()
 
 
-def _on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Triton launches on the current CUDA device and stream; make that the tensor's device."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
-
 
 def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act: str,
           save_pre: bool, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
@@ -404,7 +399,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, s
         return out, pre
     block, num_warps = conv_launch_config(h * w)
     grid = (n * c, triton.cdiv(h * w, block))
-    with _on_device_of(x):
+    with on_device_of(x):
         _dw_conv_kernel[grid](
             x, weight.contiguous(), bias if bias is not None else weight, scale if affine else weight,
             shift if affine else weight, out, pre if save_pre else out, add if add is not None else out,
@@ -431,7 +426,7 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
     gy = grad
     if act != "none":
         gy = torch.empty_like(grad)
-        with _on_device_of(x):
+        with on_device_of(x):
             act_grad_kernel[(triton.cdiv(grad.numel(), 1024),)](grad, pre, gy, grad.numel(),
                                                                 ACT=ACTIVATIONS[act], BLOCK=1024, num_warps=4)
     if layout(x) == "nhwc":
@@ -457,7 +452,7 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
     args = (x, gy, dw_part, db_part, n, c, h, w, n_per_split)
     constexprs = dict(KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w, C8=kw & 8, C4=kw & 4,
                       C2=kw & 2, C1=kw & 1, BLOCK_W=block_w, ROWS=tile_rows)
-    with _on_device_of(x):
+    with on_device_of(x):
         if row_first is not None or interpreted():
             meta = dict(ROW_FIRST=row_first is not False)
             _dw_wgrad_kernel[grid(meta)](*args, **constexprs, **meta, num_warps=num_warps)

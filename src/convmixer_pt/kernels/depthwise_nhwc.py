@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import ACTIVATIONS, SUM, act, interpreted
+from .activations import ACTIVATIONS, SUM, act, interpreted, on_device_of
 
 # (TH, TW, BLOCK_C, num_warps): each thread holds 4 pixels x 8 channels (16-byte loads of bf16). Shapes that
 # give a thread other pixel counts made Triton convert layouts inside the tap loop (through shared memory).
@@ -190,12 +190,13 @@ def conv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
         tiles = triton.cdiv(h, meta["TH"]) * triton.cdiv(w, meta["TW"])
         return n * tiles, triton.cdiv(c, meta["BLOCK_C"])
 
-    if interpreted():
-        th, tw, bc, warps = NHWC_CONV_TUNING[0]
-        meta = dict(TH=th, TW=tw, BLOCK_C=bc)
-        _dw_conv_nhwc_kernel[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
-    else:
-        _CONV_TUNED[grid](*args, **constexprs)
+    with on_device_of(x):
+        if interpreted():
+            th, tw, bc, warps = NHWC_CONV_TUNING[0]
+            meta = dict(TH=th, TW=tw, BLOCK_C=bc)
+            _dw_conv_nhwc_kernel[grid(meta)](*args, **constexprs, **meta, num_warps=warps)
+        else:
+            _CONV_TUNED[grid](*args, **constexprs)
     return out, pre
 
 
@@ -219,9 +220,10 @@ def wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, kernel: tuple[int, int], need_
     constexprs = dict(C=c, W=w, KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w,
                       C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1)
     grid = (rows, triton.cdiv(c, WGRAD_BLOCK_C), splits)
-    if interpreted():
-        p, warps = NHWC_WGRAD_TUNING[0]
-        _dw_wgrad_nhwc_kernel[grid](*args, **constexprs, P=p, BLOCK_C=WGRAD_BLOCK_C, num_warps=warps)
-    else:
-        _WGRAD_TUNED[grid](*args, **constexprs)
+    with on_device_of(x):
+        if interpreted():
+            p, warps = NHWC_WGRAD_TUNING[0]
+            _dw_wgrad_nhwc_kernel[grid](*args, **constexprs, P=p, BLOCK_C=WGRAD_BLOCK_C, num_warps=warps)
+        else:
+            _WGRAD_TUNED[grid](*args, **constexprs)
     return dw_part, db_part

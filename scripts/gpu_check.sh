@@ -31,7 +31,7 @@ set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 RES=${RES:-/tmp/gpu_check_results}
 STAGES=${STAGES:-"op bench_cl bench_cl_bn tests bench bench_bn train_cl profile"}
-BUDGET=${BUDGET:-600}
+BUDGET=${BUDGET:-540}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT" "$RES"

@@ -83,7 +83,7 @@ if stage bench_cl_bn 150; then
   pack
 fi
 TESTS_OK=unknown
-if stage tests 150; then
+if stage tests 200; then
   timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py tests/test_batchnorm_kernel.py -q -p no:cacheprovider -n 8 \
     -k "not compile_for_hopper" --junitxml="$RES/kernel_tests.xml" > "$RES/kernel_tests.log" 2>&1
   rc=$?

@@ -17,8 +17,10 @@ of its load; a new image size or width compiles the kernels once more, like a ne
   KH programs that read the same input and gradient run together and share L2. Each thread holds the
   row's KW taps for its pixel and channels as register tiles of 8/4/2/1 (KW's binary digits), as the NCHW
   weight gradient does; each split writes its own partial sums (deterministic, no atomics).
-On a GPU the tile shapes are autotuned per shape among NHWC_CONV_TUNING / NHWC_WGRAD_TUNING (the kernels
-only write their outputs, so timing runs leave them correct); the interpreter takes the first entry.
+On a GPU the forward's tile shape is autotuned per shape among NHWC_CONV_TUNING (the kernel only writes its
+outputs, so timing runs leave them correct, and every tile shape sums the taps in the same order, so the
+choice never changes a bit of the result); the interpreter takes the first entry. The weight gradient's
+tile is fixed (WGRAD_PIXELS), since there the tile sets the order of the sums.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ from .activations import ACTIVATIONS, SUM, act, interpreted, on_device_of
 # (TH, TW, BLOCK_C, num_warps): each thread holds 4 pixels x 8 channels (16-byte loads of bf16). Shapes that
 # give a thread other pixel counts made Triton convert layouts inside the tap loop (through shared memory).
 NHWC_CONV_TUNING = ((8, 8, 64, 4), (8, 8, 128, 8), (8, 8, 32, 2), (16, 8, 64, 8))
-# (P pixels per step, num_warps) with WGRAD_BLOCK_C channels: one pixel and 8 channels per thread.
-NHWC_WGRAD_TUNING = ((16, 4), (32, 8))
-WGRAD_BLOCK_C = 64
+# The weight gradient's tile: WGRAD_PIXELS pixels x WGRAD_BLOCK_C channels per step, one pixel and 8 channels
+# per thread. Fixed, not timed: the tile sets the order of the sums, and a timed choice could differ from run
+# to run and with it the last bit of every weight gradient.
+WGRAD_PIXELS, WGRAD_BLOCK_C, WGRAD_WARPS = 16, 64, 4
 
 
 @triton.jit
@@ -163,9 +166,6 @@ def _conv_configs() -> list[triton.Config]:
 
 _CONV_TUNED = triton.autotune(_conv_configs(), key=["H", "C", "W", "KH", "KW", "SIGN", "HAS_BIAS", "SAVE_PRE",
                                                      "AFFINE_RESIDUAL", "ADD"])(_dw_conv_nhwc_kernel)
-_WGRAD_TUNED = triton.autotune([triton.Config({"P": p, "BLOCK_C": WGRAD_BLOCK_C}, num_warps=warps)
-                                for p, warps in NHWC_WGRAD_TUNING],
-                               key=["N", "H", "C", "W", "KH", "KW", "NEED_W"])(_dw_wgrad_nhwc_kernel)
 
 
 def conv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, sign: int, act_name: str,
@@ -221,9 +221,6 @@ def wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, kernel: tuple[int, int], need_
                       C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1)
     grid = (rows, triton.cdiv(c, WGRAD_BLOCK_C), splits)
     with on_device_of(x):
-        if interpreted():
-            p, warps = NHWC_WGRAD_TUNING[0]
-            _dw_wgrad_nhwc_kernel[grid](*args, **constexprs, P=p, BLOCK_C=WGRAD_BLOCK_C, num_warps=warps)
-        else:
-            _WGRAD_TUNED[grid](*args, **constexprs)
+        _dw_wgrad_nhwc_kernel[grid](*args, **constexprs, P=WGRAD_PIXELS, BLOCK_C=WGRAD_BLOCK_C,
+                                    num_warps=WGRAD_WARPS)
     return dw_part, db_part

@@ -102,7 +102,9 @@ def test_variance_stays_exact_when_the_mean_is_large(layout):
     assert rel_err(bn.running_mean, bn_r.running_mean) < 1e-6
     plain = torch.nn.BatchNorm2d(src.shape[1]).to(DEVICE)
     plain.load_state_dict(bn_r.state_dict())
-    assert rel_err(out, ref) < max(1e-5, 4 * rel_err(plain.float()(src), ref))  # as exact as PyTorch's fp32 BN
+    # The output cannot be more exact than fp32's rounding of a mean near 1000 (~3e-5 of the spread), PyTorch's
+    # fp32 BatchNorm neither; a cancelled variance would be off by ~1e-2.
+    assert rel_err(out, ref) < max(1e-4, 4 * rel_err(plain.float()(src), ref))
 
 
 def test_without_affine_or_running_statistics():

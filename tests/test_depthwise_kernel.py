@@ -180,13 +180,13 @@ def test_timed_choices_never_change_a_bit(monkeypatch):
     x, weight, bias = x.detach(), weight.detach(), bias.detach()
     by_order = [dw._wgrad(x, grad, None, (5, 5), "none", True, row_first=order)[1:] for order in (True, False)]
     assert all(torch.equal(a, b) for a, b in zip(*by_order, strict=True))
-    x_cl = x.contiguous(memory_format=torch.channels_last)
+    (x, weight, bias), _, _ = make_operands((1, 70, 5, 9), (5, 5), torch.bfloat16, seed=9, layout="nhwc")
     by_tile = []
     tunings = dw.nhwc.NHWC_CONV_TUNING
-    assert tunings[0][:3] != tunings[-1][:3]
-    for first in (0, len(tunings) - 1):  # different tile heights and channel blocks
+    assert tunings[0][2] != tunings[-1][2]
+    for first in (0, len(tunings) - 1):  # channel blocks of different widths over 70 channels
         monkeypatch.setattr(dw.nhwc, "NHWC_CONV_TUNING", tunings[first:] + tunings[:first])
-        by_tile.append(dw._conv(x_cl, weight, bias, sign=1, act="gelu", save_pre=True))
+        by_tile.append(dw._conv(x.detach(), weight.detach(), bias.detach(), sign=1, act="gelu", save_pre=True))
     assert torch.equal(by_tile[0][0], by_tile[1][0]) and torch.equal(by_tile[0][1], by_tile[1][1])
 
 
@@ -366,7 +366,7 @@ def test_fast_training_follows_plain_training(fused_bn, monkeypatch):
 
 
 COMPILE_FOR_HOPPER = r"""
-import os, re, subprocess, sys
+import itertools, os, re, subprocess, sys
 from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
@@ -411,8 +411,10 @@ for bh, mma_warps in dw.MMA_TUNING:  # every configuration the GPU may pick; bf1
         (dw._dw_wgrad_mma_kernel, wgrad_sig, mma, mma_warps),
     ]
 nhwc_common = dict(common, C=1536, W=32)
-for th, tw, block_c, warps in nhwc.NHWC_CONV_TUNING:
-    tile = dict(nhwc_common, TH=th, TW=tw, BLOCK_C=block_c)
+# The channels_last kernels compile per channel count, width and kernel: all three ImageNet variants' shapes.
+nhwc_shapes = [nhwc_common, dict(C=768, W=32, KH=7, KW=7, PH=3, PW=3), dict(C=1024, W=16, KH=9, KW=9, PH=4, PW=4)]
+for (th, tw, block_c, warps), shape in itertools.product(nhwc.NHWC_CONV_TUNING, nhwc_shapes):
+    tile = dict(shape, TH=th, TW=tw, BLOCK_C=block_c)
     variants += [
         (nhwc._dw_conv_nhwc_kernel, nhwc_conv_sig, dict(tile, SIGN=1, HAS_BIAS=True, ACT=1, SAVE_PRE=True,
                                                         AFFINE_RESIDUAL=False, ADD=False), warps),

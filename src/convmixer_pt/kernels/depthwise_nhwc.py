@@ -33,7 +33,7 @@ from .activations import ACTIVATIONS, SUM, act, interpreted, on_device_of
 
 # (TH, TW, BLOCK_C, num_warps): each thread holds 4 pixels x 8 channels (16-byte loads of bf16). Shapes that
 # give a thread other pixel counts made Triton convert layouts inside the tap loop (through shared memory).
-NHWC_CONV_TUNING = ((8, 8, 64, 4), (8, 8, 128, 8), (8, 8, 32, 2), (16, 8, 64, 8))
+NHWC_CONV_TUNING = ((8, 8, 64, 4), (8, 8, 128, 8), (8, 8, 32, 2))
 # The weight gradient's tile: WGRAD_PIXELS pixels x WGRAD_BLOCK_C channels per step, one pixel and 8 channels
 # per thread. Fixed, not timed: the tile sets the order of the sums, and a timed choice could differ from run
 # to run and with it the last bit of every weight gradient.

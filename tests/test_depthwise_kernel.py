@@ -436,7 +436,7 @@ bn_sigs = {
     bn._grad_kernel: (dict(grad_ptr="*{t}", src_ptr="*{t}", out_ptr="*{t}", mean_ptr="*fp32", a_ptr="*fp32",
                            b_ptr="*fp32", k_ptr="*fp32", **dims), {}),
 }
-for o, c, i in ((64, 1536, 1024), (64 * 1024, 1536, 1)):  # NCHW and channels_last at 1536/20's shape
+for o, c, i in ((64, 1536, 1024), (64, 1024, 256), (64 * 1024, 1536, 1)):  # NCHW 32x32 and 16x16, channels_last
     block_o, block_c, block_i, bn_warps = bn._blocks(o, c, i)
     for fn, (sig, extra) in bn_sigs.items():
         variants.append((fn, sig, dict(extra, ACT=1, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_I=block_i), bn_warps))

@@ -188,10 +188,12 @@ def _view(x: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _blocks(o: int, c: int, i: int) -> tuple[int, int, int, int]:
-    """(BLOCK_O, BLOCK_C, BLOCK_I, num_warps): planes in NCHW, [pixels, channels] tiles in channels_last."""
+    """(BLOCK_O, BLOCK_C, BLOCK_I, num_warps): in NCHW one channel's planes, ~1024 elements per program (a
+    32x32 plane, or four 16x16 ones); in channels_last [pixels, channels] tiles."""
     if i > 1:
         block_i = min(2048, triton.next_power_of_2(i))
-        return 1, 1, block_i, max(1, min(8, block_i // 256))
+        block_o = max(1, min(triton.next_power_of_2(o), 1024 // block_i))
+        return block_o, 1, block_i, max(1, min(8, block_o * block_i // 256))
     return 64, min(64, triton.next_power_of_2(c)), 1, 4
 
 

@@ -97,12 +97,13 @@ def test_conv_gelu_forward_and_gradients(k, shape, dtype, layout, variant, monke
     check_conv(shape, (k, k), dtype, "gelu", layout=layout)
 
 
+@pytest.mark.parametrize("channels", [70, 128])
 @pytest.mark.parametrize("k", [3, 9])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_channels_last_kernels_over_several_channel_blocks(k, dtype):
-    """The channels_last kernels take 32-128 channels per program: a count that spans blocks and ends in a
-    partial one (on the GPU the full-shape tests above already do)."""
-    check_conv((1, 70, 5, 9), (k, k), dtype, "gelu", seed=8, layout="nhwc")
+def test_channels_last_kernels_over_several_channel_blocks(k, dtype, channels):
+    """The channels_last kernels take 32-128 channels per program: counts that span blocks and end in a
+    partial one (70), or that the blocks tile exactly (128, compiled without a channel mask)."""
+    check_conv((1, channels, 5, 9), (k, k), dtype, "gelu", seed=8, layout="nhwc")
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # PyTorch's, in the reference

@@ -41,6 +41,17 @@ WGRAD_PIXELS, WGRAD_BLOCK_C, WGRAD_WARPS = 16, 64, 4
 
 
 @triton.jit
+def _channels_inside(cc, C: tl.constexpr, BLOCK_C: tl.constexpr):
+    """cc < C; a compile-time all-true mask where the blocks tile the channels exactly (the ImageNet widths),
+    so the per-tap weight loads and the zero-fill of masked lanes go away there."""
+    if C % BLOCK_C == 0:
+        ok = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        ok = cc < C
+    return ok
+
+
+@triton.jit
 def _dw_conv_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre_ptr, add_ptr, H,
                          C: tl.constexpr, W: tl.constexpr,
                          KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
@@ -57,7 +68,7 @@ def _dw_conv_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre
     h = tile_h * TH + p // TW
     w = (t - tile_h * tiles_w) * TW + p % TW
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = cc < C
+    c_ok = _channels_inside(cc, C, BLOCK_C)
     pix_ok = (h < H) & (w < W)
     img = n.to(tl.int64) * H * (W * C)
     x_img = x_ptr + img
@@ -121,7 +132,7 @@ def _dw_wgrad_nhwc_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr, N, H, n_per_split,
     i = tl.program_id(0)  # the filter row this program reduces
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
-    c_ok = cc < C
+    c_ok = _channels_inside(cc, C, BLOCK_C)
     dh = i - PH
     hw = H * W
     p = tl.arange(0, P)

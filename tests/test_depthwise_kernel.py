@@ -194,13 +194,15 @@ def test_timed_choices_never_change_a_bit(monkeypatch):
 @pytest.mark.parametrize("channels", [6, 70, 128])
 def test_channels_last_bf16_read_in_channel_pairs_gives_the_same_bits(channels):
     """bf16 with an even channel count is read as 32-bit channel pairs (fewer instructions to widen to fp32):
-    the same products in the same order as reading one channel at a time, forward and input gradient."""
+    the same products in the same order as reading one channel at a time, in all three kernels."""
     (x, weight, bias), _, grad = make_operands((2, channels, 7, 9), (5, 5), torch.bfloat16, seed=10, layout="nhwc")
     x, weight, bias = x.detach(), weight.detach(), bias.detach()
     for sign, inp, b in ((1, x, bias), (-1, grad, None)):
         paired, single = (dw.nhwc.conv_nhwc(inp, weight, b, sign=sign, act_name="gelu", save_pre=True, scale=None,
                                             shift=None, pairs=pairs) for pairs in (True, False))
         assert torch.equal(paired[0], single[0]) and torch.equal(paired[1], single[1])
+    paired, single = (dw.nhwc.wgrad_nhwc(x, grad, (5, 5), True, pairs=pairs) for pairs in (True, False))
+    assert torch.equal(paired[0], single[0]) and torch.equal(paired[1], single[1])
 
 
 @pytest.mark.parametrize(("dtype", "layout", "variant"), KERNEL_SETS)
@@ -437,7 +439,8 @@ for (th, tw, block_c, warps), shape in itertools.product(nhwc.NHWC_CONV_TUNING, 
                                                         AFFINE_RESIDUAL=True, ADD=False), warps),
     ]
 variants.append((nhwc._dw_wgrad_nhwc_kernel, nhwc_wgrad_sig, dict(nhwc_common, NEED_W=True, C8=8, C4=0, C2=0, C1=1,
-                                                                  P=nhwc.WGRAD_PIXELS, BLOCK_C=nhwc.WGRAD_BLOCK_C),
+                                                                  P=nhwc.WGRAD_PIXELS, BLOCK_C=nhwc.WGRAD_BLOCK_C,
+                                                                  PAIRS=True),
                  nhwc.WGRAD_WARPS))
 dims = dict(n_outer="i32", C="i32", n_inner="i32")
 bn_sigs = {

@@ -54,34 +54,13 @@ def _channels_inside(cc, C: tl.constexpr, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _taps_bf16_pairs(x_img, w_ptr, h, w, pix_ok, H, C: tl.constexpr, W: tl.constexpr, KH: tl.constexpr,
-                     KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, SIGN: tl.constexpr, P: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    """The tap loop for bf16 with channels read in pairs as 32-bit words: the even channel is the word shifted
+def _widen_pairs(word, SHAPE: tl.constexpr):
+    """bf16 channel pairs read as 32-bit words -> fp32 in channel order: the even channel is the word shifted
     up 16 bits, the odd one the word with its low half cleared, one instruction each (a bf16 lane on its own
-    takes two). Weights are [taps, even channels then odd channels]; the same products and sums as the
-    one-channel loop, so the same bits."""
-    HALF: tl.constexpr = BLOCK_C // 2
-    kq = tl.program_id(1) * HALF + tl.arange(0, HALF)  # channel pairs
-    q_ok = _channels_inside(kq, C // 2, HALF)
-    x_words = x_img.to(tl.pointer_type(tl.int32), bitcast=True)
-    offs = (h * W + w)[:, None] * (C // 2) + kq[None, :]
-    acc_even = tl.full([P, HALF], 0.0, tl.float32)
-    acc_odd = tl.full([P, HALF], 0.0, tl.float32)
-    for i in range(KH):
-        dh = (i - PH) * SIGN
-        row_ok = pix_ok & ((h + dh).to(tl.uint32) < H)
-        row_ptr = x_words + offs + dh * (W * (C // 2))
-        w_row = w_ptr + i * (KW * C) + kq
-        for j in tl.static_range(KW):
-            dw = (j - PW) * SIGN
-            ok = row_ok & ((w + dw).to(tl.uint32) < W)
-            word = tl.load(row_ptr + dw * (C // 2), mask=ok[:, None] & q_ok[None, :], other=0)
-            even = (word << 16).to(tl.float32, bitcast=True)
-            odd = (word & -65536).to(tl.float32, bitcast=True)
-            acc_even += even * tl.load(w_row + j * C, mask=q_ok, other=0.0)[None, :]
-            acc_odd += odd * tl.load(w_row + j * C + C // 2, mask=q_ok, other=0.0)[None, :]
-    return tl.reshape(tl.join(acc_even, acc_odd), [P, BLOCK_C])
+    takes a permute and a shift). Exact, like any bf16 -> fp32 conversion."""
+    even = (word << 16).to(tl.float32, bitcast=True)
+    odd = (word & -65536).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.join(even, odd), SHAPE)
 
 
 @triton.jit
@@ -106,23 +85,28 @@ def _dw_conv_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre
     img = n.to(tl.int64) * H * (W * C)
     x_img = x_ptr + img
     offs = (h * W + w)[:, None] * C + cc[None, :]
-    if PAIRS:
-        acc = _taps_bf16_pairs(x_img, w_ptr, h, w, pix_ok, H, C, W, KH, KW, PH, PW, SIGN, TH * TW, BLOCK_C)
-    else:
-        acc = tl.full([TH * TW, BLOCK_C], 0.0, tl.float32)
-        # Filter rows as a loop, not unrolled: unrolled, the compiler issues all KH*KW loads of a thread first
-        # and spills them. Within a row the KW column offsets are immediates.
-        for i in range(KH):
-            dh = (i - PH) * SIGN
-            row_ok = pix_ok & ((h + dh).to(tl.uint32) < H)
-            row_ptr = x_img + offs + dh * (W * C)
-            w_row = w_ptr + i * (KW * C) + cc
-            for j in tl.static_range(KW):
-                dw = (j - PW) * SIGN
-                ok = row_ok & ((w + dw).to(tl.uint32) < W)
-                v = tl.load(row_ptr + dw * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
-                tap = tl.load(w_row + j * C, mask=c_ok, other=0.0)
-                acc += v.to(tl.float32) * tap[None, :]
+    # bf16 with an even channel count is read as 32-bit channel pairs (`_widen_pairs`).
+    HALF: tl.constexpr = BLOCK_C // 2
+    kq = tl.program_id(1) * HALF + tl.arange(0, HALF)
+    q_ok = _channels_inside(kq, C // 2, HALF)
+    word_offs = (h * W + w)[:, None] * (C // 2) + kq[None, :]
+    acc = tl.full([TH * TW, BLOCK_C], 0.0, tl.float32)
+    # Filter rows as a loop, not unrolled: unrolled, the compiler issues all KH*KW loads of a thread first
+    # and spills them. Within a row the KW column offsets are immediates.
+    for i in range(KH):
+        dh = (i - PH) * SIGN
+        row_ok = pix_ok & ((h + dh).to(tl.uint32) < H)
+        w_row = w_ptr + i * (KW * C) + cc
+        for j in tl.static_range(KW):
+            dw = (j - PW) * SIGN
+            ok = row_ok & ((w + dw).to(tl.uint32) < W)
+            if PAIRS:
+                words = x_img.to(tl.pointer_type(tl.int32), bitcast=True) + word_offs + (dh * W + dw) * (C // 2)
+                v = _widen_pairs(tl.load(words, mask=ok[:, None] & q_ok[None, :], other=0), [TH * TW, BLOCK_C])
+            else:
+                v = tl.load(x_img + offs + (dh * W + dw) * C, mask=ok[:, None] & c_ok[None, :], other=0.0)
+            tap = tl.load(w_row + j * C, mask=c_ok, other=0.0)
+            acc += v.to(tl.float32) * tap[None, :]
     inside = pix_ok[:, None] & c_ok[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + cc, mask=c_ok, other=0.0).to(tl.float32)[None, :]
@@ -140,15 +124,21 @@ def _dw_conv_nhwc_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, out_ptr, pre
 
 
 @triton.jit
-def _wgrad_taps_nhwc(acc, row_ptr, w, row_ok, c_ok, g, J0: tl.constexpr, COUNT: tl.constexpr,
-                     PW: tl.constexpr, C: tl.constexpr, W: tl.constexpr):
-    """acc[j, p, c] += x[row, w_p + J0 + j - PW, c] * g[p, c] for COUNT consecutive filter columns (0 = none)."""
+def _wgrad_taps_nhwc(acc, row_ptr, row_words, w, row_ok, c_ok, q_ok, g, J0: tl.constexpr, COUNT: tl.constexpr,
+                     PW: tl.constexpr, C: tl.constexpr, W: tl.constexpr, PAIRS: tl.constexpr):
+    """acc[j, p, c] += x[row, w_p + J0 + j - PW, c] * g[p, c] for COUNT consecutive filter columns (0 = none);
+    PAIRS: x read as bf16 channel pairs through `row_words`."""
     if COUNT > 0:
         dw = J0 + tl.arange(0, COUNT) - PW
         ok = row_ok[None, :] & ((w[None, :] + dw[:, None]).to(tl.uint32) < W)
-        xs = tl.load(row_ptr[None, :, :] + (dw * C)[:, None, None], mask=ok[:, :, None] & c_ok[None, None, :],
-                     other=0.0)
-        acc += xs.to(tl.float32) * g[None, :, :]
+        if PAIRS:
+            words = tl.load(row_words[None, :, :] + (dw * (C // 2))[:, None, None],
+                            mask=ok[:, :, None] & q_ok[None, None, :], other=0)
+            xs = _widen_pairs(words, [COUNT, acc.shape[1], acc.shape[2]])
+        else:
+            xs = tl.load(row_ptr[None, :, :] + (dw * C)[:, None, None], mask=ok[:, :, None] & c_ok[None, None, :],
+                         other=0.0).to(tl.float32)
+        acc += xs * g[None, :, :]
     return acc
 
 
@@ -164,11 +154,16 @@ def _dw_wgrad_nhwc_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr, N, H, n_per_split,
                           C: tl.constexpr, W: tl.constexpr,
                           KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
                           NEED_W: tl.constexpr, C8: tl.constexpr, C4: tl.constexpr, C2: tl.constexpr,
-                          C1: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
+                          C1: tl.constexpr, PAIRS: tl.constexpr, P: tl.constexpr, BLOCK_C: tl.constexpr):
     i = tl.program_id(0)  # the filter row this program reduces
     cc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
     c_ok = _channels_inside(cc, C, BLOCK_C)
+    HALF: tl.constexpr = BLOCK_C // 2  # channel pairs, where PAIRS
+    kq = tl.program_id(1) * HALF + tl.arange(0, HALF)
+    q_ok = _channels_inside(kq, C // 2, HALF)
+    x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    g_words = gy_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     dh = i - PH
     hw = H * W
     p = tl.arange(0, P)
@@ -187,15 +182,23 @@ def _dw_wgrad_nhwc_kernel(x_ptr, gy_ptr, dw_ptr, db_ptr, N, H, n_per_split,
             w = pix % W
             inside = pix < hw
             offs = img + pix[:, None] * C + cc[None, :]
-            g = tl.load(gy_ptr + offs, mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+            word_offs = img // 2 + pix[:, None] * (C // 2) + kq[None, :]
+            if PAIRS:
+                g = _widen_pairs(tl.load(g_words + word_offs, mask=inside[:, None] & q_ok[None, :], other=0),
+                                 [P, BLOCK_C])
+            else:
+                g = tl.load(gy_ptr + offs, mask=inside[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
             acc_b += g
             if NEED_W:
                 row_ok = inside & ((h + dh).to(tl.uint32) < H)
                 row_ptr = x_ptr + offs + dh * (W * C)
-                acc8 = _wgrad_taps_nhwc(acc8, row_ptr, w, row_ok, c_ok, g, 0, C8, PW, C, W)
-                acc4 = _wgrad_taps_nhwc(acc4, row_ptr, w, row_ok, c_ok, g, C8, C4, PW, C, W)
-                acc2 = _wgrad_taps_nhwc(acc2, row_ptr, w, row_ok, c_ok, g, C8 + C4, C2, PW, C, W)
-                acc1 = _wgrad_taps_nhwc(acc1, row_ptr, w, row_ok, c_ok, g, C8 + C4 + C2, C1, PW, C, W)
+                row_words = x_words + word_offs + dh * (W * (C // 2))
+                acc8 = _wgrad_taps_nhwc(acc8, row_ptr, row_words, w, row_ok, c_ok, q_ok, g, 0, C8, PW, C, W, PAIRS)
+                acc4 = _wgrad_taps_nhwc(acc4, row_ptr, row_words, w, row_ok, c_ok, q_ok, g, C8, C4, PW, C, W, PAIRS)
+                acc2 = _wgrad_taps_nhwc(acc2, row_ptr, row_words, w, row_ok, c_ok, q_ok, g, C8 + C4, C2, PW, C, W,
+                                        PAIRS)
+                acc1 = _wgrad_taps_nhwc(acc1, row_ptr, row_words, w, row_ok, c_ok, q_ok, g, C8 + C4 + C2, C1, PW, C,
+                                        W, PAIRS)
     slot = split * C + cc
     if NEED_W:
         row_out = dw_ptr + slot * (KH * KW) + i * KW
@@ -224,12 +227,10 @@ def conv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     kh, kw = weight.shape[2:]
     out = torch.empty_like(x, memory_format=torch.channels_last)
     pre = torch.empty_like(out) if save_pre else None
-    # Each tap's weights as one contiguous vector over the channels: [KH*KW, C], in fp32; for bf16 read in
-    # channel pairs, the even channels' weights first, then the odd ones'.
-    taps = weight.detach().float().reshape(c, kh * kw).t()
+    # Each tap's weights as one contiguous vector over the channels: [KH*KW, C], in fp32.
+    taps = weight.detach().float().reshape(c, kh * kw).t().contiguous()
     can_pair = x.dtype == torch.bfloat16 and c % 2 == 0
     pairs = can_pair if pairs is None else pairs and can_pair
-    taps = torch.cat([taps[:, 0::2], taps[:, 1::2]], dim=1).contiguous() if pairs else taps.contiguous()
     affine = scale is not None
     args = (x, taps, bias if bias is not None else taps, scale if affine else taps, shift if affine else taps,
             out, pre if save_pre else out, add if add is not None else out, h)
@@ -257,8 +258,9 @@ def wgrad_splits(n: int, c: int, rows: int) -> int:
 
 
 def wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, kernel: tuple[int, int], need_w: bool, splits: int | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-split partial sums (weight [splits, C, KH*KW], bias [splits, C], fp32) for channels_last x, gy."""
+               pairs: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-split partial sums (weight [splits, C, KH*KW], bias [splits, C], fp32) for channels_last x, gy;
+    `pairs` as in `conv_nhwc`."""
     n, c, h, w = x.shape
     kh, kw = kernel
     rows = kh if need_w else 1
@@ -268,8 +270,10 @@ def wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, kernel: tuple[int, int], need_
     dw_part = torch.empty((splits, c, kh * kw), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32)
     args = (x, gy, dw_part, db_part, n, h, n_per_split)
+    can_pair = x.dtype == gy.dtype == torch.bfloat16 and c % 2 == 0
+    pairs = can_pair if pairs is None else pairs and can_pair
     constexprs = dict(C=c, W=w, KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w,
-                      C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1)
+                      C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1, PAIRS=pairs)
     grid = (rows, triton.cdiv(c, WGRAD_BLOCK_C), splits)
     with on_device_of(x):
         _dw_wgrad_nhwc_kernel[grid](*args, **constexprs, P=WGRAD_PIXELS, BLOCK_C=WGRAD_BLOCK_C,

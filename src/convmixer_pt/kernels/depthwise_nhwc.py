@@ -12,13 +12,13 @@ the channel count C are compile-time constants, so every tap's offset ((dh * W +
 of its load; a new image size or width compiles the kernels once more, like a new kernel size.
 - `_dw_conv_nhwc_kernel`, grid (N * tiles of TH x TW pixels, channel blocks): one tile of pixels and
   BLOCK_C channels per program, the same arithmetic and epilogue as the NCHW direct kernel (SIGN=-1 and no
-  bias: the input gradient; AFFINE_RESIDUAL: inference with BN folded, plus the skip connection). bf16 with an
-  even channel count is read in channel pairs (`_taps_bf16_pairs`), which widens to fp32 in fewer
-  instructions and gives the same bits.
+  bias: the input gradient; AFFINE_RESIDUAL: inference with BN folded, plus the skip connection).
 - `_dw_wgrad_nhwc_kernel`, grid (filter rows, channel blocks, batch splits): the filter row first, so the
   KH programs that read the same input and gradient run together and share L2. Each thread holds the
   row's KW taps for its pixel and channels as register tiles of 8/4/2/1 (KW's binary digits), as the NCHW
   weight gradient does; each split writes its own partial sums (deterministic, no atomics).
+Both read bf16 with an even channel count as 32-bit channel pairs (`_widen_pairs`): fewer instructions to
+widen to fp32, the same bits.
 On a GPU the forward's tile shape is autotuned per shape among NHWC_CONV_TUNING (the kernel only writes its
 outputs, so timing runs leave them correct, and every tile shape sums the taps in the same order, so the
 choice never changes a bit of the result); the interpreter takes the first entry. The weight gradient's

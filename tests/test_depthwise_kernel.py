@@ -203,6 +203,16 @@ def test_channels_last_bf16_read_in_channel_pairs_gives_the_same_bits(channels):
         assert torch.equal(paired[0], single[0]) and torch.equal(paired[1], single[1])
     paired, single = (dw.nhwc.wgrad_nhwc(x, grad, (5, 5), True, pairs=pairs) for pairs in (True, False))
     assert torch.equal(paired[0], single[0]) and torch.equal(paired[1], single[1])
+    # A channels_last view that starts 2 bytes into its storage cannot be read as 32-bit words: one channel
+    # at a time there, same result.
+    storage = torch.zeros(x.numel() + 1, dtype=x.dtype, device=DEVICE)
+    shifted = storage[1:].as_strided(x.shape, x.stride())
+    shifted.copy_(x)
+    assert not dw.nhwc._pairable(shifted) and dw.nhwc._pairable(x)
+    assert torch.equal(dw.nhwc.conv_nhwc(shifted, weight, bias, sign=1, act_name="gelu", save_pre=False, scale=None,
+                                         shift=None)[0],
+                       dw.nhwc.conv_nhwc(x, weight, bias, sign=1, act_name="gelu", save_pre=False, scale=None,
+                                         shift=None)[0])
 
 
 @pytest.mark.parametrize(("dtype", "layout", "variant"), KERNEL_SETS)

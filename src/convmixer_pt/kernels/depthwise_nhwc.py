@@ -229,7 +229,7 @@ def conv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     pre = torch.empty_like(out) if save_pre else None
     # Each tap's weights as one contiguous vector over the channels: [KH*KW, C], in fp32.
     taps = weight.detach().float().reshape(c, kh * kw).t().contiguous()
-    can_pair = x.dtype == torch.bfloat16 and c % 2 == 0
+    can_pair = _pairable(x)
     pairs = can_pair if pairs is None else pairs and can_pair
     affine = scale is not None
     args = (x, taps, bias if bias is not None else taps, scale if affine else taps, shift if affine else taps,
@@ -252,6 +252,11 @@ def conv_nhwc(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
     return out, pre
 
 
+def _pairable(t: torch.Tensor) -> bool:
+    """Whether `t` can be read as 32-bit bf16 channel pairs: bf16, an even channel count, 4-byte aligned."""
+    return t.dtype == torch.bfloat16 and t.shape[1] % 2 == 0 and t.data_ptr() % 4 == 0
+
+
 def wgrad_splits(n: int, c: int, rows: int) -> int:
     """Batch splits: enough programs (~2048) to fill a large GPU, each reducing as much of the batch as it can."""
     return max(1, min(n, 2048 // (rows * triton.cdiv(c, WGRAD_BLOCK_C))))
@@ -270,7 +275,7 @@ def wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, kernel: tuple[int, int], need_
     dw_part = torch.empty((splits, c, kh * kw), device=x.device, dtype=torch.float32)
     db_part = torch.empty((splits, c), device=x.device, dtype=torch.float32)
     args = (x, gy, dw_part, db_part, n, h, n_per_split)
-    can_pair = x.dtype == gy.dtype == torch.bfloat16 and c % 2 == 0
+    can_pair = _pairable(x) and _pairable(gy)
     pairs = can_pair if pairs is None else pairs and can_pair
     constexprs = dict(C=c, W=w, KH=kh, KW=kw, PH=(kh - 1) // 2, PW=(kw - 1) // 2, NEED_W=need_w,
                       C8=kw & 8, C4=kw & 4, C2=kw & 2, C1=kw & 1, PAIRS=pairs)

@@ -17,7 +17,7 @@ import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1"
 DEVICE = "cuda" if ON_GPU else "cpu"
-KERNEL_MODULES = ("activations", "depthwise_nhwc", "batchnorm", "depthwise", "residual")  # dependencies first
+KERNEL_MODULES = ("common", "depthwise_nhwc", "batchnorm", "depthwise", "residual")  # dependencies first
 
 
 def import_kernels(name: str) -> ModuleType:
@@ -25,7 +25,7 @@ def import_kernels(name: str) -> ModuleType:
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0" if ON_GPU else "1"
     try:
-        if importlib.import_module("convmixer_pt.kernels.activations").interpreted() == ON_GPU:
+        if importlib.import_module("convmixer_pt.kernels.common").interpreted() == ON_GPU:
             for module in KERNEL_MODULES:
                 importlib.reload(importlib.import_module(f"convmixer_pt.kernels.{module}"))
         return importlib.import_module(f"convmixer_pt.kernels.{name}")

@@ -15,7 +15,8 @@ Per block, `Residual(dw conv, act, BN) -> 1x1 conv -> act -> BN`:
   inference it also computes BN(act(.)) after the 1x1 convolution in one pass.
 - inference (BN in eval mode and no gradient needed): one kernel computes x + BN(act(dw(x) + b)) with
   BN folded to a per-channel scale and shift.
-The 1x1 convolution, its activation and BN run through the block's own modules in both cases.
+The 1x1 convolution runs through the block's own module in both cases, and so do its activation and BN
+unless CONVMIXER_FAST_BATCHNORM fuses them.
 
 Switch: `ConvMixer(fast=...)` / `create_model(..., fast=...)`. None (default) uses the kernels for CUDA
 inputs (measured faster on an H200 for all three ImageNet variants, docs/performance.md) unless the
@@ -45,7 +46,8 @@ BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
 
 class SettingError(ValueError):
-    """An environment variable of this package (CONVMIXER_FAST, CONVMIXER_DW_KERNEL) holds an unknown value."""
+    """An environment variable of this package (CONVMIXER_FAST, CONVMIXER_FAST_CHANNELS_LAST,
+    CONVMIXER_FAST_BATCHNORM, CONVMIXER_DW_KERNEL) holds an unknown value."""
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -174,8 +176,8 @@ def run_fused(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         y = kernels.depthwise_conv2d_affine_residual(x, dw.weight, dw.bias, scale, shift, activation)
         p = block[1](y)
         pointwise_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (p, *block[3].parameters()))
-        if fused_bn is not None and pointwise_act is not None and _bn_is_eval_affine(block[3]) \
-                and type(block[3]) is nn.BatchNorm2d and not pointwise_grad and kernels.layout(p) is not None:
+        if fused_bn is not None and pointwise_act is not None and not pointwise_grad \
+                and fused_bn.supports_eval(p, block[3]):
             return fused_bn.eval_act_batch_norm(p, block[3], pointwise_act)
         return block[3](block[2](p))
     if fused_bn is not None and _residual_kernels().supports(x, dw, bn):

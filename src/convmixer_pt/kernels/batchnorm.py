@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from .activations import ACTIVATIONS, SUM, act, act_grad, on_device_of
+from .common import ACTIVATIONS, MEMORY, SUM, act, act_grad, layout, on_device_of
 
 
 @triton.jit
@@ -220,9 +220,15 @@ def supports(x: torch.Tensor, bn: nn.Module) -> bool:
     """Whether `bn` on `x` is what these kernels compute: a plain nn.BatchNorm2d in training mode (not
     SyncBatchNorm, not a subclass), and x a contiguous NCHW or channels_last tensor of more than one value
     per channel (PyTorch refuses one)."""
-    return type(bn) is nn.BatchNorm2d and bn.training and x.dim() == 4 and x.shape[1] == bn.num_features \
-        and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) \
-        and x.numel() // x.shape[1] > 1
+    return type(bn) is nn.BatchNorm2d and bn.training and layout(x) is not None \
+        and x.shape[1] == bn.num_features and x.numel() // x.shape[1] > 1
+
+
+def supports_eval(x: torch.Tensor, bn: nn.Module) -> bool:
+    """Whether `eval_act_batch_norm` computes `bn` on `x`: a plain nn.BatchNorm2d in eval mode with running
+    statistics, and x a contiguous NCHW or channels_last tensor."""
+    return type(bn) is nn.BatchNorm2d and not bn.training and bn.running_mean is not None \
+        and layout(x) is not None and x.shape[1] == bn.num_features
 
 
 def bn_forward(src: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tensor | None,
@@ -253,7 +259,7 @@ def bn_forward(src: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tenso
     # The dtype `bn(act(src)) + skip` has in PyTorch (the skip may be wider than src).
     out = torch.empty_like(src, dtype=torch.result_type(src, skip) if skip is not None else src.dtype)
     if skip is not None:
-        skip = skip.contiguous(memory_format=_memory_format(src))
+        skip = skip.contiguous(memory_format=MEMORY[layout(src)])
     _launch(_apply_kernel, src, src, skip if skip is not None else src, out, mean, scale, shift, ACT=act_id,
             HAS_SKIP=skip is not None)
     return out, mean, rstd
@@ -263,7 +269,7 @@ def bn_backward(src: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tens
                 activation: str, grad: torch.Tensor,
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(gradient of src, of the BN weight, of the BN bias; None without affine) from the output's gradient."""
-    grad = grad.contiguous(memory_format=_memory_format(src))
+    grad = grad.contiguous(memory_format=MEMORY[layout(src)])
     o, c, i = _view(src)
     n = o * i
     tiles = _tiles(src)
@@ -301,10 +307,6 @@ class _ActBatchNorm(torch.autograd.Function):
         return d_src, grad if ctx.has_skip else None, d_weight, d_bias, None, None
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return torch.contiguous_format if x.is_contiguous() else torch.channels_last
-
-
 def act_batch_norm(src: torch.Tensor, bn: nn.BatchNorm2d, activation: str = "none",
                    skip: torch.Tensor | None = None) -> torch.Tensor:
     """`bn(act(src)) [+ skip]` with `bn` in training mode (check `supports` first), in two passes forward and
@@ -322,7 +324,7 @@ def eval_act_batch_norm(src: torch.Tensor, bn: nn.BatchNorm2d, activation: str) 
     """`bn(act(src))` with `bn` in eval mode (running statistics), in one pass; inference only, no autograd."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-    if bn.training or bn.running_mean is None or _memory_format_or_none(src) is None:
+    if not supports_eval(src, bn):
         raise ValueError("eval_act_batch_norm needs an eval-mode nn.BatchNorm2d with running statistics and a "
                          f"contiguous NCHW or channels_last input, got {tuple(src.shape)}")
     mean = bn.running_mean.float().contiguous()
@@ -335,11 +337,3 @@ def eval_act_batch_norm(src: torch.Tensor, bn: nn.BatchNorm2d, activation: str) 
     _launch(_apply_kernel, src, src, src, out, mean, scale.contiguous(), shift, ACT=ACTIVATIONS[activation],
             HAS_SKIP=False)
     return out
-
-
-def _memory_format_or_none(x: torch.Tensor) -> torch.memory_format | None:
-    if x.dim() != 4:
-        return None
-    if x.is_contiguous():
-        return torch.contiguous_format
-    return torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else None

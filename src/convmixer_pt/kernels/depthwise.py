@@ -31,7 +31,7 @@ Kernels (all accumulate in fp32; inputs and outputs are fp32, fp16 or bf16):
   the input gradient: a correlation with the flipped filter. With AFFINE_RESIDUAL (inference) it computes
   x + act(conv(x) + b) * scale + shift, i.e. the whole residual branch of a ConvMixer block with its
   BatchNorm folded to a per-channel scale and shift, in one read and one write.
-- `activations.act_grad_kernel`, elementwise: the pre-activation gradient g = grad * act'(y), once (one pass).
+- `common.act_grad_kernel`, elementwise: the pre-activation gradient g = grad * act'(y), once (one pass).
 - `_dw_wgrad_kernel`, grid (C, batch splits, filter rows) or (filter rows, C, batch splits), whichever a GPU
   times faster per shape: reduces g (bias gradient) and g times the KW
   shifted inputs of one filter row (weight gradient) over its share of the batch and the whole plane.
@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ..fast import SettingError
 from . import depthwise_nhwc as nhwc
-from .activations import ACTIVATIONS, SUM, act, act_grad_kernel, interpreted, on_device_of
+from .common import ACTIVATIONS, MEMORY, SUM, act, act_grad_kernel, interpreted, layout, on_device_of
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
@@ -286,19 +286,6 @@ def unsupported_reason(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype
     return None
 
 
-_MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-
-
-def layout(x: torch.Tensor) -> str | None:
-    """'nchw' (contiguous), 'nhwc' (channels_last) or None: the two memory layouts the kernels read. A tensor
-    that is both (one channel, or a 1x1 plane) counts as NCHW."""
-    if x.dim() != 4:
-        return None
-    if x.is_contiguous():
-        return "nchw"
-    return "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else None
-
-
 def conv_launch_config(hw: int) -> tuple[int, int]:
     """(BLOCK, num_warps) of the plane kernel: up to a 32x32 plane per program, 2 elements per thread
     (4 per thread made ptxas spill at 9x9)."""
@@ -376,7 +363,7 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, s
           add: torch.Tensor | None = None, force_mma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(conv(x) + b) [inference BN + residual] [+ add], pre-activation or None), in x's layout."""
     if add is not None:
-        add = add.contiguous(memory_format=_MEMORY[layout(x)])
+        add = add.contiguous(memory_format=MEMORY[layout(x)])
     if layout(x) == "nhwc":
         return nhwc.conv_nhwc(x, weight, bias, sign=sign, act_name=act, save_pre=save_pre, scale=scale,
                               shift=shift, add=add)
@@ -491,7 +478,7 @@ class _DepthwiseConvAct(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight, pre = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gy, dw, db = _wgrad(x, grad.contiguous(memory_format=_MEMORY[layout(x)]), pre, tuple(weight.shape[2:]),
+        gy, dw, db = _wgrad(x, grad.contiguous(memory_format=MEMORY[layout(x)]), pre, tuple(weight.shape[2:]),
                             ctx.act, need_w)
         gx = _conv(gy, weight, None, sign=-1, act="none", save_pre=False)[0] if need_x else None
         gw = dw.view(weight.shape).to(weight.dtype) if need_w else None

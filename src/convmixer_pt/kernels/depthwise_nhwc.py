@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activations import ACTIVATIONS, SUM, act, interpreted, on_device_of
+from .common import ACTIVATIONS, SUM, act, interpreted, on_device_of
 
 # (TH, TW, BLOCK_C, num_warps): each thread holds 4 pixels x 8 channels (16-byte loads of bf16). Shapes that
 # give a thread other pixel counts made Triton convert layouts inside the tap loop (through shared memory).

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from . import batchnorm, depthwise
+from .common import MEMORY, layout
 
 
 class _ResidualDepthwiseBN(torch.autograd.Function):
@@ -31,7 +32,7 @@ class _ResidualDepthwiseBN(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, weight, pre, gamma, mean, rstd = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad = grad.contiguous(memory_format=depthwise._MEMORY[depthwise.layout(x)])
+        grad = grad.contiguous(memory_format=MEMORY[layout(x)])
         d_pre, d_gamma, d_beta = batchnorm.bn_backward(pre, gamma, mean, rstd, ctx.activation, grad)
         _, d_weight, d_bias = depthwise._wgrad(x, d_pre, None, tuple(weight.shape[2:]), "none", need_w)
         # The input gradient: the convolution's, plus the skip connection's (grad itself), in one pass.

@@ -1,5 +1,5 @@
 """What the kernel modules share: activations and their derivatives as jit helpers, the sum combiner, the
-elementwise activation-gradient kernel, and where kernels launch.
+elementwise activation-gradient kernel, the two memory layouts they read, and where kernels launch.
 
 Inside the kernels only Triton builtins and our own jit functions are called, not tl.sum, tl.zeros or
 tl.sigmoid: those are jit functions of Triton's library, defined when Triton is first imported, so they
@@ -68,3 +68,16 @@ def interpreted() -> bool:
 def on_device_of(x: torch.Tensor) -> contextlib.AbstractContextManager:
     """Triton launches on the current CUDA device and stream; make that the tensor's device."""
     return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+
+
+MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
+
+
+def layout(x: torch.Tensor) -> str | None:
+    """'nchw' (contiguous), 'nhwc' (channels_last) or None: the two memory layouts the kernels read. A tensor
+    that is both (one channel, or a 1x1 plane) counts as NCHW."""
+    if x.dim() != 4:
+        return None
+    if x.is_contiguous():
+        return "nchw"
+    return "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else None

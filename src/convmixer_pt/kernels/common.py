@@ -81,3 +81,9 @@ def layout(x: torch.Tensor) -> str | None:
     if x.is_contiguous():
         return "nchw"
     return "nhwc" if x.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def batch_splits(n: int, programs_per_split: int) -> int:
+    """How many shares of the batch a weight gradient reduces separately: enough programs to fill a large GPU
+    (~2048), each reducing over as much of the batch as possible."""
+    return max(1, min(n, 2048 // max(programs_per_split, 1)))

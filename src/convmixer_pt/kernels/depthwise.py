@@ -54,7 +54,7 @@ import triton.language as tl
 
 from ..fast import SettingError
 from . import depthwise_nhwc as nhwc
-from .common import ACTIVATIONS, MEMORY, SUM, act, act_grad_kernel, interpreted, layout, on_device_of
+from .common import ACTIVATIONS, MEMORY, SUM, act, act_grad_kernel, batch_splits, interpreted, layout, on_device_of
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_KERNEL = 15  # the weight gradient tiles a filter row by KW's binary digits (8+4+2+1)
@@ -362,9 +362,10 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, s
           save_pre: bool, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
           add: torch.Tensor | None = None, force_mma: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(act(conv(x) + b) [inference BN + residual] [+ add], pre-activation or None), in x's layout."""
+    memory = layout(x)
     if add is not None:
-        add = add.contiguous(memory_format=MEMORY[layout(x)])
-    if layout(x) == "nhwc":
+        add = add.contiguous(memory_format=MEMORY[memory])
+    if memory == "nhwc":
         return nhwc.conv_nhwc(x, weight, bias, sign=sign, act_name=act, save_pre=save_pre, scale=scale,
                               shift=shift, add=add)
     n, c, h, w = x.shape
@@ -398,11 +399,6 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, s
     return out, pre
 
 
-def _batch_splits(n: int, c: int) -> int:
-    """Enough programs to fill a large GPU (~2048), each reducing over as much of the batch as possible."""
-    return max(1, min(n, 2048 // max(c, 1)))
-
-
 def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel: tuple[int, int], act: str,
            need_w: bool, splits: int | None = None, force_mma: bool = False, row_first: bool | None = None,
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -420,7 +416,7 @@ def _wgrad(x: torch.Tensor, grad: torch.Tensor, pre: torch.Tensor | None, kernel
         dw_part, db_part = nhwc.wgrad_nhwc(x, gy, kernel, need_w, splits)
         return gy, dw_part.sum(0) if need_w else None, db_part.sum(0)
     rows = kh if need_w else 1
-    splits = splits or _batch_splits(n, c * rows)
+    splits = splits or batch_splits(n, c * rows)
     n_per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, n_per_split)
     dw_part = torch.empty((splits, c, kh * kw), device=x.device, dtype=torch.float32)

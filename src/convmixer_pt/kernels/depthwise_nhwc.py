@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import ACTIVATIONS, SUM, act, interpreted, on_device_of
+from .common import ACTIVATIONS, SUM, act, batch_splits, interpreted, on_device_of
 
 # (TH, TW, BLOCK_C, num_warps): each thread holds 4 pixels x 8 channels (16-byte loads of bf16). Shapes that
 # give a thread other pixel counts made Triton convert layouts inside the tap loop (through shared memory).
@@ -257,11 +257,6 @@ def _pairable(t: torch.Tensor) -> bool:
     return t.dtype == torch.bfloat16 and t.shape[1] % 2 == 0 and t.data_ptr() % 4 == 0
 
 
-def wgrad_splits(n: int, c: int, rows: int) -> int:
-    """Batch splits: enough programs (~2048) to fill a large GPU, each reducing as much of the batch as it can."""
-    return max(1, min(n, 2048 // (rows * triton.cdiv(c, WGRAD_BLOCK_C))))
-
-
 def wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, kernel: tuple[int, int], need_w: bool, splits: int | None = None,
                pairs: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-split partial sums (weight [splits, C, KH*KW], bias [splits, C], fp32) for channels_last x, gy;
@@ -269,7 +264,7 @@ def wgrad_nhwc(x: torch.Tensor, gy: torch.Tensor, kernel: tuple[int, int], need_
     n, c, h, w = x.shape
     kh, kw = kernel
     rows = kh if need_w else 1
-    splits = splits or wgrad_splits(n, c, rows)
+    splits = splits or batch_splits(n, rows * triton.cdiv(c, WGRAD_BLOCK_C))
     n_per_split = triton.cdiv(n, splits)
     splits = triton.cdiv(n, n_per_split)
     dw_part = torch.empty((splits, c, kh * kw), device=x.device, dtype=torch.float32)

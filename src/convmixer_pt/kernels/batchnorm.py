@@ -184,7 +184,7 @@ def _grad_kernel(grad_ptr, src_ptr, out_ptr, mean_ptr, a_ptr, b_ptr, k_ptr, n_ou
 def _view(x: torch.Tensor) -> tuple[int, int, int]:
     """The [n_outer, C, n_inner] view of a contiguous NCHW or channels_last tensor."""
     n, c, h, w = x.shape
-    return (n * h * w, c, 1) if not x.is_contiguous() else (n, c, h * w)
+    return (n * h * w, c, 1) if layout(x) == "nhwc" else (n, c, h * w)
 
 
 def _blocks(o: int, c: int, i: int) -> tuple[int, int, int, int]:
@@ -207,7 +207,6 @@ def _launch(kernel: triton.JITFunction, x: torch.Tensor, *args, **constexprs) ->
     with on_device_of(x):
         kernel[_grid(o, c, i, blocks)](*args, o, c, i, **constexprs, BLOCK_O=blocks[0], BLOCK_C=blocks[1],
                                        BLOCK_I=blocks[2], num_warps=blocks[3])
-
 
 
 def _tiles(x: torch.Tensor) -> int:

@@ -44,12 +44,14 @@ def test_empty_data_dir(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert_one_line(rc, err, f"{tmp_path / 'data' / 'train'}: no images found")
 
 
+@pytest.mark.parametrize("switch", ["CONVMIXER_FAST", "CONVMIXER_FAST_CHANNELS_LAST", "CONVMIXER_FAST_BATCHNORM"])
 def test_unknown_fast_path_setting(tmp_path: Path, capsys: pytest.CaptureFixture,
-                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CONVMIXER_FAST", "maybe")
+                                   monkeypatch: pytest.MonkeyPatch, switch: str) -> None:
+    """Every switch's typo is an error even on a CPU, where the kernels (which read the last two) never run."""
+    monkeypatch.setenv(switch, "maybe")
     data = make_imagefolder(tmp_path / "data")
     rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), output=str(tmp_path / "o")))
-    assert_one_line(rc, err, "CONVMIXER_FAST='maybe' is not one of 1/true/on or 0/false/off")
+    assert_one_line(rc, err, f"{switch}='maybe' is not one of 1/true/on or 0/false/off")
     assert not (tmp_path / "o" / "last.pth").exists()
 
 

@@ -123,9 +123,20 @@ def conv_supported(conv: nn.Module) -> bool:
         and _same_padding(conv)
 
 
+def check_switches() -> None:
+    """A SettingError for a bad value of any of this module's switches, on every device: the last two are
+    read only where the kernels run, and a typo should not pass unnoticed on a CPU."""
+    env_disabled()
+    channels_last_enabled()
+    batchnorm_enabled()
+
+
 def block_fn(fast: bool | None, x: torch.Tensor) -> BlockFn:
     """How to evaluate the blocks for input `x`: the fused path or each block's own modules."""
-    if fast is False or (fast is None and (env_disabled() or not x.is_cuda)):
+    if fast is False:
+        return run_plain
+    check_switches()
+    if fast is None and (env_disabled() or not x.is_cuda):
         return run_plain
     if torch.compiler.is_compiling() or torch.jit.is_scripting():
         return run_plain

@@ -1,94 +1,12 @@
 #!/usr/bin/env python
-"""Measure this project's ConvMixer against timm's in the same process: img/s, TFLOP/s, ratio, peak memory.
+"""Throughput of this project's ConvMixer against timm's.
 
-    python scripts/benchmark.py --model convmixer_1536_20 --mode train infer --json bench.json
-    python scripts/benchmark.py --model convmixer_768_32 --channels-last --no-fast
-    python scripts/benchmark.py --device cpu --model convmixer_128_4 --img-size 32 --batch-size 2 \\
-        --infer-batch-size 2 --steps 1 --repeats 1 --warmup 1          # a CPU smoke run
-    python scripts/benchmark.py --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
-
-Training steps are forward + backward + AdamW under autocast; inference is a forward pass under
-inference_mode. Both implementations get the same input, layout, AMP and compile settings.
+A thin wrapper over `convmixer_pt.cli.benchmark`; `--help` gives the usage.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
 
-import torch
-
-from convmixer_pt.benchmark import AMP_DTYPES, MODES, BenchConfig, depthwise_op_times, format_table, run
-from convmixer_pt.fast import SettingError
-from convmixer_pt.model import list_models
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", nargs="+", default=["convmixer_1536_20"], choices=list_models())
-    p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--batch-size", type=int, default=64, help="training batch (and --depthwise-op batch)")
-    p.add_argument("--infer-batch-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
-    p.add_argument("--channels-last", action="store_true", help="input and both models in channels_last")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=True,
-                   help="this project's Triton fast path where it can run (CUDA); --no-fast: plain PyTorch")
-    p.add_argument("--json", metavar="OUT", help="write the rows as a JSON list")
-    p.add_argument("--depthwise-op", action="store_true",
-                   help="time one depthwise conv + GELU (PyTorch NCHW / channels_last vs Triton) instead")
-    p.add_argument("--dim", type=int, default=1536, help="--depthwise-op channels")
-    p.add_argument("--size", type=int, default=32, help="--depthwise-op plane height = width")
-    p.add_argument("--kernel", type=int, default=9, help="--depthwise-op kernel size")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"benchmark: device {args.device!r} requested but CUDA is not available", file=sys.stderr)
-        return 2
-    if min(args.batch_size, args.infer_batch_size, args.steps, args.repeats) < 1 or args.warmup < 0:
-        print("benchmark: batch sizes, --steps and --repeats must be >= 1 and --warmup >= 0", file=sys.stderr)
-        return 2
-    amp = args.amp or ("bf16" if device.type == "cuda" else "none")
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # CUDA events, do_bench and Triton launches use the current device
-    if args.depthwise_op and device.type != "cuda":
-        print("benchmark: --depthwise-op needs a CUDA device", file=sys.stderr)
-        return 2
-    try:
-        if args.depthwise_op:
-            rows = depthwise_op_times(args.batch_size, args.dim, args.size, args.kernel,
-                                      AMP_DTYPES[amp] or torch.float32, device=args.device)
-            for r in rows:
-                print(f"{r['impl']:>20}  fwd {r['fwd_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms")
-        else:
-            configs = [
-                BenchConfig(model=m, mode=mode,
-                            batch_size=args.batch_size if mode == "train" else args.infer_batch_size,
-                            img_size=args.img_size, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                            amp=amp, channels_last=args.channels_last, compile=args.compile, device=args.device,
-                            fast=args.fast)
-                for m in args.model for mode in args.mode
-            ]
-            rows = run(configs, log=lambda line: print(line, file=sys.stderr, flush=True))
-            print(format_table(rows))
-    except SettingError as e:
-        print(f"benchmark: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
-
+from convmixer_pt.cli.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,32 +1,33 @@
 #!/usr/bin/env bash
-# The prepared device check for issues 4 and 6: one call on one H100/H200, inside a fixed time budget.
+# The prepared GPU check: kernel tests at full shapes, every fast-path configuration against timm, a short
+# fast-vs-plain training comparison and a profile, in one call on one H100/H200 inside a fixed time budget.
 #
 #   OUT=/tmp/out bash scripts/gpu_check.sh            # all stages, stops starting work after $BUDGET s
 #   STAGES="op tests" bash scripts/gpu_check.sh       # a subset of the stages below
 #
 # Results are written under $RES and packed after every stage into $OUT/gpu_check.tgz (plus
 # $OUT/progress.log and, at the end, $OUT/summary.txt), so a run cut short still returns the stages it
-# finished in at most three files (the device tool returns 8 at most: copy nothing else into $OUT). Each stage's
-# timeout is capped by what is left of $BUDGET, so the last pack always happens inside the call.
+# finished in at most three files. Each stage's timeout is capped by what is left of $BUDGET, so the last
+# pack always happens inside the call.
 #
 # Stages, in order (default: all but trainer):
 #   op        one depthwise conv + GELU per block shape (1536 x 32 x 32 9x9; 768 x 32 x 32 7x7; 1024 x 16 x 16
 #             9x9; batch 64), fwd and fwd+bwd: PyTorch NCHW and channels_last, the Triton direct, tensor-core
 #             and channels_last kernels
-#   bench_cl  scripts/benchmark.py, the three ImageNet variants in channels_last with the channels_last kernels
-#             (CONVMIXER_FAST_CHANNELS_LAST=1), train (batch 64) and infer (256), timm in channels_last
-#   bench_cl_bn  the same with the fused BatchNorm as well (CONVMIXER_FAST_BATCHNORM=1; in inference it fuses
-#             the pointwise branch's activation and BatchNorm)
-#   tests     the kernel tests (depthwise and fused BatchNorm) with the compiled kernels at full ConvMixer
-#             shapes (xdist workers) -> the NCHW model stages use the tensor-core kernels only if these pass
-#             and the op stage found them faster at 1536/9x9; otherwise CONVMIXER_DW_KERNEL=direct (logged)
+#   bench_cl  scripts/benchmark.py, the three ImageNet variants in channels_last with the channels_last kernels,
+#             train (batch 64) and infer (256), timm in channels_last
+#   bench_cl_bn  the same with the fused BatchNorm as well (in inference it fuses the pointwise branch's
+#             activation and BatchNorm)
+#   tests     the kernel and fast-model tests with the compiled kernels at full ConvMixer shapes (xdist
+#             workers) -> the NCHW model stages use the tensor-core kernels only if these pass and the op
+#             stage found them faster at 1536/9x9; otherwise the direct ones (logged)
 #   bench     the three variants in NCHW (our NCHW kernels, timm NCHW), train and infer
 #   bench_bn  NCHW training with the fused BatchNorm
 #   train_cl  scripts/check_fast_training.py --channels-last with the fused BatchNorm: 50 steps fast vs plain
 #   profile   the CUDA kernels of one 1536/20 training step in channels_last with the fused BatchNorm
-#   trainer   issue 4's check (resolved; not run by default): scripts/train.py under torchrun, bf16
+#   trainer   scripts/train.py under torchrun (NCCL, one rank), bf16, generated data (not run by default)
 # At the end summary.txt gives, per model and mode, the fastest configuration of ours and of timm and the
-# ratio against issue 6's target.
+# ratio against the speed targets (1536/20 training 3x, the other training rows 1.5x, inference 2x).
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 RES=${RES:-/tmp/gpu_check_results}
@@ -69,22 +70,23 @@ print('yes' if r['triton_mma'] < r['triton_direct'] else 'no')" 2>/dev/null || e
   pack
 fi
 if stage bench_cl 150; then
-  CONVMIXER_FAST_CHANNELS_LAST=1 timeout "$LIMIT" $PY scripts/benchmark.py --channels-last \
+  timeout "$LIMIT" $PY scripts/benchmark.py --channels-last --channels-last-kernels --no-fused-bn \
     --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH --json "$RES/bench_cl.json" \
     > "$RES/bench_cl.log" 2>&1
   log "bench_cl exit $?"
   pack
 fi
 if stage bench_cl_bn 150; then
-  CONVMIXER_FAST_CHANNELS_LAST=1 CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY scripts/benchmark.py \
-    --channels-last --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
+  timeout "$LIMIT" $PY scripts/benchmark.py --channels-last --channels-last-kernels --fused-bn \
+    --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
     --json "$RES/bench_cl_bn.json" > "$RES/bench_cl_bn.log" 2>&1
   log "bench_cl_bn exit $?"
   pack
 fi
 TESTS_OK=unknown
 if stage tests 200; then
-  timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py tests/test_batchnorm_kernel.py -q -p no:cacheprovider -n 8 \
+  timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py tests/test_batchnorm_kernel.py tests/test_fast_model.py \
+    -q -p no:cacheprovider -n 8 \
     -k "not compile_for_hopper" --junitxml="$RES/kernel_tests.xml" > "$RES/kernel_tests.log" 2>&1
   rc=$?
   log "tests exit $rc: $(tail -1 "$RES/kernel_tests.log")"
@@ -92,19 +94,19 @@ if stage tests 200; then
   pack
 fi
 if [ "$MMA_FASTER" = yes ] && [ "$TESTS_OK" != no ]; then
-  export CONVMIXER_DW_KERNEL=mma
+  KERNEL_SET=mma
 else
-  export CONVMIXER_DW_KERNEL=direct
+  KERNEL_SET=direct
 fi
-log "kernel set for the model stages: $CONVMIXER_DW_KERNEL (mma faster: $MMA_FASTER, kernel tests pass: $TESTS_OK)"
+log "kernel set for the NCHW model stages: $KERNEL_SET (mma faster: $MMA_FASTER, kernel tests pass: $TESTS_OK)"
 if stage bench 150; then
   timeout "$LIMIT" $PY scripts/benchmark.py --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH \
-    --json "$RES/bench_nchw.json" > "$RES/bench.log" 2>&1
+    --kernel-set $KERNEL_SET --no-fused-bn --json "$RES/bench_nchw.json" > "$RES/bench.log" 2>&1
   log "bench exit $?"
   pack
 fi
 if stage bench_bn 100; then
-  CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY scripts/benchmark.py --mode train \
+  timeout "$LIMIT" $PY scripts/benchmark.py --mode train --kernel-set $KERNEL_SET --fused-bn \
     --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 $BENCH --json "$RES/bench_bn.json" \
     > "$RES/bench_bn.log" 2>&1
   log "bench_bn exit $?"
@@ -119,17 +121,19 @@ if stage trainer 100; then
   pack
 fi
 if stage train_cl 90; then
-  CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY scripts/check_fast_training.py --model convmixer_1536_20 \
+  timeout "$LIMIT" $PY scripts/check_fast_training.py --model convmixer_1536_20 --fused-bn \
     --steps 50 --batch-size 32 --channels-last --json "$RES/train_equivalence_cl.json" > "$RES/train_equivalence_cl.log" 2>&1
   log "train_cl exit $?: $(tail -1 "$RES/train_equivalence_cl.log")"
   pack
 fi
 if stage profile 45; then
-  CONVMIXER_FAST_CHANNELS_LAST=1 CONVMIXER_FAST_BATCHNORM=1 timeout "$LIMIT" $PY - > "$RES/profile.log" 2>&1 <<'PYEOF'
+  timeout "$LIMIT" $PY - > "$RES/profile.log" 2>&1 <<'PYEOF'
 import torch
 from torch.profiler import ProfilerActivity, profile
 from convmixer_pt import create_model
-model = create_model("convmixer_1536_20").cuda().to(memory_format=torch.channels_last)
+from convmixer_pt.fast import FastOptions
+fast = FastOptions(channels_last=True, fused_batchnorm=True)
+model = create_model("convmixer_1536_20", fast=fast).cuda().to(memory_format=torch.channels_last)
 opt = torch.optim.AdamW(model.parameters())
 x = torch.randn(64, 3, 224, 224, device="cuda").contiguous(memory_format=torch.channels_last)
 y = torch.randint(0, 1000, (64,), device="cuda")

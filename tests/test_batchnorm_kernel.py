@@ -150,10 +150,9 @@ def test_inference_form_uses_the_running_statistics(layout, act, affine):
 @pytest.mark.parametrize(("layout", "dtype", "act", "variant"), [
     ("nchw", torch.float32, "gelu", "direct"), ("nhwc", torch.float32, "relu", "direct"),
     ("nhwc", torch.bfloat16, "gelu", "direct"), ("nchw", torch.bfloat16, "gelu", "mma")])
-def test_residual_branch_matches_float64(layout, dtype, act, variant, monkeypatch):
+def test_residual_branch_matches_float64(layout, dtype, act, variant):
     """x + BN(act(dwconv(x) + b)): output, all five gradients (the input's includes the skip's, added by the
     input-gradient kernel) and the running statistics."""
-    monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
     shape = SHAPES[0]
     src, _, bn, grad = make_case(shape, layout, dtype=dtype, seed=3)
     conv = torch.nn.Conv2d(shape[1], shape[1], 5, padding=2, groups=shape[1]).to(DEVICE)
@@ -164,7 +163,7 @@ def test_residual_branch_matches_float64(layout, dtype, act, variant, monkeypatc
     ref_conv, ref_bn = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
     x = src.detach().requires_grad_()
     assert residual.supports(x, conv, bn)
-    out = residual.residual_depthwise_batch_norm(x, conv, bn, act)
+    out = residual.residual_depthwise_batch_norm(x, conv, bn, act, variant)
     out.backward(grad)
     rx = src.detach().double().requires_grad_()
     ref_pre = ref_conv(rx)

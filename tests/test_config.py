@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from convmixer_pt import config
+from convmixer_pt.train import config
 
 
 def parse(argv: list[str]) -> tuple[str | None, dict]:
@@ -67,7 +67,7 @@ def test_unknown_flag_is_refused() -> None:
 
 def test_args_yaml_round_trip(tmp_path: Path) -> None:
     cfg = config.apply(config.TrainConfig(), dict(epochs=5, model_args={"dim": 8}, resume="auto",
-                                                  ratio=[0.75, 4 / 3]), "test")
+                                                  ratio=[0.75, 4 / 3]))
     config.save_yaml(cfg, tmp_path / "args.yaml")
     assert config.resolve(tmp_path / "args.yaml", {}) == cfg
 

@@ -15,18 +15,20 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = pytest.mark.mindspore
 ms = pytest.importorskip("mindspore")
 
-from convmixer_pt import keymap, parity  # noqa: E402
-from convmixer_pt.checkpoint import CheckpointError  # noqa: E402
-from convmixer_pt.convert import convert, read_weights, resolve_act, write_ckpt  # noqa: E402
-from convmixer_pt.model import ConvMixer  # noqa: E402
-from convmixer_pt.ms_model import MSConvMixer  # noqa: E402
+from convmixer_pt import CheckpointError, ConvMixer  # noqa: E402
+from convmixer_pt.cli import convert as convert_cli  # noqa: E402
+from convmixer_pt.cli import parity as parity_cli  # noqa: E402
+from convmixer_pt.mindspore.model import MSConvMixer  # noqa: E402
+from convmixer_pt.weights import keymap, parity  # noqa: E402
+from convmixer_pt.weights.convert import convert  # noqa: E402
+from convmixer_pt.weights.formats import read_weights, resolve_act  # noqa: E402
+from convmixer_pt.weights.ms_io import write_ckpt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_ckpt.py"
-sys.path.insert(0, str(TOOL.parent))
-import convert_ckpt  # noqa: E402
 
 # Not a registered variant: the converter must infer everything from the shapes.
 ARCH = dict(dim=24, depth=3, kernel_size=5, patch_size=4, in_chans=3, num_classes=7)
@@ -171,19 +173,19 @@ def test_parity_command_line(tmp_path, capfd):
     torch.save(state, tmp_path / "in.pth")
     write_ckpt(state, tmp_path / "good.ckpt")
     write_ckpt(dict(state, **{"stem.2.bias": state["stem.2.bias"] + 0.1}), tmp_path / "bad.ckpt")
-    assert parity.main([str(tmp_path / "in.pth"), str(tmp_path / "good.ckpt"), "--image-size", "32"]) == 0
+    assert parity_cli.main([str(tmp_path / "in.pth"), str(tmp_path / "good.ckpt"), "--image-size", "32"]) == 0
     assert capfd.readouterr().out.startswith("match: ")
-    assert parity.main([str(tmp_path / "in.pth"), str(tmp_path / "bad.ckpt"), "--image-size", "32"]) == 1
+    assert parity_cli.main([str(tmp_path / "in.pth"), str(tmp_path / "bad.ckpt"), "--image-size", "32"]) == 1
     out = capfd.readouterr().out
     assert out.startswith("DIFFER: ") and "first divergence after stem" in out
-    assert parity.main([str(tmp_path / "in.pth"), str(tmp_path / "missing.ckpt")]) == 1
+    assert parity_cli.main([str(tmp_path / "in.pth"), str(tmp_path / "missing.ckpt")]) == 1
     assert capfd.readouterr().err == f"error: {tmp_path / 'missing.ckpt'}: no such file\n"
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------------
 
 def run_cli(capfd, *args: str) -> tuple[int, str, str]:
-    rc = convert_ckpt.main([str(a) for a in args])
+    rc = convert_cli.main([str(a) for a in args])
     out, err = capfd.readouterr()
     return rc, out, err
 
@@ -285,6 +287,7 @@ class _RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_pickle_that_runs_code(tmp_path):
     marker = tmp_path / "MARKER"
     torch.save({"state_dict": random_state(), "payload": _RunsCode(marker)}, tmp_path / "evil.pth")
@@ -298,6 +301,7 @@ def test_cli_refuses_a_pickle_that_runs_code(tmp_path):
     assert files(tmp_path) == ["evil.pth"]
 
 
+@pytest.mark.slow
 def test_cli_truncated_ckpt_in_a_fresh_process(tmp_path, good_files):
     _truncated(tmp_path / "in.ckpt", good_files[1], 0.7)
     run = subprocess.run([sys.executable, str(TOOL), str(tmp_path / "in.ckpt"), str(tmp_path / "out.pth")],
@@ -322,8 +326,9 @@ def test_mindspore_model_is_mindcv_shaped(good_files):
     assert sorted(n for n, _ in net.parameters_and_names()) == sorted(ms.load_checkpoint(str(good_files[1])))
 
 
+@pytest.mark.slow
 def test_mindspore_is_imported_only_when_needed():
-    code = ("import sys, convmixer_pt, convmixer_pt.convert, convmixer_pt.parity; "
+    code = ("import sys, convmixer_pt, convmixer_pt.weights.convert, convmixer_pt.cli.convert; "
             "print('mindspore' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "False", run.stderr

@@ -12,17 +12,17 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from convmixer_pt import config
 from convmixer_pt.data import (
-    DataError,
     GlobalBatchSampler,
     ShardSampler,
     SyntheticImages,
-    build_transforms,
     load_image,
     write_digits_imagefolder,
 )
-from convmixer_pt.distributed import DistEnv
+from convmixer_pt.errors import DataError
+from convmixer_pt.runtime import DistEnv
+from convmixer_pt.train import config
+from convmixer_pt.train.inputs import build_transforms
 
 
 def env(rank: int, world: int) -> DistEnv:
@@ -47,7 +47,7 @@ def test_digits_tree_holds_every_digit_once(tmp_path: Path) -> None:
 
 
 def test_eval_transform_is_resize_then_center_crop(tmp_path: Path) -> None:
-    cfg = config.apply(config.TrainConfig(), dict(input_size=32, crop_pct=0.875), "test")
+    cfg = config.apply(config.TrainConfig(), dict(input_size=32, crop_pct=0.875))
     _, evaluate = build_transforms(cfg)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 40, 3), dtype=np.uint8))
     # Independent reference: shorter side to floor(32 / 0.875) = 36 with PIL bicubic, center crop 32.

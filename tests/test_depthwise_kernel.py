@@ -1,7 +1,7 @@
-"""The Triton depthwise kernels and the fast model path against float64 PyTorch references.
+"""The Triton depthwise kernels against float64 PyTorch references, and their compile for sm_90.
 
 Without CUDA the kernels run in Triton's CPU interpreter at small shapes (tests/triton_env.py); with CUDA
-the compiled kernels run at full ConvMixer shapes.
+the compiled kernels run at full ConvMixer shapes. The model's fast path is tested in test_fast_model.py.
 """
 
 from __future__ import annotations
@@ -19,9 +19,6 @@ if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
 from triton_env import DEVICE, ON_GPU, import_kernels, interpreter_or_exact_fp32  # noqa: E402, F401
-
-from convmixer_pt import create_model  # noqa: E402
-from convmixer_pt.fast import SettingError  # noqa: E402
 
 dw = import_kernels("depthwise")
 
@@ -59,7 +56,7 @@ def make_operands(shape, kernel, dtype, seed, layout="nchw"):
     return (x.requires_grad_(), weight.requires_grad_(), bias.requires_grad_()), ref, grad
 
 
-def check_conv(shape, kernel, dtype, act, seed=0, layout="nchw"):
+def check_conv(shape, kernel, dtype, act, seed=0, layout="nchw", kernel_set="direct"):
     (x, weight, bias), (rx, rw, rb), grad = make_operands(shape, kernel, dtype, seed, layout)
     pre = F.conv2d(rx, rw, rb, padding="same", groups=shape[1])
     if act == "relu":
@@ -67,7 +64,7 @@ def check_conv(shape, kernel, dtype, act, seed=0, layout="nchw"):
         # float64 reference may take different sides, so no gradient flows in from there.
         ambiguous = pre.detach().abs() < TOLERANCE[dtype] * pre.detach().square().mean().sqrt()
         grad = grad.masked_fill(ambiguous, 0)
-    out = dw.depthwise_conv2d(x, weight, bias, act)
+    out = dw.depthwise_conv2d(x, weight, bias, act, kernel_set)
     ref = REF_ACT[act](pre)
     out.backward(grad)
     ref.backward(grad.double())
@@ -92,9 +89,8 @@ KERNEL_SETS = [pytest.param(torch.float32, "nchw", "direct", id="fp32"),
 @pytest.mark.parametrize("k", [3, 5, 7, 9])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize(("dtype", "layout", "variant"), KERNEL_SETS)
-def test_conv_gelu_forward_and_gradients(k, shape, dtype, layout, variant, monkeypatch):
-    monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
-    check_conv(shape, (k, k), dtype, "gelu", layout=layout)
+def test_conv_gelu_forward_and_gradients(k, shape, dtype, layout, variant):
+    check_conv(shape, (k, k), dtype, "gelu", layout=layout, kernel_set=variant)
 
 
 @pytest.mark.parametrize("channels", [70, 128])
@@ -116,27 +112,25 @@ def test_tensor_core_kernels_index_exactly_in_fp32(kernel):
     ref = F.conv2d(rx, rw, rb, padding="same", groups=shape[1])
     ref.backward(grad.double())
     x, weight, bias = x.detach(), weight.detach(), bias.detach()
-    out = dw._conv(x, weight, bias, sign=1, act="none", save_pre=False, force_mma=True)[0]
-    grad_x = dw._conv(grad, weight, None, sign=-1, act="none", save_pre=False, force_mma=True)[0]
-    _, grad_w, grad_b = dw._wgrad(x, grad, None, kernel, "none", True, force_mma=True)
+    out = dw.conv(x, weight, bias, sign=1, act="none", save_pre=False, force_mma=True)[0]
+    grad_x = dw.conv(grad, weight, None, sign=-1, act="none", save_pre=False, force_mma=True)[0]
+    _, grad_w, grad_b = dw.weight_grad(x, grad, None, kernel, "none", True, force_mma=True)
     for name, value, expected in [("out", out, ref), ("grad_x", grad_x, rx.grad),
                                   ("grad_w", grad_w.view_as(rw), rw.grad), ("grad_b", grad_b, rb.grad)]:
         assert rel_err(value, expected) < 1e-5, name
 
 
-def test_planes_too_wide_for_the_tensor_core_kernels_use_the_direct_ones(monkeypatch):
+def test_planes_too_wide_for_the_tensor_core_kernels_use_the_direct_ones():
     shape = (1, 2, 3, 130)
     assert dw.mma_launch_config(shape[2], shape[3], 3) is None
     assert dw.mma_launch_config(shape[2], 114, 15) is not None  # a window of exactly 128 columns fits
-    monkeypatch.setenv(dw.KERNEL_ENV_VAR, "mma")
-    check_conv(shape, (3, 3), torch.bfloat16, "gelu", seed=6)
+    check_conv(shape, (3, 3), torch.bfloat16, "gelu", seed=6, kernel_set="mma")
 
 
-def test_unknown_kernel_variant_is_named(monkeypatch):
-    monkeypatch.setenv(dw.KERNEL_ENV_VAR, "fastest")
+def test_unknown_kernel_set_is_named():
     x = torch.randn(1, 4, 5, 5, device=DEVICE)
-    with pytest.raises(SettingError, match="CONVMIXER_DW_KERNEL='fastest' is not one of 'direct', 'mma'"):
-        dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE))
+    with pytest.raises(ValueError, match="unknown kernel set 'fastest'; choose one of direct, mma"):
+        dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), kernel_set="fastest")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -153,9 +147,8 @@ def test_even_and_rectangular_kernels_pad_like_pytorch(kernel, layout):
 
 
 @pytest.mark.parametrize(("layout", "variant"), [("nchw", "direct"), ("nchw", "mma"), ("nhwc", "direct")])
-def test_fp16(layout, variant, monkeypatch):
-    monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
-    check_conv(SHAPES[1], (7, 7), torch.float16, "gelu", seed=3, layout=layout)
+def test_fp16(layout, variant):
+    check_conv(SHAPES[1], (7, 7), torch.float16, "gelu", seed=3, layout=layout, kernel_set=variant)
 
 
 @pytest.mark.parametrize(("layout", "force_mma", "row_first"), [
@@ -168,8 +161,8 @@ def test_weight_gradient_batch_splits(splits, layout, force_mma, row_first):
     (x, weight, _), (rx, rw, rb), grad = make_operands(shape, (5, 5), torch.float32, seed=4, layout=layout)
     ref = F.conv2d(rx, rw, rb, padding="same", groups=shape[1])
     ref.backward(grad.double())
-    _, gw, gb = dw._wgrad(x.detach(), grad, None, (5, 5), "none", True, splits=splits, force_mma=force_mma,
-                          row_first=row_first)
+    _, gw, gb = dw.weight_grad(x.detach(), grad, None, (5, 5), "none", True, splits=splits, force_mma=force_mma,
+                               row_first=row_first)
     assert rel_err(gw.view_as(rw), rw.grad) < 1e-5
     assert rel_err(gb, rb.grad) < 1e-5
 
@@ -179,7 +172,7 @@ def test_timed_choices_never_change_a_bit(monkeypatch):
     shape) only schedules the same sums: results are bit-identical, so runs stay reproducible."""
     (x, weight, bias), _, grad = make_operands(SHAPES[0], (5, 5), torch.bfloat16, seed=9)
     x, weight, bias = x.detach(), weight.detach(), bias.detach()
-    by_order = [dw._wgrad(x, grad, None, (5, 5), "none", True, row_first=order)[1:] for order in (True, False)]
+    by_order = [dw.weight_grad(x, grad, None, (5, 5), "none", True, row_first=order)[1:] for order in (True, False)]
     assert all(torch.equal(a, b) for a, b in zip(*by_order, strict=True))
     (x, weight, bias), _, _ = make_operands((1, 70, 5, 9), (5, 5), torch.bfloat16, seed=9, layout="nhwc")
     by_tile = []
@@ -187,7 +180,7 @@ def test_timed_choices_never_change_a_bit(monkeypatch):
     assert tunings[0][2] != tunings[-1][2]
     for first in (0, len(tunings) - 1):  # channel blocks of different widths over 70 channels
         monkeypatch.setattr(dw.nhwc, "NHWC_CONV_TUNING", tunings[first:] + tunings[:first])
-        by_tile.append(dw._conv(x.detach(), weight.detach(), bias.detach(), sign=1, act="gelu", save_pre=True))
+        by_tile.append(dw.conv(x.detach(), weight.detach(), bias.detach(), sign=1, act="gelu", save_pre=True))
     assert torch.equal(by_tile[0][0], by_tile[1][0]) and torch.equal(by_tile[0][1], by_tile[1][1])
 
 
@@ -216,11 +209,11 @@ def test_channels_last_bf16_read_in_channel_pairs_gives_the_same_bits(channels):
 
 
 @pytest.mark.parametrize(("dtype", "layout", "variant"), KERNEL_SETS)
-def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype, layout, variant, monkeypatch):
-    monkeypatch.setenv(dw.KERNEL_ENV_VAR, variant)
+def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype, layout, variant):
     (x, weight, bias), (rx, rw, rb), _ = make_operands(SHAPES[0], (9, 9), dtype, seed=5, layout=layout)
     scale, shift = torch.rand(SHAPES[0][1], device=DEVICE) + 0.5, torch.randn(SHAPES[0][1], device=DEVICE)
-    out = dw.depthwise_conv2d_affine_residual(x.detach(), weight.detach(), bias.detach(), scale, shift, "gelu")
+    out = dw.depthwise_conv2d_affine_residual(x.detach(), weight.detach(), bias.detach(), scale, shift, "gelu",
+                                              variant)
     ref = rx + F.gelu(F.conv2d(rx, rw, rb, padding="same", groups=SHAPES[0][1])) * scale.double()[:, None, None] \
         + shift.double()[:, None, None]
     assert out.dtype == dtype and out.is_contiguous(memory_format=MEMORY[layout])
@@ -256,149 +249,15 @@ def test_unsupported_reasons_name_the_problem():
         dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), None, "tanh")
 
 
-# A small model for the whole-model checks; on the GPU a full-width one.
-MODEL_KW = dict(dim=1536, depth=2, kernel_size=9, patch_size=7) if ON_GPU else dict(dim=4, depth=2, kernel_size=5)
-IMG = (4, 3, 224, 224) if ON_GPU else (2, 3, 12, 12)
-
-
-def model_pair(act: str, seed: int = 0):
-    torch.manual_seed(seed)
-    fast = create_model("convmixer_128_4", num_classes=7, act=act, fast=True, **MODEL_KW).to(DEVICE)
-    plain = create_model("convmixer_128_4", num_classes=7, act=act, fast=False, **MODEL_KW).to(DEVICE)
-    plain.load_state_dict(fast.state_dict())
-    return fast, plain
-
-
-@pytest.mark.parametrize("fused_bn", ["0", "1"])
-@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("act", ["gelu", "relu"])
-def test_fast_model_matches_plain_model_in_training_and_inference(act, layout, fused_bn, monkeypatch):
-    monkeypatch.setenv("CONVMIXER_FAST_CHANNELS_LAST", "1")
-    monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", fused_bn)
-    fast, plain = model_pair(act)
-    fast, plain = fast.to(memory_format=MEMORY[layout]), plain.to(memory_format=MEMORY[layout])
-    assert list(fast.state_dict()) == list(plain.state_dict())
-    x = torch.randn(IMG, device=DEVICE).contiguous(memory_format=MEMORY[layout])
-    out_fast, out_plain = fast(x), plain(x)
-    assert rel_err(out_fast, out_plain.double()) < 1e-5
-    grad = torch.randn_like(out_plain)
-    out_fast.backward(grad)
-    out_plain.backward(grad)
-    # How far rounding alone moves these gradients: the plain model with its depthwise convolutions computed
-    # in float64 (a more exact evaluation of the same function). With GELU that is ~1e-6. With ReLU,
-    # pre-activations within rounding of 0 flip sides and move every gradient by ~3e-4 at full width, so the
-    # bound follows what was measured rather than a fixed number.
-    rounded = create_model("convmixer_128_4", num_classes=7, act=act, fast=False, **MODEL_KW).to(DEVICE)
-    rounded.load_state_dict(plain.state_dict())
-    for block in rounded.blocks:
-        conv = block[0].fn[0]
-        conv.forward = lambda t, conv=conv: F.conv2d(t.double(), conv.weight.double(), conv.bias.double(),
-                                                     padding=conv.padding, groups=conv.groups).to(t.dtype)
-    rounded(x).backward(grad)
-    floor = max(rel_err(q.grad, r.grad.double())
-                for q, r in zip(plain.parameters(), rounded.parameters(), strict=True))
-    bound = max(1e-4, 10 * floor)
-    for (name, p), q in zip(fast.named_parameters(), plain.parameters(), strict=True):
-        assert rel_err(p.grad, q.grad.double()) < bound, (name, bound)
-    for (name, b), c in zip(fast.named_buffers(), plain.buffers(), strict=True):
-        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=name)
-    fast.eval()
-    plain.eval()
-    with torch.no_grad():
-        assert rel_err(fast(x), plain(x).double()) < 1e-5
-
-
-def test_switches_turn_the_fast_path_off(monkeypatch):
-    fast, plain = model_pair("gelu")
-    x = torch.randn(IMG, device=DEVICE)
-    assert not torch.equal(fast(x), plain(x))  # the kernels ran: not the same rounding as PyTorch's
-    fast.fast = None
-    monkeypatch.delenv("CONVMIXER_FAST", raising=False)
-    assert torch.equal(fast(x), plain(x)) == (not ON_GPU)  # default: kernels for CUDA inputs only
-    monkeypatch.setenv("CONVMIXER_FAST", "off")
-    assert torch.equal(fast(x), plain(x))
-    monkeypatch.setenv("CONVMIXER_FAST", "maybe")
-    with pytest.raises(SettingError, match="CONVMIXER_FAST='maybe' is not one of"):
-        fast(x)
-    fast.fast = False
-    assert torch.equal(fast(x), plain(x))
-
-
-def test_fused_batchnorm_runs_only_when_switched_on(monkeypatch):
-    fast, plain = model_pair("gelu")
-    x = torch.randn(IMG, device=DEVICE)
-    calls = []
-    bn_kernels = import_kernels("batchnorm")
-    residual = import_kernels("residual")
-    for module, name in [(bn_kernels, "act_batch_norm"), (bn_kernels, "eval_act_batch_norm"),
-                         (residual, "residual_depthwise_batch_norm")]:
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, name=name, original=original, **k:
-                            calls.append(name) or original(*a, **k))
-    monkeypatch.delenv("CONVMIXER_FAST_BATCHNORM", raising=False)
-    fast(x)
-    assert calls == []
-    monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", "1")
-    out = fast(x)
-    assert calls == ["residual_depthwise_batch_norm", "act_batch_norm"] * MODEL_KW["depth"]  # both BNs per block
-    assert rel_err(out, plain(x).double()) < 1e-5
-    calls.clear()
-    fast.eval()
-    plain.load_state_dict(fast.state_dict())  # the running statistics both updated
-    with torch.no_grad():
-        out = fast(x)  # the first BN folds into the depthwise kernel, the second runs with its activation
-        assert calls == ["eval_act_batch_norm"] * MODEL_KW["depth"]
-        assert rel_err(out, plain.eval()(x).double()) < 1e-5
-    monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", "perhaps")
-    with pytest.raises(SettingError, match="CONVMIXER_FAST_BATCHNORM='perhaps' is not one of"):
-        fast.train()(x)
-
-
-def test_channels_last_takes_the_kernels_only_when_switched_on(monkeypatch):
-    fast, plain = model_pair("gelu")
-    fast, plain = fast.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
-    x = torch.randn(IMG, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    monkeypatch.delenv("CONVMIXER_FAST_CHANNELS_LAST", raising=False)
-    assert torch.equal(fast(x), plain(x))  # default: channels_last runs the plain modules
-    monkeypatch.setenv("CONVMIXER_FAST_CHANNELS_LAST", "on")
-    out = fast(x)
-    assert not torch.equal(out, plain(x)) and rel_err(out, plain(x).double()) < 1e-5
-    monkeypatch.setenv("CONVMIXER_FAST_CHANNELS_LAST", "sometimes")
-    with pytest.raises(SettingError, match="CONVMIXER_FAST_CHANNELS_LAST='sometimes' is not one of"):
-        fast(x)
-
-
-@pytest.mark.parametrize("fused_bn", ["0", "1"])
-def test_fast_training_follows_plain_training(fused_bn, monkeypatch):
-    """A few AdamW steps from the same initialisation give the same losses (fp32: to rounding)."""
-    monkeypatch.setenv("CONVMIXER_FAST_BATCHNORM", fused_bn)
-    fast, plain = model_pair("gelu", seed=3)
-    gen = torch.Generator().manual_seed(0)
-    data = [(torch.randn(IMG, generator=gen).to(DEVICE), torch.randint(0, 7, (IMG[0],), generator=gen).to(DEVICE))
-            for _ in range(2)]
-    losses = []
-    for model in (fast, plain):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        curve = []
-        for x, y in data:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            curve.append(loss.item())
-        losses.append(curve)
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-
-
 COMPILE_FOR_HOPPER = r"""
 import itertools, os, re, subprocess, sys
 from pathlib import Path
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from convmixer_pt.kernels import depthwise as dw
-from convmixer_pt.kernels import batchnorm as bn
-from convmixer_pt.kernels import depthwise_nhwc as nhwc
+from convmixer_pt.fast.kernels import depthwise as dw
+from convmixer_pt.fast.kernels import batchnorm as bn
+from convmixer_pt.fast.kernels import depthwise_nhwc as nhwc
 
 assert not dw.interpreted()
 common = dict(KH=9, KW=9, PH=4, PW=4)
@@ -504,6 +363,7 @@ print("compiled")
 """
 
 
+@pytest.mark.slow
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """The interpreter runs the kernels' Python, not Triton's compiler: compile them for sm_90 here (Triton
     carries ptxas), so a type or lowering error, or a register spill, shows before any GPU time is spent."""
@@ -512,18 +372,6 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
     proc = subprocess.run([sys.executable, "-c", COMPILE_FOR_HOPPER], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0 and proc.stdout.strip() == "compiled", proc.stderr[-3000:]
-
-
-def test_fast_model_under_bf16_autocast_stays_within_bf16_noise():
-    """Under autocast the kernels compute in bf16 like nn.Conv2d would: the fast model is no farther from
-    the fp32 result than the plain model under the same autocast (twice its distance, for slack)."""
-    fast, plain = model_pair("gelu", seed=5)
-    x = torch.randn(IMG, device=DEVICE)
-    reference = plain(x).double()
-    with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        out_fast, out_plain = fast(x), plain(x)
-    assert out_fast.dtype == out_plain.dtype
-    assert rel_err(out_fast, reference) <= 2 * rel_err(out_plain, reference) + 1e-3
 
 
 def test_second_order_gradients_are_refused_not_silently_wrong():

@@ -6,7 +6,9 @@ import pytest
 import torch
 from helpers import official_convmixer
 
-from convmixer_pt import VARIANTS, create_model, keymap
+from convmixer_pt import VARIANTS, create_model
+from convmixer_pt.variants import match_variant
+from convmixer_pt.weights import keymap
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3, 32])
@@ -37,8 +39,8 @@ def test_infer_arch_and_match_variant(name: str) -> None:
     arch = keymap.infer_arch(state)
     assert arch == dict(dim=spec["dim"], depth=spec["depth"], kernel_size=spec["kernel_size"],
                         patch_size=spec["patch_size"], in_chans=2, num_classes=17)
-    assert keymap.match_variant(arch) == name
-    assert keymap.match_variant(dict(arch, depth=arch["depth"] + 1)) is None
+    assert match_variant(arch) == name
+    assert match_variant(dict(arch, depth=arch["depth"] + 1)) is None
 
 
 def test_layout_detection_and_errors() -> None:

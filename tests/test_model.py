@@ -31,6 +31,7 @@ def reference_pair(name: str, seed: int = 0) -> tuple[nn.Module, nn.Sequential]:
     return ref, official
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL)
 def test_full_variant_from_official_file_matches_timm(name: str, tmp_path) -> None:
     ref, official = reference_pair(name)

@@ -18,15 +18,16 @@ import numpy as np
 import pytest
 import torch
 
+pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
 pytest.importorskip("mindspore")
 
 from mindspore import Tensor  # noqa: E402
 
-from convmixer_pt import create_model, keymap  # noqa: E402
-from convmixer_pt.checkpoint import CheckpointError  # noqa: E402
-from convmixer_pt.convert import convert, write_ckpt  # noqa: E402
-from convmixer_pt.model import VARIANTS  # noqa: E402
-from convmixer_pt.ms_model import MSConvMixer, create_ms_model  # noqa: E402
+from convmixer_pt import VARIANTS, CheckpointError, create_model, create_ms_model  # noqa: E402
+from convmixer_pt.mindspore.model import MSConvMixer  # noqa: E402
+from convmixer_pt.weights import keymap  # noqa: E402
+from convmixer_pt.weights.convert import convert  # noqa: E402
+from convmixer_pt.weights.ms_io import write_ckpt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from convmixer_pt.imagenet_val import PrepareError, build_image_folder, read_labels
+from convmixer_pt.evaluation.imagenet_val import PrepareError, build_image_folder, read_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 # Devkit order: ILSVRC2012_ID 1, 2, 3 are not in sorted synset order (as in the real devkit, id 1 = n02119789).
@@ -101,6 +101,6 @@ def test_cli_error_is_one_line(flat, tmp_path) -> None:
                            "--labels", str(bad), "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert proc.returncode != 0
     assert proc.stderr.strip().splitlines() == [
-        f"prepare_imagenet_val.py: error: {bad}: neither Kaggle's LOC_val_solution.csv nor the devkit's "
+        f"error: {bad}: neither Kaggle's LOC_val_solution.csv nor the devkit's "
         "ILSVRC2012_validation_ground_truth.txt (first line 'image label')"]
     assert not (tmp_path / "out").exists()

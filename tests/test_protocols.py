@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import timm.data
-from image_data import make_image_folder
+from images import make_image_folder
 from PIL import Image
 
-from convmixer_pt.protocols import build_transform, resize_size
+from convmixer_pt.evaluation.protocols import build_transform, resize_size
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,7 @@ def mindcv_reference_ops(size: int, crop_pct: float) -> list:
     ]
 
 
+@pytest.mark.mindspore
 @pytest.mark.parametrize("size", [224, 64])
 def test_mindcv_protocol_equals_mindspore_dataset_pipeline(folder, size: int) -> None:
     import mindspore.dataset as ds
@@ -69,6 +70,7 @@ def test_mindcv_protocol_equals_mindspore_dataset_pipeline(folder, size: int) ->
         np.testing.assert_array_equal(got, row["image"], err_msg=str(path))
 
 
+@pytest.mark.mindspore
 def test_both_protocols_decode_the_same_pixels(folder) -> None:
     """MindSpore's Decode and PIL give identical RGB arrays for these files, so the protocols differ only
     in resampling."""
@@ -81,6 +83,7 @@ def test_both_protocols_decode_the_same_pixels(folder) -> None:
         np.testing.assert_array_equal(vision.Decode()(np.fromfile(path, dtype=np.uint8)), pil, err_msg=str(path))
 
 
+@pytest.mark.mindspore
 def test_protocols_differ_where_resampling_differs(folder) -> None:
     _, samples = folder
     path = next(p for p, _ in samples if Image.open(p).size == (250, 300))  # downscaled: antialiasing matters

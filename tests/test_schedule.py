@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from convmixer_pt.schedule import lr_at_step, onecycle_knots, onecycle_lr
+from convmixer_pt.train.schedule import lr_at_step, onecycle_knots, onecycle_lr
 
 
 @pytest.mark.parametrize("epochs, up, down", [(150, 60, 120), (300, 120, 240), (7, 2, 5), (12, 4, 9)])

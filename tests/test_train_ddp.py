@@ -17,27 +17,33 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
-from trainutil import NO_AUG, ROOT, TINY, make_imagefolder, torchrun
+from images import make_train_val
+from trainutil import NO_AUG, ROOT, TINY, torchrun
 
-from convmixer_pt import config, engine
-from convmixer_pt.data import build_datasets, build_loaders
-from convmixer_pt.distributed import init_distributed
+from convmixer_pt.runtime import init_distributed
+from convmixer_pt.train import config
+from convmixer_pt.train.inputs import build_datasets, build_loaders
+from convmixer_pt.train.loop import evaluate_models
+from convmixer_pt.train.loop import run as run_training
+from convmixer_pt.train.parts import build_model
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_with_accumulation(tmp_path: Path) -> None:
-    data = make_imagefolder(tmp_path / "data", train_per_class=12)
+    data = make_train_val(tmp_path / "data", train_per_class=12)
     values = dict(TINY, **NO_AUG, data_dir=str(data), epochs=2, stop_epoch=1, device="cpu")
     proc = torchrun(dict(values, output=str(tmp_path / "ddp"), batch_size=4, grad_accum=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = config.apply(config.TrainConfig(), dict(values, output=str(tmp_path / "one"), batch_size=4,
-                                                  grad_accum=2), "test")
-    engine.run(cfg, init_distributed("cpu"))
+                                                  grad_accum=2))
+    run_training(cfg, init_distributed("cpu"))
     ddp = torch.load(tmp_path / "ddp" / "last.pth", weights_only=True)
     one = torch.load(tmp_path / "one" / "last.pth", weights_only=True)
     assert ddp["step"] == one["step"] == 36 // 8
-    init = engine.build_model(cfg, 3).state_dict()
-    params = dict(engine.build_model(cfg, 3).named_parameters())
+    init = build_model(cfg, 3).state_dict()
+    params = dict(build_model(cfg, 3).named_parameters())
     for name in params:
         assert not torch.allclose(one["model"][name], init[name]), f"{name} did not train"
         torch.testing.assert_close(ddp["model"][name], one["model"][name], rtol=1e-5, atol=1e-6, msg=name)
@@ -46,27 +52,30 @@ def test_two_processes_match_one_process_with_accumulation(tmp_path: Path) -> No
 EVAL_SCRIPT = textwrap.dedent("""
     import json, sys
     import torch
-    from convmixer_pt import config, engine
-    from convmixer_pt.data import build_datasets, build_loaders
-    from convmixer_pt.distributed import barrier, init_distributed, shutdown
-    cfg = config.apply(config.TrainConfig(), json.loads(sys.argv[1]), "test")
+    from convmixer_pt.runtime import barrier, init_distributed, shutdown
+    from convmixer_pt.train import config
+    from convmixer_pt.train.inputs import build_datasets, build_loaders
+    from convmixer_pt.train.loop import evaluate_models
+    from convmixer_pt.train.parts import build_model
+    cfg = config.apply(config.TrainConfig(), json.loads(sys.argv[1]))
     env = init_distributed("cpu")
     train, val, n = build_datasets(cfg, env)
     torch.manual_seed(0)
-    model = engine.build_model(cfg, n)
+    model = build_model(cfg, n)
     _, val_loader, _, _ = build_loaders(cfg, train, val, env)
-    metrics = engine.evaluate(model, val_loader, env, "none")
+    (result,) = evaluate_models([model], val_loader, env, "none")
     if env.is_main:
         with open(sys.argv[2], "w") as f:
-            json.dump(metrics, f)
+            json.dump(dict(count=result.count, top1=result.top1, top5=result.top5, loss=result.loss), f)
     barrier(env)  # as scripts/train.py ends: gloo aborts a process that exits while its peer still talks to it
     shutdown(env)
 """)
 
 
+@pytest.mark.slow
 def test_distributed_evaluation_counts_every_image_once(tmp_path: Path) -> None:
     # 4 classes x 5 images = 20; batch 3 gives each process uneven, partial batches (10 = 3 + 3 + 3 + 1).
-    data = make_imagefolder(tmp_path / "data", classes=4, val_per_class=5, train_per_class=2)
+    data = make_train_val(tmp_path / "data", classes=4, val_per_class=5, train_per_class=2)
     values = dict(TINY, data_dir=str(data), batch_size=3, device="cpu")
     script = tmp_path / "eval_dist.py"
     script.write_text(EVAL_SCRIPT)
@@ -76,27 +85,27 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path: Path) -> None:
                           timeout=120, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     dist_metrics = json.loads(out.read_text())
-    cfg = config.apply(config.TrainConfig(), values, "test")
+    cfg = config.apply(config.TrainConfig(), values)
     env = init_distributed("cpu")
     train, val, n = build_datasets(cfg, env)
     _, val_loader, _, _ = build_loaders(cfg, train, val, env)
     torch.manual_seed(0)
-    one = engine.evaluate(engine.build_model(cfg, n), val_loader, env, "none")
-    assert dist_metrics["count"] == one["count"] == 20
-    assert dist_metrics["top1"] == one["top1"] and dist_metrics["top5"] == one["top5"]
-    assert abs(dist_metrics["loss"] - one["loss"]) < 1e-5
+    (one,) = evaluate_models([build_model(cfg, n)], val_loader, env, "none")
+    assert dist_metrics["count"] == one.count == 20
+    assert dist_metrics["top1"] == one.top1 and dist_metrics["top5"] == one.top5
+    assert abs(dist_metrics["loss"] - one.loss) < 1e-5
 
 
 def test_several_models_are_evaluated_in_one_pass_over_the_loader(tmp_path: Path) -> None:
     """The model and its EMA share one pass over the validation loader (each image decoded once), with the
     same metrics as evaluating each on its own."""
-    data = make_imagefolder(tmp_path / "data", classes=4, val_per_class=5, train_per_class=2)
-    cfg = config.apply(config.TrainConfig(), dict(TINY, data_dir=str(data), batch_size=3, device="cpu"), "test")
+    data = make_train_val(tmp_path / "data", classes=4, val_per_class=5, train_per_class=2)
+    cfg = config.apply(config.TrainConfig(), dict(TINY, data_dir=str(data), batch_size=3, device="cpu"))
     env = init_distributed("cpu")
     train, val, n = build_datasets(cfg, env)
     _, val_loader, _, _ = build_loaders(cfg, train, val, env)
     torch.manual_seed(0)
-    models = [engine.build_model(cfg, n), engine.build_model(cfg, n)]
+    models = [build_model(cfg, n), build_model(cfg, n)]
     passes = []
 
     class Counting:
@@ -104,7 +113,7 @@ def test_several_models_are_evaluated_in_one_pass_over_the_loader(tmp_path: Path
             passes.append(1)
             return iter(val_loader)
 
-    together = engine.evaluate_models(models, Counting(), env, "none")
+    together = evaluate_models(models, Counting(), env, "none")
     assert len(passes) == 1
-    alone = [engine.evaluate(model, val_loader, env, "none") for model in models]
+    alone = [evaluate_models([model], val_loader, env, "none")[0] for model in models]
     assert together == alone and together[0] != together[1]

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
-from trainutil import TINY, TRAIN_SCRIPT, cli_args, make_imagefolder
+from images import make_train_val
+from trainutil import TINY, cli_args
 
-spec = importlib.util.spec_from_file_location("train_cli", TRAIN_SCRIPT)
-train_cli = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(train_cli)
+from convmixer_pt.cli import train as train_cli
 
 
 def run_cli(capsys: pytest.CaptureFixture, values: dict, extra: list[str] = ()) -> tuple[int, str]:
@@ -49,20 +47,20 @@ def test_unknown_fast_path_setting(tmp_path: Path, capsys: pytest.CaptureFixture
                                    monkeypatch: pytest.MonkeyPatch, switch: str) -> None:
     """Every switch's typo is an error even on a CPU, where the kernels (which read the last two) never run."""
     monkeypatch.setenv(switch, "maybe")
-    data = make_imagefolder(tmp_path / "data")
+    data = make_train_val(tmp_path / "data")
     rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), output=str(tmp_path / "o")))
     assert_one_line(rc, err, f"{switch}='maybe' is not one of 1/true/on or 0/false/off")
     assert not (tmp_path / "o" / "last.pth").exists()
 
 
 def test_class_count_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = make_imagefolder(tmp_path / "data")
+    data = make_train_val(tmp_path / "data")
     rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), num_classes=1000, output=str(tmp_path / "o")))
     assert_one_line(rc, err, "has 3 classes but the model is configured for num_classes=1000")
 
 
 def test_split_class_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = make_imagefolder(tmp_path / "data")
+    data = make_train_val(tmp_path / "data")
     shutil.rmtree(data / "val" / "c2")
     rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), output=str(tmp_path / "o")))
     assert_one_line(rc, err, "the class folders of train/ (3) and val/ (2) differ")
@@ -70,8 +68,8 @@ def test_split_class_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_corrupt_image_is_named(tmp_path: Path, capsys: pytest.CaptureFixture, workers: int) -> None:
-    data = make_imagefolder(tmp_path / "data")
-    bad = data / "train" / "c1" / "3.png"
+    data = make_train_val(tmp_path / "data")
+    bad = sorted((data / "train" / "c1").iterdir())[3]
     bad.write_bytes(bad.read_bytes()[:40])  # a truncated PNG
     rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), workers=workers, output=str(tmp_path / "o")))
     assert_one_line(rc, err, f"{bad}: cannot read the image")
@@ -85,7 +83,7 @@ def test_unknown_config_key(tmp_path: Path, capsys: pytest.CaptureFixture) -> No
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    data = make_imagefolder(tmp_path / "data")
+    data = make_train_val(tmp_path / "data")
     values = dict(TINY, data_dir=str(data), output=str(tmp_path / "o"))
     assert run_cli(capsys, dict(values, stop_epoch=1))[0] == 0
     last = tmp_path / "o" / "last.pth"
@@ -104,7 +102,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, capsy
 ])
 def test_transform_typos_are_config_errors(tmp_path: Path, capsys: pytest.CaptureFixture, key: str, value: str,
                                            fragment: str) -> None:
-    data = make_imagefolder(tmp_path / "data")
+    data = make_train_val(tmp_path / "data")
     path = tmp_path / "c.yaml"
     path.write_text(f"{key}: {value}\n")  # in a YAML file: on the command line argparse checks the choices
     rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), output=str(tmp_path / "o")), ["--config", str(path)])

@@ -7,22 +7,26 @@ from pathlib import Path
 
 import pytest
 import torch
+from images import make_train_val
 from PIL import Image
-from trainutil import TINY, make_imagefolder
+from trainutil import TINY
 
-from convmixer_pt import checkpoint, config, create_model, engine
-from convmixer_pt.data import build_transforms
-from convmixer_pt.distributed import init_distributed
-from convmixer_pt.schedule import onecycle_lr
+from convmixer_pt import CheckpointError, create_model, read_state_dict
+from convmixer_pt.runtime import init_distributed
+from convmixer_pt.train import config
+from convmixer_pt.train.inputs import build_transforms
+from convmixer_pt.train.loop import run
+from convmixer_pt.train.parts import build_model
+from convmixer_pt.train.schedule import onecycle_lr
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, config.TrainConfig]:
     tmp = tmp_path_factory.mktemp("outputs")
-    data = make_imagefolder(tmp / "data")
+    data = make_train_val(tmp / "data")
     cfg = config.apply(config.TrainConfig(), dict(TINY, data_dir=str(data), output=str(tmp / "run"), epochs=2,
-                                                  ema=True, device="cpu"), "test")
-    engine.run(cfg, init_distributed("cpu"))
+                                                  ema=True, device="cpu"))
+    run(cfg, init_distributed("cpu"))
     return tmp / "run", cfg
 
 
@@ -42,8 +46,8 @@ def test_checkpoints_are_plain_data_in_timm_layout(run_dir: tuple[Path, config.T
     model = create_model(cfg.model, num_classes=3, **cfg.model_args)
     assert set(last["model"]) == set(model.state_dict())
     for path in (out / "last.pth", out / "best.pth"):
-        weights, _ = checkpoint.read_state_dict(path)
-        ema, _ = checkpoint.read_state_dict(path, use_ema=True)
+        weights, _ = read_state_dict(path)
+        ema, _ = read_state_dict(path, use_ema=True)
         assert set(weights) == set(ema) == set(model.state_dict())
     best = torch.load(out / "best.pth", weights_only=True)
     assert "optimizer" not in best and best["metric"] == max(r["val_top1"] for r in last["history"])
@@ -74,15 +78,15 @@ def test_synthetic_data_with_bf16_autocast(tmp_path: Path) -> None:
     """The GPU smoke run's path (generated images, autocast) on CPU: it trains and evaluates every image."""
     cfg = config.apply(config.TrainConfig(), dict(TINY, dataset="synthetic", num_classes=4, synthetic_train_size=16,
                                                   synthetic_val_size=10, epochs=1, amp="bf16", device="cpu",
-                                                  output=str(tmp_path / "syn")), "test")
-    progress = engine.run(cfg, init_distributed("cpu"))
+                                                  output=str(tmp_path / "syn")))
+    progress = run(cfg, init_distributed("cpu"))
     assert progress.step == 4 and progress.history[0]["val_top1"] in {10.0 * k for k in range(11)}
 
 
 def test_finetune_starts_from_the_given_weights(run_dir: tuple[Path, config.TrainConfig]) -> None:
     out, cfg = run_dir
-    weights, _ = checkpoint.read_state_dict(out / "best.pth")
-    model = engine.build_model(config.apply(cfg, dict(finetune=str(out / "best.pth")), "test"), 3)
+    weights, _ = read_state_dict(out / "best.pth")
+    model = build_model(config.apply(cfg, dict(finetune=str(out / "best.pth"))), 3)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
-    with pytest.raises(checkpoint.CheckpointError, match="does not fit the model"):
-        engine.build_model(config.apply(cfg, dict(finetune=str(out / "best.pth")), "test"), 5)
+    with pytest.raises(CheckpointError, match="does not fit the model"):
+        build_model(config.apply(cfg, dict(finetune=str(out / "best.pth"))), 5)

@@ -11,17 +11,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainutil import TINY, make_imagefolder, torchrun
+from images import make_train_val
+from trainutil import TINY, torchrun
 
-from convmixer_pt import config, engine
-from convmixer_pt.distributed import init_distributed
+from convmixer_pt.runtime import init_distributed
+from convmixer_pt.train import config
+from convmixer_pt.train.loop import run
 
 RECIPE = dict(TINY, ema=True, ema_decay=0.9, device="cpu")
 
 
 def run_inprocess(values: dict) -> None:
-    cfg = config.apply(config.TrainConfig(), values, "test")
-    engine.run(cfg, init_distributed("cpu"))
+    cfg = config.apply(config.TrainConfig(), values)
+    run(cfg, init_distributed("cpu"))
 
 
 def load(path: Path) -> dict:
@@ -45,7 +47,7 @@ def assert_same_training_state(a: dict, b: dict) -> None:
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_resume_is_bit_exact_one_process(tmp_path: Path, workers: int) -> None:
-    data = make_imagefolder(tmp_path / "data")
+    data = make_train_val(tmp_path / "data")
     base = dict(RECIPE, data_dir=str(data), workers=workers)
     run_inprocess(dict(base, output=str(tmp_path / "full")))
     run_inprocess(dict(base, output=str(tmp_path / "split"), stop_epoch=1))
@@ -59,8 +61,9 @@ def test_resume_is_bit_exact_one_process(tmp_path: Path, workers: int) -> None:
     assert_same_training_state(full, resumed)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_two_processes(tmp_path: Path) -> None:
-    data = make_imagefolder(tmp_path / "data")
+    data = make_train_val(tmp_path / "data")
     base = dict(RECIPE, data_dir=str(data), batch_size=2)
     for values in (dict(base, output=str(tmp_path / "full")),
                    dict(base, output=str(tmp_path / "split"), stop_epoch=1),

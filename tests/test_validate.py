@@ -15,12 +15,15 @@ import pytest
 import timm.data
 import torch
 from helpers import randomize_bn
-from image_data import make_image_folder
+from images import make_image_folder
 from PIL import Image
 from timm.models.convmixer import ConvMixer as TimmConvMixer
 
-from convmixer_pt import create_model
-from convmixer_pt.validation import EvalResult, ValidationError, evaluate, merge, validate
+from convmixer_pt import UserError, create_model
+from convmixer_pt.errors import DataError
+from convmixer_pt.evaluation.loop import EvalResult, evaluate, merge
+from convmixer_pt.evaluation.validation import ValidationError, validate
+from convmixer_pt.runtime import init_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = [sys.executable, str(ROOT / "scripts" / "validate.py")]
@@ -43,7 +46,7 @@ def timm_batch(samples) -> torch.Tensor:
 def checkpoints(data, tmp_path_factory):
     """A random convmixer_128_4 with non-trivial BN statistics, as .pth and converted .ckpt. Its head is set
     on the test images' standardised features, so that predictions vary from image to image."""
-    from convmixer_pt.convert import convert
+    from convmixer_pt.weights.convert import convert
 
     out = tmp_path_factory.mktemp("ckpt")
     torch.manual_seed(0)
@@ -80,25 +83,33 @@ def test_counts_top1_top5_on_known_rankings() -> None:
         others = [c for c in range(10) if c != label]
         return others[:rank] + [label] + others[rank:] if rank >= 0 else others[:7]
 
-    table = torch.tensor([ranking(lab, r)[:5] for lab, r in zip(labels, ranks, strict=True)])
+    orders = [ranking(lab, r) for lab, r in zip(labels, ranks, strict=True)]
+    logits = torch.full((len(ranks), 10), -1.0)
+    for i, order in enumerate(orders):
+        logits[i, order] = 10.0 - torch.arange(len(order), dtype=torch.float32)
 
-    def predict(images: torch.Tensor, k: int) -> torch.Tensor:
-        return table[images.long()][:, :k]  # the "image" is its own index
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return logits[images.long()]  # the "image" is its own index
 
     idx = torch.arange(len(ranks))
-    loader = [(idx[s:s + 3], torch.tensor(labels)[s:s + 3], idx[s:s + 3]) for s in range(0, len(ranks), 3)]
-    result = evaluate(predict, loader, num_classes=10)
+    loader = [(idx[s:s + 3], torch.tensor(labels)[s:s + 3]) for s in range(0, len(ranks), 3)]
+    (result,) = evaluate([predict], loader, init_distributed("cpu"), torch.device("cpu"), indices=list(range(11)))
     assert result.count == 11
     assert result.top1_hits == 3 and result.top5_hits == 7
     assert result.top1 == pytest.approx(100 * 3 / 11) and result.top5 == pytest.approx(100 * 7 / 11)
     assert [row[0] for row in result.rows] == list(range(11))
-    assert [row[2][0] for row in result.rows] == table[:, 0].tolist()
+    assert [row[2] for row in result.rows] == [order[:5] for order in orders]
+    expected_loss = torch.nn.functional.cross_entropy(logits, torch.tensor(labels), reduction="sum").item()
+    assert result.loss == pytest.approx(expected_loss / 11, rel=1e-6)
 
-    halves = merge([EvalResult(2, 1, 2, 1.0, [(1, 0, [0])]), EvalResult(3, 0, 3, 2.0, [(0, 1, [1])])])
+    halves = merge([EvalResult(count=2, top1_hits=1, top5_hits=2, loss_sum=0.5, seconds=1.0, rows=[(1, 0, [0])]),
+                    EvalResult(count=3, top1_hits=0, top5_hits=3, loss_sum=1.0, seconds=2.0, rows=[(0, 1, [1])])])
     assert (halves.count, halves.top1_hits, halves.top5_hits, halves.seconds) == (5, 1, 5, 2.0)
+    assert halves.loss == pytest.approx(0.3)
     assert [row[0] for row in halves.rows] == [0, 1]
 
 
+@pytest.mark.mindspore
 def test_pytorch_mindspore_and_timm_agree_image_by_image(data, checkpoints) -> None:
     root, samples = data
     model, pth, ckpt = checkpoints
@@ -118,6 +129,7 @@ def test_pytorch_mindspore_and_timm_agree_image_by_image(data, checkpoints) -> N
         assert report["top1"] == pytest.approx(top1, abs=1e-3) and report["top5"] == pytest.approx(top5, abs=1e-3)
 
 
+@pytest.mark.mindspore
 def test_mindcv_protocol_gives_the_same_predictions_in_both_frameworks(data, checkpoints) -> None:
     root, _ = data
     _, pth, ckpt = checkpoints
@@ -130,15 +142,18 @@ def test_mindcv_protocol_gives_the_same_predictions_in_both_frameworks(data, che
     assert forced_rows == ms_rows
 
 
-def test_act_override_builds_mindcv_tanh_gelu_cell_in_mindspore_only(data, checkpoints) -> None:
+@pytest.mark.mindspore
+def test_act_override_builds_the_tanh_gelu_in_both_frameworks(data, checkpoints) -> None:
+    """`--act gelu_tanh` runs MindCV's tanh-approximated GELU in MindSpore and the same function in PyTorch."""
     root, _ = data
     _, pth, ckpt = checkpoints
     report, rows = run_validate(pth, root, protocol="mindcv", framework="mindspore", act="gelu_tanh")
     assert (report["framework"], report["act"], report["count"]) == ("mindspore", "gelu_tanh", IMAGES)
+    torch_report, torch_rows = run_validate(pth, root, protocol="mindcv", act="gelu_tanh")
+    assert (torch_report["framework"], torch_report["act"]) == ("torch", "gelu_tanh") and torch_rows == rows
     assert run_validate(ckpt, root)[0]["act"] == "gelu"
-    with pytest.raises(ValidationError, match="^--act gelu_tanh: the torch model has no such activation; "
-                                              "choose one of gelu, relu, silu$"):
-        run_validate(pth, root, act="gelu_tanh")
+    with pytest.raises(UserError, match=r"^unknown activation 'tanh'; choose one of \['gelu', 'gelu_tanh'"):
+        run_validate(pth, root, act="tanh")
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -146,6 +161,8 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.mindspore
+@pytest.mark.slow
 def test_cli_under_torchrun_counts_each_image_once(data, checkpoints, tmp_path) -> None:
     root, _ = data
     _, pth, _ = checkpoints
@@ -178,26 +195,30 @@ def cli_error(*args: str) -> str:
     return lines[0]
 
 
+@pytest.mark.mindspore
 def test_cli_wrong_data_dir(checkpoints, tmp_path) -> None:
     _, pth, _ = checkpoints
     msg = cli_error("--model", NAME, "--checkpoint", str(pth), "--data-dir", str(tmp_path / "nope"))
-    assert msg == f"validate.py: error: {tmp_path / 'nope'}: no such directory"
+    assert msg == f"error: {tmp_path / 'nope'}: data folder not found"
 
 
+@pytest.mark.mindspore
 def test_cli_checkpoint_model_mismatch(data, checkpoints) -> None:
     root, _ = data
     _, _, ckpt = checkpoints
     msg = cli_error("--model", "convmixer_256_8", "--checkpoint", str(ckpt), "--data-dir", str(root))
-    assert msg == (f"validate.py: error: {ckpt} holds a ConvMixer with dim=128, depth=4, but --model "
+    assert msg == (f"error: {ckpt} holds a ConvMixer with dim=128, depth=4, but --model "
                    "convmixer_256_8 has dim=256, depth=8; use --model convmixer_128_4")
 
 
+@pytest.mark.mindspore
 def test_flat_folder_wrong_variant_and_class_count_are_named(data, checkpoints, tmp_path) -> None:
     root, _ = data
     _, pth, _ = checkpoints
     (tmp_path / "flat").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "flat" / "a.jpg")
-    with pytest.raises(ValidationError, match=f"^{re.escape(str(tmp_path / 'flat'))}: holds no class folders"):
+    with pytest.raises(DataError, match=f"^{re.escape(str(tmp_path / 'flat'))}: no images found: it holds no "
+                                        "class folders"):
         run_validate(pth, tmp_path / "flat")
     with pytest.raises(ValidationError) as err:
         validate("convmixer_1536_20", pth, root, workers=0, device="cpu", progress=False)
@@ -210,6 +231,7 @@ def test_flat_folder_wrong_variant_and_class_count_are_named(data, checkpoints, 
     assert str(err.value) == f"{pth} has a 4-class head but {tmp_path / 'three'} holds 3 class folders"
 
 
+@pytest.mark.mindspore
 @pytest.mark.parametrize("protocol", ["timm", "mindcv"])
 def test_cli_corrupt_image_is_named_in_one_line(checkpoints, tmp_path, protocol: str) -> None:
     _, pth, _ = checkpoints
@@ -220,11 +242,12 @@ def test_cli_corrupt_image_is_named_in_one_line(checkpoints, tmp_path, protocol:
     bad.write_bytes(b"\xff\xd8 not really a jpeg")
     msg = cli_error("--model", NAME, "--checkpoint", str(pth), "--data-dir", str(tmp_path), "--protocol", protocol,
                     "--img-size", str(SIZE), "--no-progress")
-    assert msg.startswith(f"validate.py: error: {bad}: cannot read the image (")
+    assert msg.startswith(f"error: {bad}: cannot read the image (")
 
 
+@pytest.mark.mindspore
 def test_cuda_without_a_gpu_is_a_clear_error(data, checkpoints) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    with pytest.raises(ValidationError, match=r"--device cuda: PyTorch sees no CUDA GPU here"):
+    with pytest.raises(UserError, match=r"^device cuda was asked for, but PyTorch sees no CUDA GPU here$"):
         validate(NAME, checkpoints[1], data[0], device="cuda", img_size=SIZE)

@@ -1,4 +1,4 @@
-"""Shared pieces of the trainer tests: a tiny ImageFolder tree and a tiny, fast training config."""
+"""Shared pieces of the trainer tests: a tiny, fast training config and the command lines that run it."""
 
 from __future__ import annotations
 
@@ -6,9 +6,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_SCRIPT = ROOT / "scripts" / "train.py"
@@ -19,22 +16,6 @@ TINY = dict(model="convmixer_128_4", model_args=dict(dim=16, depth=1, kernel_siz
 # Everything random switched off, so different process layouts must compute the same thing.
 NO_AUG = dict(auto_augment=None, scale=[1.0, 1.0], ratio=[1.0, 1.0], interpolation="bilinear", hflip=0.0,
               color_jitter=0.0, re_prob=0.0, mixup=0.0, cutmix=0.0)
-
-
-def make_imagefolder(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 3,
-                     size: int = 20, seed: int = 0) -> Path:
-    """Noisy images whose mean colour depends on the class, as PNG files in root/{train,val}/cK/."""
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(classes):
-            folder = root / split / f"c{c}"
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(count):
-                base = np.zeros(3)
-                base[c % 3] = 200
-                pixels = np.clip(base + rng.normal(0, 40, (size, size, 3)), 0, 255).astype(np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
-    return root
 
 
 def cli_args(values: dict) -> list[str]:

@@ -21,14 +21,14 @@ KERNEL_MODULES = ("common", "depthwise_nhwc", "batchnorm", "depthwise", "residua
 
 
 def import_kernels(name: str) -> ModuleType:
-    """convmixer_pt.kernels.<name>, defined for this machine (compiled on a GPU, interpreted on a CPU)."""
+    """convmixer_pt.fast.kernels.<name>, defined for this machine (compiled on a GPU, interpreted on a CPU)."""
     previous = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0" if ON_GPU else "1"
     try:
-        if importlib.import_module("convmixer_pt.kernels.common").interpreted() == ON_GPU:
+        if importlib.import_module("convmixer_pt.fast.kernels.common").interpreted() == ON_GPU:
             for module in KERNEL_MODULES:
-                importlib.reload(importlib.import_module(f"convmixer_pt.kernels.{module}"))
-        return importlib.import_module(f"convmixer_pt.kernels.{name}")
+                importlib.reload(importlib.import_module(f"convmixer_pt.fast.kernels.{module}"))
+        return importlib.import_module(f"convmixer_pt.fast.kernels.{name}")
     finally:
         if previous is None:
             del os.environ["TRITON_INTERPRET"]

@@ -1,13 +1,24 @@
-"""ConvMixer for PyTorch with exact PyTorch <-> MindSpore checkpoint conversion."""
+"""ConvMixer for PyTorch with exact PyTorch <-> MindSpore checkpoint conversion.
 
-from .checkpoint import CheckpointError, load_model_weights, read_state_dict
-from .model import VARIANTS, ConvMixer, create_model, list_models, variant_arch
+Layers, each importing only those below it (docs/architecture.md):
+errors, files, variants (the registry) < fast (kernels < settings, dispatch) < model, mindspore (the MindSpore
+cell) < weights (keymap < torch_io, ms_io < formats < parity < convert) < factory < runtime, data <
+evaluation < train < cli.
+"""
+
+from .errors import CheckpointError, UserError
+from .factory import create_model, create_ms_model
+from .model import ConvMixer
+from .variants import VARIANTS, list_models, variant_arch
+from .weights.torch_io import load_model_weights, read_state_dict
 
 __all__ = [
     "VARIANTS",
     "CheckpointError",
     "ConvMixer",
+    "UserError",
     "create_model",
+    "create_ms_model",
     "list_models",
     "load_model_weights",
     "read_state_dict",

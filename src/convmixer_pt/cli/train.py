@@ -1,0 +1,43 @@
+"""Train a ConvMixer with the paper's recipe: one process, several under torchrun, or on several nodes.
+
+    python scripts/train.py --config configs/digits.yaml
+    torchrun --nproc_per_node 8 scripts/train.py --config configs/convmixer_1536_20.yaml --data-dir /data/imagenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from ..runtime import init_distributed, resolve_device, shutdown
+from ..train import config
+from ..train.loop import run as train
+from .common import run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(parser)
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        cfg = config.resolve(args.config, config.overrides_from_args(args))
+        env = init_distributed(resolve_device(cfg.device))
+        try:
+            if env.device.type == "cuda":
+                torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+            elif cfg.cpu_threads is not None:
+                torch.set_num_threads(cfg.cpu_threads)
+            train(cfg, env)
+        finally:
+            shutdown(env)
+        return 0
+
+    return run(body, interrupted="interrupted; resume with --resume auto")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Evaluate a ConvMixer checkpoint on an ImageFolder tree (ImageNet val) in PyTorch or MindSpore.
+
+    python scripts/validate.py --model convmixer_1536_20 --checkpoint convmixer_1536_20_ks9_p7.pth.tar \\
+        --data-dir /data/imagenet/val --protocol timm --json out.json --save-predictions preds.csv
+    torchrun --nproc_per_node 8 scripts/validate.py ...   # PyTorch path, every image counted once
+
+The framework follows the checkpoint: a MindSpore `.ckpt` runs the MindSpore model, anything else the
+PyTorch one (`--framework` forces either). Both protocols feed both frameworks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..evaluation.protocols import PROTOCOLS
+from ..evaluation.validation import FRAMEWORKS, validate, write_json, write_predictions
+from ..variants import ACTIVATIONS, EVAL_CROP_PCT, EVAL_INPUT_SIZE, list_models
+from .common import run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="validate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, choices=list_models())
+    p.add_argument("--checkpoint", required=True, help="PyTorch/safetensors file or MindSpore .ckpt")
+    p.add_argument("--data-dir", required=True, help="ImageFolder root: DIR/<synset>/<image>")
+    p.add_argument("--protocol", default="timm", choices=PROTOCOLS,
+                   help="timm: PIL bicubic, antialiased (the paper's numbers); mindcv: MindSpore bilinear ops")
+    p.add_argument("--framework", choices=FRAMEWORKS, help="default: from the checkpoint's format")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--device", help="cpu, cuda, cuda:1 (default: for PyTorch the local rank's GPU if any, "
+                                    "else cpu; for MindSpore cpu)")
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (torch framework)")
+    p.add_argument("--img-size", type=int, default=EVAL_INPUT_SIZE, help="center crop size")
+    p.add_argument("--crop-pct", type=float, default=EVAL_CROP_PCT,
+                   help="resize the shorter side to floor(img_size / crop_pct) first")
+    p.add_argument("--act", choices=sorted(ACTIVATIONS),
+                   help="replace the checkpoint's activation, e.g. gelu_tanh for MindCV's tanh-approximated GELU")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON")
+    p.add_argument("--save-predictions", metavar="OUT.csv", help="CSV path,label,pred,top5, one row per image")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def body() -> int:
+        report, rows = validate(
+            args.model, args.checkpoint, args.data_dir, protocol=args.protocol, framework=args.framework,
+            batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
+            img_size=args.img_size, crop_pct=args.crop_pct, act=args.act, progress=not args.no_progress)
+        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports for all
+            return 0
+        print(json.dumps(report, indent=2))
+        if args.json:
+            write_json(report, args.json)
+        if args.save_predictions:
+            write_predictions(rows, args.save_predictions)
+        return 0
+
+    return run(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""The one base class of every error meant for a user, and how a command line prints one.
+
+An error is a `UserError` when what the user gave causes it (a file, a flag, a value, a setting); its message is
+one sentence that names the file, key or value at fault. Every CLI catches this one class (and the operating
+system's errors) and prints one line; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+class UserError(ValueError):
+    """A problem with something the user gave, with a one-line message meant for them."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint file that cannot be read, or whose tensors do not fit the model."""
+
+
+class DataError(UserError):
+    """Images or a data folder that cannot be used."""
+
+
+@contextlib.contextmanager
+def about(subject: object) -> Iterator[None]:
+    """Name `subject` (a file, where a config came from) at the front of a UserError raised in the block, so
+    that functions below need no parameter only to build their messages."""
+    try:
+        yield
+    except UserError as e:
+        e.args = (f"{subject}: {e}", *e.args[1:])
+        raise
+
+
+def error_line(error: BaseException) -> str:
+    """The user-facing sentence of an error, also when a DataLoader worker re-raised it inside its traceback."""
+    text = str(error).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and "Original Traceback" in text:
+        last = lines[-1]
+        return last.split(": ", 1)[1] if last.startswith(f"{type(error).__module__}.") else last
+    if isinstance(error, OSError) and error.filename is not None and error.strerror:
+        return f"{error.filename}: {error.strerror}"
+    return lines[0] if lines else type(error).__name__

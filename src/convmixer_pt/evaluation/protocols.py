@@ -1,0 +1,95 @@
+"""The two ImageNet evaluation protocols the published ConvMixer numbers were measured with.
+
+- ``timm`` (the paper's numbers): PIL decode, resize the shorter side to floor(size / crop_pct) with PIL's
+  antialiased bicubic resampling, center crop, ImageNet mean/std; equal to
+  ``timm.data.create_transform(size, crop_pct=crop_pct, interpolation="bicubic")``.
+- ``mindcv`` (MindCV's table): MindCV's ``transforms_imagenet_eval`` op list, run with MindSpore's own
+  dataset ops: Decode, Resize(floor(size / crop_pct), bilinear, not antialiased), CenterCrop, Normalize
+  with the mean/std scaled to 0-255, HWC2CHW.
+
+Both map an image file to a float32 CHW numpy array, so either protocol can feed either framework.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data import Decoded
+from ..errors import DataError, error_line
+from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
+
+PROTOCOLS = ("timm", "mindcv")
+
+Transform = Callable[[str | Path], np.ndarray]
+
+
+def resize_size(img_size: int, crop_pct: float) -> int:
+    """The shorter side before the center crop: floor(224 / 0.96) = 233, as both timm and MindCV compute it."""
+    return int(math.floor(img_size / crop_pct))
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.numpy()
+
+
+def timm_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT) -> Transform:
+    from torchvision import transforms
+    from torchvision.transforms import InterpolationMode
+
+    return Decoded(transforms.Compose([
+        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.CenterCrop(img_size),
+        transforms.ToTensor(),
+        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Lambda(_to_numpy),
+    ]))
+
+
+def mindcv_ops(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT) -> list:
+    """MindCV's eval op list for the convmixer configs (interpolation: bilinear, crop_pct: 0.96)."""
+    from mindspore.dataset import vision
+    from mindspore.dataset.vision import Inter
+
+    return [
+        vision.Decode(),
+        vision.Resize(resize_size(img_size, crop_pct), interpolation=Inter.BILINEAR),
+        vision.CenterCrop(img_size),
+        vision.Normalize(mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD]),
+        vision.HWC2CHW(),
+    ]
+
+
+def mindspore_reason(error: BaseException) -> str:
+    """The `[ERROR] ...` line of a MindSpore dataset error, whose first line only points elsewhere."""
+    found = re.search(r"\[ERROR\] (.+)", str(error))
+    return found.group(1).strip() if found else error_line(error)
+
+
+def mindcv_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT) -> Transform:
+    ops = mindcv_ops(img_size, crop_pct)
+
+    def apply(path: str | Path) -> np.ndarray:
+        x = np.fromfile(path, dtype=np.uint8)
+        try:
+            for op in ops:  # MindSpore's dataset ops run eagerly on numpy arrays, one image at a time
+                x = op(x)
+        except (RuntimeError, ValueError, TypeError) as e:
+            raise DataError(f"{path}: cannot read the image ({mindspore_reason(e)})") from None
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    return apply
+
+
+def build_transform(protocol: str, img_size: int = EVAL_INPUT_SIZE,
+                    crop_pct: float = EVAL_CROP_PCT) -> Transform:
+    """Image file -> normalised float32 CHW array under `protocol`."""
+    builders = {"timm": timm_transform, "mindcv": mindcv_transform}
+    if protocol not in builders:
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return builders[protocol](img_size, crop_pct)

@@ -1,0 +1,160 @@
+"""ImageNet-style evaluation of a ConvMixer checkpoint in PyTorch or MindSpore under either protocol.
+
+One data pipeline serves both frameworks: a PyTorch dataset over an ImageFolder tree whose transform is the
+chosen protocol (`protocols`), so a score difference between frameworks is the model's, not the pipeline's.
+Under torchrun each rank evaluates a disjoint stride of the images (no padding), and the counts and
+prediction rows are gathered, so every image is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..data import ImageFolder, ShardSampler
+from ..errors import UserError, error_line
+from ..files import atomic_path, write_text
+from ..runtime import autocast, barrier, init_distributed, resolve_device, shutdown
+from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, SHAPE_KEYS, match_variant, variant_arch
+from ..weights.formats import ms_model, read_weights, torch_model
+from ..weights.torch_io import file_format
+from .loop import Predictor, evaluate
+from .protocols import build_transform
+
+FRAMEWORKS = ("torch", "mindspore")
+
+
+class ValidationError(UserError):
+    """A data directory or an option that cannot be evaluated."""
+
+
+def framework_of(checkpoint: str | Path) -> str:
+    """MindSpore for a MindSpore checkpoint (recognised from the bytes, as `.ckpt` files are), else torch."""
+    return "mindspore" if file_format(checkpoint) == "mindspore" else "torch"
+
+
+def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int], dataset: ImageFolder) -> None:
+    """The checkpoint must be the `--model` variant and its head must match the dataset's classes."""
+    want = variant_arch(name)
+    diff = [k for k in SHAPE_KEYS if arch[k] != want[k]]
+    if diff:
+        found = match_variant(arch)
+        raise ValidationError(
+            f"{checkpoint} holds a ConvMixer with {', '.join(f'{k}={arch[k]}' for k in diff)}, but --model "
+            f"{name} has {', '.join(f'{k}={want[k]}' for k in diff)}"
+            + (f"; use --model {found}" if found else ""))
+    if arch["num_classes"] != len(dataset.classes):
+        raise ValidationError(f"{checkpoint} has a {arch['num_classes']}-class head but {dataset.root} holds "
+                              f"{len(dataset.classes)} class folders")
+
+
+def torch_predictor(model: nn.Module, device: torch.device, amp: bool = False) -> Predictor:
+    model = model.to(device).eval()
+
+    @torch.inference_mode()
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        with autocast(device, "bf16" if amp else "none"):
+            return model(images)
+
+    return predict
+
+
+def set_mindspore_device(device: torch.device) -> None:
+    """Run MindSpore on `device`'s kind; MindSpore fixes its device once it has run anything."""
+    import mindspore as ms
+
+    target = "GPU" if device.type == "cuda" else "CPU"
+    try:
+        ms.set_device(target, device.index or 0)
+    except RuntimeError as e:  # the same device again is fine
+        if ms.get_current_device().device_target != target:
+            raise ValidationError(f"MindSpore cannot run on {target} here ({error_line(e)}); "
+                                  "use --device cpu") from None
+
+
+def mindspore_predictor(net: Any) -> Predictor:
+    import mindspore as ms
+
+    def predict(images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(net(ms.Tensor(images.cpu().numpy())).asnumpy())
+
+    return predict
+
+
+def validate(
+    model: str,
+    checkpoint: str | Path,
+    data_dir: str | Path,
+    protocol: str = "timm",
+    framework: str | None = None,
+    batch_size: int = 64,
+    workers: int = 4,
+    device: str | None = None,
+    amp: bool = False,
+    img_size: int = EVAL_INPUT_SIZE,
+    crop_pct: float = EVAL_CROP_PCT,
+    act: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate `checkpoint` on `data_dir`; returns the report and one prediction row per image
+    (the whole dataset's, on every rank under torchrun). `act` replaces the variant's activation."""
+    framework = framework or framework_of(checkpoint)
+    if framework not in FRAMEWORKS:
+        raise ValidationError(f"unknown framework {framework!r}; choose one of {', '.join(FRAMEWORKS)}")
+    if framework == "mindspore" and amp:
+        raise ValidationError("--amp applies to the torch framework only")
+    # MindSpore's wheel from the package index runs on the CPU; it uses a GPU only when asked to.
+    if device is None and framework == "mindspore":
+        device = "cpu"
+    device = resolve_device(device)
+    env = init_distributed(torch.device(device).type)
+    try:
+        if framework == "mindspore" and env.distributed:
+            raise ValidationError("distributed evaluation runs the torch framework only; run MindSpore in one "
+                                  "process")
+        torch_device = env.device if env.distributed else torch.device(device)
+        dataset = ImageFolder(data_dir, build_transform(protocol, img_size, crop_pct))
+        weights = read_weights(checkpoint)
+        check_fit(model, checkpoint, weights.arch, dataset)
+        if framework == "torch":
+            net = torch_model(weights, act)
+            predict = torch_predictor(net, torch_device, amp)
+        else:
+            set_mindspore_device(torch_device)
+            net = ms_model(weights, act)
+            predict = mindspore_predictor(net)
+        sampler = ShardSampler(len(dataset), env)
+        loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                            pin_memory=torch_device.type == "cuda")
+        eval_device = torch_device if framework == "torch" else torch.device("cpu")
+        (result,) = evaluate([predict], loader, env, eval_device, indices=sampler.indices,
+                             progress=progress and env.is_main)
+        barrier(env)  # gloo aborts a process that leaves while a peer's gather is still sending to it
+    finally:
+        shutdown(env)
+    report = dict(model=model, checkpoint=str(checkpoint), framework=framework, protocol=protocol, act=net.act,
+                  img_size=img_size, crop_pct=crop_pct, top1=round(result.top1, 4), top5=round(result.top5, 4),
+                  count=result.count, img_per_s=round(result.img_per_s, 2), world_size=env.world_size)
+    rows = [dict(path=os.path.relpath(dataset.samples[i][0], dataset.root), label=label, pred=topk[0],
+                 top5=" ".join(map(str, topk))) for i, label, topk in result.rows]
+    return report, rows
+
+
+def write_json(report: dict[str, Any], path: str | Path) -> None:
+    write_text(path, json.dumps(report, indent=2) + "\n")
+
+
+def write_predictions(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+    """CSV `path,label,pred,top5`: pred is the top-1 class index, top5 the best five, space-separated."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["path", "label", "pred", "top5"])
+        writer.writeheader()
+        writer.writerows(rows)

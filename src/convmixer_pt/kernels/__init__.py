@@ -1,1 +1,0 @@
-"""Triton kernels for the fast CUDA path; importing this package needs Triton."""

@@ -1,0 +1,127 @@
+"""Where code runs: the device, the autocast dtype, and torchrun's process group with the few collectives the
+trainer and validation need.
+
+Everything is passed around as a `DistEnv`; nothing here keeps module-level state. Under torchrun (RANK,
+WORLD_SIZE, LOCAL_RANK set) a process group is always joined, even with one process, so a one-GPU torchrun
+exercises NCCL and DDP; a plain `python scripts/train.py` runs without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .errors import UserError
+
+AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+
+
+def resolve_device(requested: str | None) -> str:
+    """'cuda' or 'cpu' (or an indexed 'cuda:N' as given): 'auto' or None picks CUDA where PyTorch sees a GPU."""
+    if requested in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(requested).type
+    except RuntimeError:
+        raise UserError(f"device {requested!r} is not a device PyTorch knows (cpu, cuda, cuda:N)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {requested} was asked for, but PyTorch sees no CUDA GPU here")
+    return requested
+
+
+def resolve_amp(requested: str, device: str) -> str:
+    """bf16 by default on CUDA, none on CPU; fp16 only on CUDA (it needs a GradScaler)."""
+    if requested == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "none"
+    if requested not in AMP_DTYPES:
+        raise UserError(f"amp {requested!r} is not one of auto, {', '.join(AMP_DTYPES)}")
+    if requested == "fp16" and torch.device(device).type != "cuda":
+        raise UserError("amp fp16 needs device cuda (use bf16 or none on CPU)")
+    return requested
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Autocast to `amp`'s dtype on `device`, or nothing for 'none'."""
+    if AMP_DTYPES[amp] is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    has_group: bool = False  # a process group is joined (the trainer then wraps the model in DDP)
+
+    @property
+    def distributed(self) -> bool:
+        """More than one process: results must be combined across processes."""
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> DistEnv:
+    """Join torchrun's process group: NCCL on CUDA, gloo on CPU. `device` is 'cpu' or 'cuda'."""
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if under_torchrun and not dist.is_initialized():
+        # `device_id` binds NCCL's communicator to this GPU eagerly (and silences its warning).
+        extra = dict(device_id=dev) if device == "cuda" else {}
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", **extra)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev,
+                   has_group=under_torchrun)
+
+
+def shutdown(env: DistEnv) -> None:
+    if env.has_group and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Sum over processes, in place; a no-op for one process."""
+    if env.distributed:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """Every process's `obj`, in rank order (pickled through the process group)."""
+    if not env.distributed:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def average_bn_stats(model: nn.Module, env: DistEnv) -> None:
+    """Replace every BatchNorm's running mean/var by the mean over processes, as the official runs did."""
+    if not env.distributed:
+        return
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            for buf in (module.running_mean, module.running_var):
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+                buf.div_(env.world_size)

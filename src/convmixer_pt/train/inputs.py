@@ -1,0 +1,98 @@
+"""The trainer's inputs, built from its config: timm's transforms, the datasets and the loaders.
+
+ImageNet and the embedded digits run take the same path: an ImageFolder tree (`train/<class>/*`,
+`val/<class>/*`) read with PIL, transformed by timm's `create_transform`. The synthetic dataset skips
+decoding (random tensors of the configured size) so a GPU can be exercised without any data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from timm.data import create_transform
+from torch.utils.data import DataLoader, Dataset
+
+from ..data import (
+    DIGITS_CACHE,
+    Decoded,
+    GlobalBatchSampler,
+    ImageFolder,
+    ShardSampler,
+    SyntheticImages,
+    derive_seed,
+    write_digits_imagefolder,
+)
+from ..errors import DataError
+from ..runtime import DistEnv, barrier
+from .config import ConfigError, TrainConfig
+
+
+def build_transforms(cfg: TrainConfig) -> tuple[object, object]:
+    """timm's training pipeline (RandomResizedCrop, flip, RandAugment, erasing) and its eval pipeline."""
+    common = dict(input_size=cfg.input_size, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    try:
+        train = create_transform(
+            is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
+            re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count, **common)
+    except (AssertionError, KeyError, ValueError) as e:  # timm's checks of the auto_augment string
+        raise ConfigError(f"auto_augment {cfg.auto_augment!r}: timm cannot build it ({type(e).__name__}: {e}); "
+                          "the paper's policy is rand-m9-mstd0.5-inc1") from None
+    evaluate = create_transform(is_training=False, interpolation=cfg.eval_interpolation, crop_pct=cfg.crop_pct,
+                                **common)
+    return train, evaluate
+
+
+def data_root(cfg: TrainConfig, env: DistEnv) -> Path:
+    """Where the ImageFolder tree is; for digits, written on first use by the first process."""
+    if cfg.dataset == "digits":
+        root = Path(cfg.data_dir).expanduser() if cfg.data_dir else DIGITS_CACHE
+        if env.is_main:
+            write_digits_imagefolder(root)
+        barrier(env)
+        return root
+    if not cfg.data_dir:
+        raise DataError("no data folder given: pass --data-dir DIR (with DIR/train and DIR/val), or use "
+                        "--dataset digits or --dataset synthetic")
+    root = Path(cfg.data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"{root}: data folder not found")
+    return root
+
+
+def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset, int]:
+    """(train, val, number of classes); the class lists of both splits and the config must agree."""
+    if cfg.dataset == "synthetic":
+        n = cfg.num_classes or 1000
+        return (SyntheticImages(cfg.synthetic_train_size, cfg.input_size, n, derive_seed(cfg.seed, 1)),
+                SyntheticImages(cfg.synthetic_val_size, cfg.input_size, n, derive_seed(cfg.seed, 2)), n)
+    root = data_root(cfg, env)
+    train_tf, eval_tf = build_transforms(cfg)
+    train = ImageFolder(root / cfg.train_split, Decoded(train_tf))
+    val = ImageFolder(root / cfg.val_split, Decoded(eval_tf))
+    if train.classes != val.classes:
+        raise DataError(f"{root}: the class folders of {cfg.train_split}/ ({len(train.classes)}) and "
+                        f"{cfg.val_split}/ ({len(val.classes)}) differ")
+    n = len(train.classes)
+    if cfg.num_classes is not None and cfg.num_classes != n:
+        raise DataError(f"{root}: has {n} classes but the model is configured for num_classes="
+                        f"{cfg.num_classes}")
+    return train, val, n
+
+
+def build_loaders(cfg: TrainConfig, train: Dataset, val: Dataset, env: DistEnv
+                  ) -> tuple[DataLoader, DataLoader, GlobalBatchSampler, torch.Generator]:
+    """Loaders plus the train sampler and the generator that seeds the train workers (reseed per epoch)."""
+    sampler = GlobalBatchSampler(len(train), cfg.batch_size, cfg.grad_accum, env, cfg.seed)
+    if sampler.steps == 0:
+        raise DataError(f"the training set has {len(train)} images, fewer than one global batch of "
+                        f"{sampler.global_batch} (batch_size x grad_accum x processes)")
+    pin = env.device.type == "cuda"
+    workers_gen = torch.Generator()
+    train_loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                              pin_memory=pin, drop_last=True, generator=workers_gen,
+                              persistent_workers=False)
+    val_loader = DataLoader(val, batch_size=cfg.batch_size, sampler=ShardSampler(len(val), env),
+                            num_workers=cfg.workers, pin_memory=pin, generator=torch.Generator())
+    return train_loader, val_loader, sampler, workers_gen

@@ -1,0 +1,192 @@
+"""The training loop: the official recipe under DDP/AMP, evaluation after every epoch, and checkpoints that
+resume exactly (`state`)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..data import derive_seed
+from ..errors import UserError
+from ..evaluation.loop import EvalResult, evaluate
+from ..runtime import DistEnv, all_gather_objects, all_reduce_sum, autocast, average_bn_stats, barrier, resolve_amp
+from ..weights.torch_io import save_torch
+from .config import TrainConfig, check, save_yaml
+from .inputs import build_datasets, build_loaders
+from .parts import Parts, build_parts
+from .report import epoch_line, plot_summary, run_line, write_summary
+from .schedule import lr_at_step, set_lr
+from .state import (
+    Progress,
+    best_checkpoint,
+    capture_rng,
+    load_training_checkpoint,
+    resume_path,
+    seed_globals,
+    training_checkpoint,
+)
+
+
+class TrainingDiverged(UserError):
+    """The loss stopped being finite (a learning rate too high, bad data); the run stops before the update."""
+
+
+def train_one_epoch(parts: Parts, loader: Iterable, steps: int, epoch: int, progress: Progress, cfg: TrainConfig,
+                    env: DistEnv, amp: str) -> dict[str, float]:
+    """One epoch of `steps` optimizer steps; the learning rate is set before every step."""
+    parts.forward.train()
+    global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
+    batches = iter(loader)
+    loss_total, lr = 0.0, 0.0
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+               disable=not (env.is_main and cfg.progress), file=sys.stderr)
+    for step in range(steps):
+        lr = lr_at_step(epoch, step, steps, cfg.epochs, cfg.lr)
+        set_lr(parts.optimizer, lr)
+        parts.optimizer.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=env.device)
+        for micro in range(cfg.grad_accum):
+            images, targets = next(batches)
+            images = images.to(env.device, non_blocking=True)
+            targets = targets.to(env.device, non_blocking=True)
+            if parts.mixup is not None:
+                images, targets = parts.mixup(images, targets)
+            if cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            inner = parts.ddp is not None and micro < cfg.grad_accum - 1
+            with parts.ddp.no_sync() if inner else contextlib.nullcontext():
+                with autocast(env.device, amp):
+                    loss = parts.loss_fn(parts.forward(images), targets)
+                parts.scaler.scale(loss / cfg.grad_accum).backward()
+            step_loss += loss.detach().float() / cfg.grad_accum
+        # Every process sees the same mean loss, so all of them stop together before a bad update.
+        mean_loss = all_reduce_sum(step_loss, env).item() / env.world_size
+        if not math.isfinite(mean_loss):
+            bar.close()
+            raise TrainingDiverged(f"the training loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}; "
+                                   "stopped before updating the weights")
+        if cfg.clip_grad is not None:
+            parts.scaler.unscale_(parts.optimizer)
+            nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad)
+        scale = parts.scaler.get_scale() if parts.scaler.is_enabled() else None
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        progress.step += 1
+        # fp16: the scaler skips a step with inf/NaN gradients (and lowers its scale); the EMA skips it too.
+        stepped = scale is None or parts.scaler.get_scale() >= scale
+        if parts.ema is not None and stepped:
+            parts.ema.update(parts.model, step=progress.step)
+        loss_total += mean_loss
+        rate = (step + 1) * global_batch / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{loss_total / (step + 1):.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+        bar.update()
+    bar.close()
+    elapsed = time.perf_counter() - start
+    return dict(train_loss=loss_total / steps, lr=lr, img_per_s=steps * global_batch / elapsed)
+
+
+def evaluate_models(models: list[nn.Module], loader: Iterable, env: DistEnv, amp: str,
+                    channels_last: bool = False) -> list[EvalResult]:
+    """The model (and its EMA) over the whole validation set, in one pass, each image counted once."""
+    for model in models:
+        model.eval()
+
+    def predictor(model: nn.Module):
+        def predict(images: torch.Tensor) -> torch.Tensor:
+            with autocast(env.device, amp):
+                return model(images)
+        return predict
+
+    return evaluate([predictor(m) for m in models], loader, env, env.device, channels_last=channels_last)
+
+
+def log(env: DistEnv, message: str) -> None:
+    if env.is_main:
+        print(message, flush=True)
+
+
+def run_epoch(parts: Parts, loaders: tuple[Iterable, Iterable], steps: int, epoch: int, progress: Progress,
+              cfg: TrainConfig, env: DistEnv, amp: str) -> dict[str, float]:
+    """Train one epoch, average BatchNorm statistics across processes, evaluate; the epoch's summary row."""
+    start = time.perf_counter()
+    train = train_one_epoch(parts, loaders[0], steps, epoch, progress, cfg, env, amp)
+    if cfg.bn_average:
+        average_bn_stats(parts.model, env)
+        if parts.ema is not None:
+            average_bn_stats(parts.ema.module, env)
+    models = [parts.model] if parts.ema is None else [parts.model, parts.ema.module]
+    val, *ema = evaluate_models(models, loaders[1], env, amp, cfg.channels_last)
+    row = dict(epoch=epoch + 1, train_loss=train["train_loss"], val_loss=val.loss, val_top1=val.top1,
+               val_top5=val.top5, lr=train["lr"], img_per_s=train["img_per_s"])
+    if ema:
+        row.update(ema_val_loss=ema[0].loss, ema_val_top1=ema[0].top1, ema_val_top5=ema[0].top5)
+    row["epoch_time"] = time.perf_counter() - start
+    return row
+
+
+def record_epoch(row: dict[str, float], parts: Parts, progress: Progress, cfg: TrainConfig, env: DistEnv) -> None:
+    """Advance `progress` by the epoch of `row` and write last.pth, best.pth (if it improved) and the summary."""
+    out = Path(cfg.output)
+    score = row.get("ema_val_top1", row["val_top1"])  # the EMA's score where there is an EMA
+    progress.epoch = int(row["epoch"])
+    progress.history.append(row)
+    improved = score > progress.best_score
+    if improved:
+        progress.best_score, progress.best_epoch = score, progress.epoch
+    rng = all_gather_objects(capture_rng(env.device), env)
+    if env.is_main:
+        save_torch(training_checkpoint(parts, progress, cfg, rng), out / "last.pth")
+        if improved:
+            save_torch(best_checkpoint(parts, progress, cfg), out / "best.pth")
+        write_summary(progress.history, out / "summary.csv")
+        plot_summary(progress.history, out / "summary.png")
+
+
+def run(cfg: TrainConfig, env: DistEnv) -> Progress:
+    """Train (or continue) the configured run and write everything into `cfg.output`."""
+    check(cfg)
+    amp = resolve_amp(cfg.amp, env.device.type)
+    out = Path(cfg.output)
+    resume = resume_path(cfg)
+    train_set, val_set, num_classes = build_datasets(cfg, env)
+    parts = build_parts(cfg, env, num_classes, amp)
+    if resume is not None:
+        progress = load_training_checkpoint(resume, parts, env, cfg)
+    else:
+        progress = Progress()
+        seed_globals(derive_seed(cfg.seed, env.rank))
+    train_loader, val_loader, sampler, workers_gen = build_loaders(cfg, train_set, val_set, env)
+    stop = cfg.stop_epoch or cfg.epochs
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "args.yaml")
+    log(env, run_line(cfg, parts.model, len(train_set), len(val_set), num_classes, env.world_size,
+                      sampler.global_batch, sampler.steps, env.device.type, amp)
+        + (f" | resumed from {resume} after epoch {progress.epoch}" if resume is not None else ""))
+    for epoch in range(progress.epoch, stop):
+        sampler.set_epoch(epoch)
+        workers_gen.manual_seed(derive_seed(cfg.seed, epoch, env.rank))
+        try:
+            row = run_epoch(parts, (train_loader, val_loader), sampler.steps, epoch, progress, cfg, env, amp)
+        except TrainingDiverged as e:
+            last = out / "last.pth"
+            kept = (f"{last} (after epoch {progress.epoch}) is the last good checkpoint" if last.exists()
+                    else "no checkpoint had been written yet")
+            raise TrainingDiverged(f"{e}, {kept}") from None
+        record_epoch(row, parts, progress, cfg, env)
+        log(env, epoch_line(row, cfg.epochs))
+    barrier(env)
+    if stop < cfg.epochs:
+        log(env, f"stopped after epoch {stop} of {cfg.epochs}; continue with --resume auto --output {out}")
+    log(env, f"done: best val top-1 {progress.best_score:.2f}% (epoch {progress.best_epoch}); outputs in {out}/ "
+        "(last.pth, best.pth, summary.csv, summary.png, args.yaml)")
+    return progress

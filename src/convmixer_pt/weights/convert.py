@@ -1,0 +1,81 @@
+"""PyTorch <-> MindSpore checkpoint conversion, exact to the bit: the library behind the converter CLI.
+
+`convert` reads any accepted checkpoint, optionally casts it, writes the format OUT's name asks for to one
+staging file beside OUT, verifies it if asked, and only then gives it OUT's name.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import CheckpointError
+from ..files import OutputExistsError, atomic_path
+from .formats import Weights, cast_state, output_format, read_weights, write_weights
+from .parity import ParityReport, verify_output
+
+# BatchNorm statistics are buffers, not parameters; they are left out of the parameter count.
+_BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+@dataclass
+class Summary:
+    path: Path
+    tensors: int
+    parameters: int
+    bytes: int
+    dtypes: list[str]
+    seconds: float
+    verify: ParityReport | None = None
+
+    def line(self) -> str:
+        return (f"wrote {self.path}: {self.tensors} tensors, {self.parameters:,} parameters, "
+                f"{self.bytes:,} bytes ({', '.join(self.dtypes)}) in {self.seconds:.1f} s")
+
+
+class VerificationError(CheckpointError):
+    """The written file does not reproduce the input's logits; `report` says by how much and where."""
+
+    def __init__(self, message: str, report: ParityReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: bool = False,
+            dtype: str = "keep", act: str | None = None, overwrite: bool = False, verify: bool = False,
+            verify_size: int = 224, progress: bool = False) -> tuple[Weights, Summary]:
+    """Read `src`, write `dst`; returns the weights as written and a summary of the output.
+
+    The output appears under its name only when everything, verification included, has succeeded.
+    """
+    start = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    output_format(dst)
+    if not overwrite and dst.exists():
+        raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
+    if dst.exists() and dst.resolve() == src.resolve():
+        raise CheckpointError(f"{dst}: is the input file; write the output elsewhere")
+    weights = read_weights(src, use_ema=use_ema, act=act, progress=progress)
+    weights.state = cast_state(weights.state, dtype)
+    report = None
+    with atomic_path(dst, overwrite=overwrite) as stage:
+        written = write_weights(weights, stage, layout=layout, progress=progress)
+        size = stage.stat().st_size
+        if verify:
+            report = verify_output(weights, stage, image_size=verify_size, progress=progress)
+            if not report.ok:
+                raise VerificationError(f"{dst}: not written, since its model does not reproduce the logits "
+                                        f"of {src} (relative difference {report.rel_diff:.3g} > "
+                                        f"{report.tol:g})", report)
+    summary = Summary(
+        path=dst,
+        tensors=written,
+        parameters=sum(v.numel() for k, v in weights.state.items() if not k.endswith(_BUFFER_SUFFIXES)),
+        bytes=size,
+        dtypes=sorted({str(v.dtype).removeprefix("torch.") for v in weights.state.values()
+                       if v.is_floating_point()}),
+        seconds=time.perf_counter() - start,
+        verify=report,
+    )
+    return weights, summary

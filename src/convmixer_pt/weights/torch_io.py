@@ -1,0 +1,221 @@
+"""PyTorch-side checkpoint files, read safely (no pickle ever runs code) and written atomically.
+
+Accepted inputs, recognised from the bytes and the tensor names rather than the file name:
+flat state dicts in the timm or official locuslab layout (`.pth`, `.pth.tar`, `.bin`, `.safetensors`),
+training checkpoints that wrap them (`state_dict`, `model`, `state_dict_ema`, ...), and names carrying
+`module.` (DDP) or `_orig_mod.` (torch.compile) prefixes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import CheckpointError, about
+from ..files import atomic_path
+from ..variants import VARIANTS
+from . import keymap
+
+# What training checkpoints in the wild pickle besides tensors and builtins: timm's train.py stores
+# its `args` as an argparse.Namespace.
+SAFE_GLOBALS: list[Any] = [argparse.Namespace]
+
+WRAPPER_KEYS = ("state_dict", "model", "module", "net", "network")
+EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
+PREFIXES = ("module.", "_orig_mod.")
+
+
+def file_format(path: str | Path) -> str:
+    """'torch-zip', 'torch-legacy', 'safetensors' or 'mindspore', from the first bytes of the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) < 8:
+        raise CheckpointError(f"{path}: file is empty or truncated ({len(head)} bytes)")
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[0] == 0x80:  # a pickle protocol header: torch's legacy (pre-1.6) serialisation
+        return "torch-legacy"
+    if head[8:9] == b"{":  # an 8-byte header length, then the JSON header
+        return "safetensors"
+    if head[:1] == b"\n":  # protobuf field 1 (Checkpoint.value), wire type 2: MindSpore's .ckpt
+        return "mindspore"
+    raise CheckpointError(f"{path}: not a PyTorch, safetensors or MindSpore checkpoint (unknown file header)")
+
+
+def unreadable(path: str | Path, what: str, error: BaseException) -> CheckpointError:
+    """One line for a file a library could not parse, ending with the first line of the library's reason."""
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return CheckpointError(f"{path}: cannot read it as {what}; the file is truncated or corrupt ({reason})")
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", str(e))
+        what = f"it references {found.group(1)}" if found else "it holds more than tensors and plain data"
+        raise CheckpointError(f"{path}: refused to unpickle it: {what}, and loading it could run code") from None
+    except Exception as e:  # torch raises many types on corrupt data; all mean the same to the user
+        raise unreadable(path, "a PyTorch checkpoint", e) from None
+
+
+def _safetensors_load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise unreadable(path, "safetensors", e) from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, Mapping) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap(obj: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The model weights inside a training checkpoint (or the state dict itself)."""
+    if _is_state_dict(obj):
+        if use_ema:
+            raise CheckpointError("EMA weights were asked for, but it is a plain state dict")
+        return dict(obj)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"holds a {type(obj).__name__}, not a state dict or a training checkpoint")
+    keys = EMA_KEYS if use_ema else WRAPPER_KEYS
+    for key in keys:
+        if key in obj and _is_state_dict(obj[key]):
+            return dict(obj[key])
+    if use_ema:
+        raise CheckpointError(f"EMA weights were asked for, but it has none (looked for "
+                              f"{', '.join(EMA_KEYS)}; found {', '.join(map(str, obj)) or 'nothing'})")
+    raise CheckpointError(f"no model weights found (looked for {', '.join(WRAPPER_KEYS)}; "
+                          f"found {', '.join(map(str, obj)) or 'nothing'})")
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop `module.` / `_orig_mod.` wherever they stand at the front, in any order and number."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def read_torch_checkpoint(path: str | Path) -> tuple[Any, dict[str, str]]:
+    """The raw object of a PyTorch or safetensors file and its metadata (safetensors only)."""
+    path = Path(path)
+    fmt = file_format(path)
+    if fmt == "safetensors":
+        return _safetensors_load(path)
+    if fmt == "mindspore":
+        raise CheckpointError(f"{path}: is a MindSpore checkpoint; convert it with tools/convert_ckpt.py "
+                              "or load it with convmixer_pt.create_ms_model")
+    return _torch_load(path), {}
+
+
+def recorded_act(obj: Any) -> str | None:
+    """The activation a training checkpoint records: ours store `arch` as a dict, timm's as a model name."""
+    arch = obj.get("arch") if isinstance(obj, Mapping) else None
+    if isinstance(arch, Mapping) and isinstance(arch.get("act"), str):
+        return arch["act"]
+    if isinstance(arch, str):
+        for name, spec in VARIANTS.items():
+            if arch in (name, spec["timm_name"]):
+                return spec["act"]
+    return None
+
+
+def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Model weights of any accepted PyTorch-side file, renamed into the timm layout, plus file metadata."""
+    obj, meta = read_torch_checkpoint(path)
+    with about(path):
+        state = keymap.convert_state(strip_prefixes(unwrap(obj, use_ema=use_ema)), "timm")
+    act = recorded_act(obj)
+    return state, dict(meta, act=act) if act and "act" not in meta else meta
+
+
+def mismatch_problems(expected: Mapping[str, Any], found: Mapping[str, Any], optional: tuple[str, ...] = (),
+                      compare_dtype: bool = False) -> list[str]:
+    """Every missing, unexpected, mis-shaped (and, if asked, mis-typed) tensor, as short phrases."""
+
+    def listed(items: list[str], sep: str = ", ") -> str:
+        return sep.join(items[:8]) + (" ..." if len(items) > 8 else "")
+
+    missing = [k for k in expected if k not in found and not k.endswith(optional)]
+    unexpected = [k for k in found if k not in expected]
+    common = [k for k in found if k in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in common if tuple(found[k].shape) != tuple(expected[k].shape)]
+    dtypes = [f"{k} {found[k].dtype} vs model {expected[k].dtype}"
+              for k in common if compare_dtype and found[k].dtype != expected[k].dtype]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {listed(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {listed(unexpected)}")
+    if shapes:
+        problems.append(f"shape mismatch: {listed(shapes, '; ')}")
+    if dtypes:
+        problems.append(f"dtype mismatch: {listed(dtypes, '; ')}")
+    return problems
+
+
+def misfit_error(model: Any, problems: list[str]) -> CheckpointError:
+    """One sentence naming the model's architecture and every problem."""
+    arch = getattr(model, "arch", None)
+    what = f" ({', '.join(f'{k}={v}' for k, v in arch.items())})" if arch else ""
+    return CheckpointError(f"does not fit the model{what}: {'; '.join(problems)}")
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Raise one message naming every missing, unexpected and mis-shaped tensor."""
+    problems = mismatch_problems(model.state_dict(), state, optional=("num_batches_tracked",))
+    if problems:
+        raise misfit_error(model, problems)
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Strict load; BatchNorm's `num_batches_tracked` may be absent (MindSpore files do not store it)."""
+    check_state_dict(model, state)
+    full = dict(state)
+    for key, value in model.state_dict().items():
+        full.setdefault(key, value)
+    model.load_state_dict(full, strict=True)
+
+
+def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> dict[str, str]:
+    """Load any accepted PyTorch-side checkpoint into `model` strictly; returns the file's metadata."""
+    state, meta = read_state_dict(path, use_ema=use_ema)
+    with about(path):
+        load_state_dict_strict(model, state)
+    return meta
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """`torch.save` to a temporary file, renamed over `path` when complete."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def write_safetensors(state: Mapping[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file of `state` (callers that need it to appear whole write to a staging path)."""
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)

@@ -1,0 +1,177 @@
+"""Checkpoint formats, wrappers and prefixes load; bad files fail with one clear message and run no code."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import pytest
+import torch
+from helpers import randomize_bn
+from safetensors.torch import save_file
+
+from convmixer_pt import CheckpointError, create_model
+from convmixer_pt.files import OutputExistsError, atomic_path
+from convmixer_pt.weights import keymap
+from convmixer_pt.weights.torch_io import file_format, read_state_dict
+
+SMALL = dict(name="convmixer_128_4", num_classes=5, dim=16, depth=2)
+
+
+def small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    args = dict(SMALL)
+    return randomize_bn(create_model(args.pop("name"), **args), torch.Generator().manual_seed(seed)).eval()
+
+
+def load(path, **kw) -> torch.nn.Module:
+    args = dict(SMALL)
+    return create_model(args.pop("name"), checkpoint_path=path, **args, **kw)
+
+
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        if not k.endswith("num_batches_tracked"):
+            assert torch.equal(sa[k], sb[k]), k
+
+
+def test_official_layout_is_recognised_by_content_not_name(tmp_path) -> None:
+    model = small_model()
+    path = tmp_path / "weights.bin"
+    torch.save(keymap.convert_state(model.state_dict(), "official"), path)
+    assert_same_weights(load(path), model)
+
+
+@pytest.mark.parametrize("wrap", ["state_dict", "model"])
+def test_training_checkpoint_wrappers_and_prefixes(tmp_path, wrap: str) -> None:
+    model = small_model()
+    state = {f"module._orig_mod.{k}": v for k, v in model.state_dict().items()}
+    ckpt = {wrap: state, "epoch": 3, "optimizer": {"state": {}, "param_groups": []},
+            "args": argparse.Namespace(model="convmixer_128_4", lr=0.01), "version": 2, "metric": 12.5}
+    path = tmp_path / "checkpoint-3.pth.tar"
+    torch.save(ckpt, path)
+    assert_same_weights(load(path), model)
+
+
+def test_ema_weights_are_an_explicit_choice(tmp_path) -> None:
+    model, ema = small_model(0), small_model(1)
+    path = tmp_path / "train.pth"
+    torch.save({"state_dict": model.state_dict(), "state_dict_ema": ema.state_dict()}, path)
+    assert_same_weights(load(path), model)
+    assert_same_weights(load(path, use_ema=True), ema)
+    torch.save({"state_dict": model.state_dict()}, path)
+    with pytest.raises(CheckpointError, match=r"EMA weights were asked for, but it has none"):
+        load(path, use_ema=True)
+
+
+def test_missing_tensor_names_the_key(tmp_path) -> None:
+    state = small_model().state_dict()
+    del state["blocks.1.0.fn.2.running_var"]
+    path = tmp_path / "missing.pth"
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as e:
+        load(path)
+    msg = str(e.value)
+    assert str(path) in msg and "missing 1 tensor(s): blocks.1.0.fn.2.running_var" in msg
+    assert "\n" not in msg
+
+
+def test_wrong_shape_names_key_and_both_shapes(tmp_path) -> None:
+    path = tmp_path / "shape.pth"
+    torch.save(small_model().state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"shape mismatch: head\.weight \(5, 16\) vs model \(7, 16\)"):
+        create_model("convmixer_128_4", num_classes=7, dim=16, depth=2, checkpoint_path=path)
+
+
+def test_extra_block_is_unexpected(tmp_path) -> None:
+    torch.manual_seed(0)
+    deeper = create_model("convmixer_128_4", num_classes=5, dim=16, depth=3)
+    path = tmp_path / "deeper.pth"
+    torch.save(deeper.state_dict(), path)
+    with pytest.raises(CheckpointError, match=r"unexpected 14 tensor\(s\): blocks\.2\.0\.fn\.0\.weight"):
+        load(path)
+
+
+@pytest.mark.parametrize("kind", ["zip", "safetensors"])
+def test_truncated_file_fails_clearly(tmp_path, kind: str) -> None:
+    state = small_model().state_dict()
+    path = tmp_path / ("w.pth" if kind == "zip" else "w.safetensors")
+    if kind == "zip":
+        torch.save(state, path)
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"truncated or corrupt"):
+        load(path)
+
+
+def test_garbage_and_empty_files(tmp_path) -> None:
+    garbage = tmp_path / "g.pth"
+    garbage.write_bytes(b"this is not a checkpoint at all")
+    with pytest.raises(CheckpointError, match=r"unknown file header"):
+        load(garbage)
+    empty = tmp_path / "e.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty or truncated"):
+        load(empty)
+    with pytest.raises(CheckpointError, match=r"no such file"):
+        load(tmp_path / "absent.pth")
+
+
+class _Exploit:
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_runs_no_code(tmp_path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": small_model().state_dict(), "payload": _Exploit(str(marker))}, path)
+    with pytest.raises(CheckpointError, match=r"refused to unpickle it: it references posix\.system"):
+        load(path)
+    assert not marker.exists()
+
+
+def test_foreign_tensor_names_are_refused(tmp_path) -> None:
+    path = tmp_path / "resnet.pth"
+    torch.save({"conv1.weight": torch.zeros(1), "fc.bias": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=r"unrecognised tensor name 'conv1\.weight'"):
+        read_state_dict(path)
+
+
+def test_file_format_sniffing(tmp_path) -> None:
+    state = {"head.weight": torch.zeros(2, 2)}
+    torch.save(state, tmp_path / "a.safetensors")  # misleading suffix: the content decides
+    save_file(state, str(tmp_path / "b.pth"))
+    assert file_format(tmp_path / "a.safetensors") == "torch-zip"
+    assert file_format(tmp_path / "b.pth") == "safetensors"
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path) -> None:
+    target = tmp_path / "out.pth"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"whole")
+    assert target.read_bytes() == b"whole" and list(tmp_path.iterdir()) == [target]
+    with pytest.raises(OutputExistsError, match=r"already exists"), atomic_path(target, overwrite=False):
+        pass
+
+
+def test_training_checkpoints_record_their_activation(tmp_path) -> None:
+    state = small_model().state_dict()
+    ours, timm_style, bare = tmp_path / "last.pth", tmp_path / "timm.pth.tar", tmp_path / "bare.pth"
+    torch.save({"model": state, "arch": {"dim": 16, "act": "silu"}}, ours)
+    torch.save({"state_dict": state, "arch": "convmixer_768_32"}, timm_style)
+    torch.save(state, bare)
+    assert read_state_dict(ours)[1]["act"] == "silu"
+    assert read_state_dict(timm_style)[1]["act"] == "relu"
+    assert "act" not in read_state_dict(bare)[1]

@@ -77,3 +77,71 @@ def test_shipped_configs_load(name: str) -> None:
     cfg = config.resolve(Path(__file__).resolve().parents[1] / "configs" / f"{name}.yaml", {})
     if name != "digits":
         assert cfg.batch_size * 10 == 640 and cfg.model == name and cfg.lr == 0.01
+
+
+# Out-of-domain values, each refused when the config is resolved with one line naming the key and the value.
+OUT_OF_DOMAIN = [
+    ("lr", float("nan"), "lr must be a finite number > 0, got nan"),
+    ("lr", 0.0, "lr must be a finite number > 0, got 0.0"),
+    ("clip_grad", -1.0, "clip_grad must be a finite number > 0, got -1.0"),
+    ("opt_eps", float("inf"), "opt_eps must be a finite number > 0, got inf"),
+    ("weight_decay", -1e-5, "weight_decay must be a finite number >= 0"),
+    ("workers", -1, "workers must be a whole number >= 0, got -1"),
+    ("batch_size", 0, "batch_size must be a positive whole number, got 0"),
+    ("epochs", 0, "epochs must be a positive whole number, got 0"),
+    ("input_size", -224, "input_size must be a positive whole number"),
+    ("hflip", 1.5, "hflip must be a probability in [0, 1], got 1.5"),
+    ("re_prob", -0.1, "re_prob must be a probability in [0, 1]"),
+    ("smoothing", 1.0, "smoothing must be a number in [0, 1), got 1.0"),
+    ("crop_pct", 0.0, "crop_pct must be a number in (0, 1], got 0.0"),
+    ("ema_decay", 2.0, "ema_decay must be a probability in [0, 1]"),
+    ("mean", [0.5, 0.5], "mean must be three finite numbers (R, G, B), got [0.5, 0.5]"),
+    ("std", [0.5, 0.0, 0.5], "std must be three finite numbers > 0 (R, G, B)"),
+    ("scale", [0.9, 0.1], "scale must be two numbers 0 < min <= max <= 1, got [0.9, 0.1]"),
+    ("ratio", [0.0, 1.0], "ratio must be two finite numbers 0 < min <= max"),
+    ("opt_betas", [0.9, 1.0], "opt_betas must be two numbers in [0, 1)"),
+    ("seed", -3, "seed must be a whole number >= 0, got -3"),
+    ("output", " ", "output must be a non-empty path, got ' '"),
+    ("model", "convmixer_9", "model must be one of convmixer_1024_20, "),
+    ("model_args", {"kernel_size": 0}, "model_args kernel_size must be a positive whole number, got 0"),
+    ("model_args", {"dim": 2.5}, "model_args dim must be a positive whole number, got 2.5"),
+    ("model_args", {"act": "tanh"}, "model_args act must be one of gelu, gelu_tanh, relu, silu, got 'tanh'"),
+    ("model_args", {"drop_rate": 1.0}, "model_args drop_rate must be a number in [0, 1), got 1.0"),
+    ("model_args", {"depth": True}, "model_args depth must be a whole number >= 0, got True"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), OUT_OF_DOMAIN, ids=[f"{k}={v}" for k, v, _ in OUT_OF_DOMAIN])
+def test_out_of_domain_values_are_refused_when_resolved(key, value, message) -> None:
+    with pytest.raises(config.ConfigError) as info:
+        config.resolve(None, {key: value})
+    assert str(info.value) == f"command line: {message}" or str(info.value).startswith(f"command line: {message}")
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (dict(stop_epoch=5, epochs=3), "stop_epoch must be between 1 and epochs (3), got 5"),
+    (dict(mixup=0.5, batch_size=3), "mixup/cutmix need an even batch_size, got 3"),
+    (dict(resume="auto", overwrite=True), "resume and overwrite contradict each other"),
+    (dict(input_size=4), "input_size 4 is smaller than one 7-pixel patch of convmixer_1536_20"),
+])
+def test_keys_that_contradict_each_other(values, message) -> None:
+    with pytest.raises(config.ConfigError, match=f"^command line: {message}".replace("(", r"\(").replace(")", r"\)")):
+        config.resolve(None, values)
+
+
+def test_flags_reach_the_domain_checks() -> None:
+    """What argparse's types let through (nan, inf, negative numbers) stops at the domain check."""
+    for argv, message in [(["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+                          (["--workers", "-1"], "workers must be a whole number >= 0, got -1"),
+                          (["--model-args", "kernel_size=0"], "model_args kernel_size must be a positive whole")]:
+        path, overrides = parse(argv)
+        with pytest.raises(config.ConfigError, match=message):
+            config.resolve(path, overrides)
+
+
+def test_a_yaml_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: convmixer_768_32  # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(config.ConfigError, match=f"^{path}: not UTF-8 text \\(byte 30\\)$"):
+        config.resolve(path, {})

@@ -99,11 +99,23 @@ def test_pth_ckpt_pth_is_bit_exact(tmp_path, dtype):
 
 @pytest.mark.parametrize("target", ["float16", "bfloat16"])
 def test_dtype_option_casts_like_torch(tmp_path, target):
+    """The head holds float32's largest value, which neither 16-bit type can hold: refused, or with clamp
+    saturated to the target's largest; everything else is torch's own cast, bit for bit (inf, NaN, -0 too)."""
     state = random_state()
     torch.save(state, tmp_path / "in.pth")
-    convert(tmp_path / "in.pth", tmp_path / "out.ckpt", dtype=target)
+    with pytest.raises(CheckpointError, match=f"tensor 'head.bias' holds 1 value\\(s\\) up to 3.40282e\\+38 in "
+                                              f"magnitude, beyond {target}'s largest"):
+        convert(tmp_path / "in.pth", tmp_path / "out.ckpt", dtype=target)
+    assert not (tmp_path / "out.ckpt").exists()
+    _, summary = convert(tmp_path / "in.pth", tmp_path / "out.ckpt", dtype=target, clamp=True)
+    assert summary.clamped == 1 and "clamped 1 value(s)" in summary.line()
     back = read_weights(tmp_path / "out.ckpt").state
-    want = {k: v.to(getattr(torch, target)) if v.is_floating_point() else v for k, v in state.items()}
+    dt = getattr(torch, target)
+    limit = torch.finfo(dt).max
+    want = {k: (torch.where(torch.isfinite(v), v.clamp(-limit, limit), v) if v.is_floating_point() else v)
+            for k, v in state.items()}
+    want = {k: v.to(dt) if v.is_floating_point() else v for k, v in want.items()}
+    assert back["head.bias"][5] == limit
     assert_bit_identical({k: v for k, v in want.items() if k in back}, back)
 
 

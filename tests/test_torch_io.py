@@ -175,3 +175,59 @@ def test_training_checkpoints_record_their_activation(tmp_path) -> None:
     assert read_state_dict(ours)[1]["act"] == "silu"
     assert read_state_dict(timm_style)[1]["act"] == "relu"
     assert "act" not in read_state_dict(bare)[1]
+
+
+NOT_WEIGHTS = {
+    "int8": (lambda t: t.to(torch.int8), "has dtype int8; weights are float32, float16 or bfloat16"),
+    "uint8": (lambda t: t.to(torch.uint8), "has dtype uint8; weights are float32, float16 or bfloat16"),
+    "int16": (lambda t: t.to(torch.int16), "has dtype int16; weights are float32, float16 or bfloat16"),
+    "bool": (lambda t: t.bool(), "has dtype bool; weights are float32, float16 or bfloat16"),
+    "float8": (lambda t: t.to(torch.float8_e4m3fn),
+               "has dtype float8_e4m3fn; weights are float32, float16 or bfloat16"),
+    "complex": (lambda t: t.to(torch.complex64), "has dtype complex64; weights are float32, float16 or bfloat16"),
+    "float64": (lambda t: t.double(), "has dtype float64; weights are float32, float16 or bfloat16 (convert it "
+                                      "with --dtype float32)"),
+    "sparse": (lambda t: t.to_sparse(), "is a sparse_coo tensor, not a dense one"),
+    "meta": (lambda t: torch.empty(t.shape, device="meta"), "holds no data (a meta tensor)"),
+    "expanded": (lambda t: torch.zeros(1).expand(t.shape), "has shape (16, 3, 2, 2) (768 bytes) but its storage "
+                                                           "holds 4 bytes: an expanded or truncated tensor"),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
+@pytest.mark.parametrize("kind", sorted(NOT_WEIGHTS))
+def test_tensors_that_are_not_weights_are_refused_by_name(tmp_path, kind: str) -> None:
+    """Before: int8 loaded as zeros, bool as ones, a meta tensor as nothing; now one error naming the tensor."""
+    make, message = NOT_WEIGHTS[kind]
+    state = small_model().state_dict()
+    state["stem.0.weight"] = make(state["stem.0.weight"])
+    torch.save(state, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as info:
+        read_state_dict(tmp_path / "bad.pth")
+    assert str(info.value) == f"{tmp_path / 'bad.pth'}: tensor 'stem.0.weight' {message}"
+
+
+def test_float64_loads_into_a_model_where_it_fits_float32(tmp_path) -> None:
+    model = small_model()
+    state = {k: v.double() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save(state, tmp_path / "f64.pth")
+    assert_same_weights(load(tmp_path / "f64.pth").eval(), model)  # float64 -> float32, as the model asks
+    state["head.bias"][0] = 1e300
+    torch.save(state, tmp_path / "huge.pth")
+    with pytest.raises(CheckpointError, match=r"tensor 'head\.bias' holds 1 value\(s\) up to 1e\+300 in magnitude, "
+                                              r"beyond float32's largest"):
+        load(tmp_path / "huge.pth")
+
+
+def test_an_expanded_head_is_refused_before_anything_is_allocated(tmp_path) -> None:
+    """65 KB on disk claiming a 2**34-class head: refused from its storage size, not allocated (4.4 TB)."""
+    from convmixer_pt.weights.formats import read_weights
+
+    state = small_model().state_dict()
+    state["head.weight"] = torch.zeros(1).expand(2**34, 16)
+    state["head.bias"] = torch.zeros(1).expand(2**34)
+    torch.save(state, tmp_path / "huge.pth")
+    assert (tmp_path / "huge.pth").stat().st_size < 100_000
+    with pytest.raises(CheckpointError, match=r"tensor 'head\.weight' has shape \(17179869184, 16\) "
+                                              r"\(1,099,511,627,776 bytes\) but its storage holds 4 bytes"):
+        read_weights(tmp_path / "huge.pth")

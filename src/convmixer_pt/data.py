@@ -18,7 +18,8 @@ from torch.utils.data import Dataset, Sampler
 from .errors import DataError
 from .runtime import DistEnv
 
-DIGITS_CACHE = Path.home() / ".cache" / "convmixer_pt" / "digits"
+CACHE = Path.home() / ".cache" / "convmixer_pt"
+DIGITS_CACHE = CACHE / "digits"
 DIGITS_VAL_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
@@ -30,12 +31,13 @@ def derive_seed(*parts: int) -> int:
 
 
 def load_image(path: str | Path) -> Image.Image:
-    """PIL decode to RGB; a file PIL cannot read becomes one DataError naming it."""
+    """PIL decode to RGB; a file PIL cannot read, or one that would decompress to more pixels than PIL's
+    limit (a decompression bomb), becomes one DataError naming it."""
     try:
         with open(path, "rb") as f:
             img = Image.open(f)
             return img.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{path}: cannot read the image ({e})") from None
 
 
@@ -81,34 +83,65 @@ class ImageFolder(Dataset):
 def write_digits_imagefolder(root: str | Path) -> Path:
     """scikit-learn's 8x8 digits as grayscale PNGs in `root/{train,val}/{0..9}/`, written once.
 
-    The split is fixed (stratified, 20% val, seed 0). The tree is built beside `root` and renamed into
-    place, so an interrupted write never leaves a half tree that looks complete.
+    The split is fixed (stratified, 20% val, seed 0).
     """
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    root = Path(root)
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        return root
-    digits = load_digits()
-    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
-    index = np.arange(len(images))
-    train_idx, val_idx = train_test_split(index, test_size=DIGITS_VAL_FRACTION, random_state=DIGITS_SPLIT_SEED,
-                                          stratify=digits.target)
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
+
+    def write(tmp: Path) -> None:
+        digits = load_digits()
+        images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+        index = np.arange(len(images))
+        train_idx, val_idx = train_test_split(index, test_size=DIGITS_VAL_FRACTION,
+                                              random_state=DIGITS_SPLIT_SEED, stratify=digits.target)
         for split, idx in (("train", train_idx), ("val", val_idx)):
             for i in sorted(idx):
                 folder = tmp / split / str(digits.target[i])
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
+
+    return _build_tree(Path(root), write)
+
+
+def _build_tree(root: Path, write: Callable[[Path], None]) -> Path:
+    """Write a tree with `write(tmp)` beside `root` and rename it into place, so an interrupted write never
+    leaves a half tree that looks complete; a complete tree (train/ and val/) is kept as it is."""
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+    try:
+        write(tmp)
         if root.exists():  # an incomplete tree from elsewhere: replace it
             shutil.rmtree(root)
         os.replace(tmp, root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def write_generated_imagefolder(root: str | Path, classes: int, train_images: int, val_images: int,
+                                seed: int = 0) -> Path:
+    """JPEG photographs' stand-ins in `root/{train,val}/<class>/`: sizes from 160 to 480 pixels a side,
+    low-frequency random content tinted by class, so that decoding, resizing and every augmentation run as
+    on ImageNet without a dataset. Written once; the same arguments give the same files."""
+
+    def write(tmp: Path) -> None:
+        rng = np.random.default_rng(seed)
+        palette = rng.uniform(0, 255, (classes, 3))
+        for split, count in (("train", train_images), ("val", val_images)):
+            for i in range(count):
+                label = i % classes
+                h, w = (int(v) for v in rng.integers(160, 481, 2))
+                coarse = rng.uniform(0, 255, (h // 32 + 2, w // 32 + 2, 3)).astype(np.uint8)
+                smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), dtype=np.float64)
+                pixels = 0.6 * smooth + 0.4 * palette[label] + rng.normal(0, 8, smooth.shape)
+                folder = tmp / split / f"c{label:03d}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
+
+    return _build_tree(Path(root), write)
 
 
 class SyntheticImages(Dataset):

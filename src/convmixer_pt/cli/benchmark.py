@@ -24,14 +24,14 @@ from ..evaluation.benchmark import MODES, BenchConfig, depthwise_op_times, forma
 from ..evaluation.benchmark import run as bench
 from ..fast import FastOptions
 from ..fast.settings import KERNEL_SETS
+from ..files import check_output, write_text
 from ..runtime import AMP_DTYPES, resolve_device
-from ..variants import list_models
-from .common import run
+from ..variants import list_models, variant_arch
+from .common import Parser, run
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    defaults = FastOptions.from_environment()
-    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
+def parser() -> Parser:
+    p = Parser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["convmixer_1536_20"], choices=list_models())
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch-size", type=int, default=64, help="training batch (and --depthwise-op batch)")
@@ -44,13 +44,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channels-last", action="store_true", help="input and both models in channels_last")
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if there is one)")
-    p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=defaults.enabled is not False,
+    p.add_argument("--fast", action=argparse.BooleanOptionalAction,
                    help="this project's Triton fast path where it can run (CUDA); --no-fast: plain PyTorch")
     p.add_argument("--channels-last-kernels", action=argparse.BooleanOptionalAction,
-                   default=defaults.channels_last, help="channels_last inputs take the channels_last kernels")
-    p.add_argument("--fused-bn", action=argparse.BooleanOptionalAction, default=defaults.fused_batchnorm,
+                   help="channels_last inputs take the channels_last kernels")
+    p.add_argument("--fused-bn", action=argparse.BooleanOptionalAction,
                    help="BatchNorm fused with its activation (and the residual add)")
-    p.add_argument("--kernel-set", choices=KERNEL_SETS, default=defaults.kernel_set,
+    p.add_argument("--kernel-set", choices=KERNEL_SETS,
                    help="NCHW fp16/bf16 depthwise kernels: direct or mma (tensor cores)")
     p.add_argument("--json", metavar="OUT", help="write the rows as a JSON list")
     p.add_argument("--depthwise-op", action="store_true",
@@ -58,16 +58,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=1536, help="--depthwise-op channels")
     p.add_argument("--size", type=int, default=32, help="--depthwise-op plane height = width")
     p.add_argument("--kernel", type=int, default=9, help="--depthwise-op kernel size")
-    return p.parse_args(argv)
+    return p
+
+
+def fast_options(args: argparse.Namespace) -> FastOptions:
+    """The flags over the environment's defaults (CONVMIXER_FAST*); the kernels wherever they can run unless
+    --no-fast or CONVMIXER_FAST=0."""
+    env = FastOptions.from_environment()
+    pick = [(args.fast, env.enabled is not False), (args.channels_last_kernels, env.channels_last),
+            (args.fused_bn, env.fused_batchnorm), (args.kernel_set, env.kernel_set)]
+    enabled, channels_last, fused, kernel_set = (flag if flag is not None else default for flag, default in pick)
+    return FastOptions(enabled=enabled, channels_last=channels_last, fused_batchnorm=fused, kernel_set=kernel_set)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
 
     def body() -> int:
         device = torch.device(resolve_device(args.device))
-        if min(args.batch_size, args.infer_batch_size, args.steps, args.repeats) < 1 or args.warmup < 0:
-            raise UserError("batch sizes, --steps and --repeats must be >= 1 and --warmup >= 0")
+        if min(args.batch_size, args.infer_batch_size, args.steps, args.repeats, args.dim, args.size,
+               args.kernel) < 1 or args.warmup < 0:
+            raise UserError("batch sizes, --steps, --repeats, --dim, --size and --kernel must be >= 1 and "
+                            "--warmup >= 0")
+        patch = max(variant_arch(m)["patch_size"] for m in args.model)
+        if args.img_size < patch:
+            raise UserError(f"--img-size {args.img_size} is smaller than one {patch}-pixel patch")
+        if args.json:
+            check_output(args.json)
         amp = args.amp or ("bf16" if device.type == "cuda" else "none")
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # CUDA events, do_bench and Triton launches use the current device
@@ -79,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 print(f"{r['impl']:>20}  fwd {r['fwd_ms']:8.3f} ms  fwd+bwd {r['fwd_bwd_ms']:8.3f} ms")
         else:
-            fast = FastOptions(enabled=args.fast, channels_last=args.channels_last_kernels,
-                               fused_batchnorm=args.fused_bn, kernel_set=args.kernel_set)
+            fast = fast_options(args)
             configs = [
                 BenchConfig(model=m, mode=mode,
                             batch_size=args.batch_size if mode == "train" else args.infer_batch_size,
@@ -92,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             rows = bench(configs, log=lambda line: print(line, file=sys.stderr, flush=True))
             print(format_table(rows))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=1)
+            write_text(args.json, json.dumps(rows, indent=1))
         return 0
 
     return run(body)

@@ -18,14 +18,14 @@ import torch
 
 from ..evaluation.fast_training import compare_training
 from ..fast import FastOptions
+from ..files import check_output, write_text
 from ..runtime import resolve_device
 from ..variants import list_models
-from .common import run
+from .common import Parser, run
 
 
-def main(argv: list[str] | None = None) -> int:
-    defaults = FastOptions.from_environment()
-    p = argparse.ArgumentParser(prog="check_fast_training.py", description=__doc__.split("\n\n")[0])
+def parser() -> Parser:
+    p = Parser(prog="check_fast_training.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="convmixer_1536_20", choices=list_models())
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
@@ -34,16 +34,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--channels-last", action="store_true",
                    help="models and inputs in channels_last; the fast run takes the channels_last kernels")
-    p.add_argument("--fused-bn", action=argparse.BooleanOptionalAction, default=defaults.fused_batchnorm,
-                   help="the fast run fuses BatchNorm with its activation")
+    p.add_argument("--fused-bn", action=argparse.BooleanOptionalAction,
+                   help="the fast run fuses BatchNorm with its activation (default: CONVMIXER_FAST_BATCHNORM)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", metavar="OUT")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     def body() -> int:
         device = resolve_device(args.device)
-        fast = FastOptions(enabled=True, channels_last=args.channels_last, fused_batchnorm=args.fused_bn,
-                           kernel_set=defaults.kernel_set)
+        if args.json:
+            check_output(args.json)
+        env = FastOptions.from_environment()
+        fast = FastOptions(enabled=True, channels_last=args.channels_last,
+                           fused_batchnorm=env.fused_batchnorm if args.fused_bn is None else args.fused_bn,
+                           kernel_set=env.kernel_set)
         result = compare_training(args.model, fast, args.steps, args.batch_size, args.img_size, args.num_batches,
                                   args.lr, args.channels_last, device)
         for name, curve in result["curves"].items():
@@ -53,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
             report = dict(vars(args), fast=asdict(fast), **result, device_name=name, torch=torch.__version__)
-            with open(args.json, "w") as f:
-                json.dump(report, f, indent=1)
+            write_text(args.json, json.dumps(report, indent=1))
         return 0 if result["passed"] else 1
 
     return run(body)

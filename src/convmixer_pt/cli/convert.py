@@ -17,12 +17,12 @@ import sys
 from ..variants import ACTIVATIONS
 from ..weights.convert import VerificationError, convert
 from ..weights.formats import DTYPES, TORCH_LAYOUTS, output_format
-from .common import run
+from .common import Parser, run
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> Parser:
     summary, details = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(prog="convert_ckpt.py", description=summary, epilog=details,
+    p = Parser(prog="convert_ckpt.py", description=summary, epilog=details,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="checkpoint to read")
     p.add_argument("output", help="file to write; its name picks the format")
@@ -34,21 +34,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--act", choices=sorted(ACTIVATIONS),
                    help="activation the weights were trained with; default: the file's record, else the "
                         "registered variant with these shapes (768/32 is ReLU, the others GELU)")
+    p.add_argument("--clamp", action="store_true",
+                   help="with --dtype: saturate values beyond the target type's range (default: refuse them)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
     p.add_argument("--verify", action="store_true",
                    help="run the models of IN and OUT on one random batch; fail above 1e-5 relative logit "
                         "difference (OUT is then not written)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
 
     def body() -> int:
         try:
             weights, summary = convert(args.input, args.output, layout=args.layout, use_ema=args.ema,
-                                       dtype=args.dtype, act=args.act, overwrite=args.force, verify=args.verify,
-                                       progress=sys.stderr.isatty())
+                                       dtype=args.dtype, clamp=args.clamp, act=args.act, overwrite=args.force,
+                                       verify=args.verify, progress=sys.stderr.isatty())
         except VerificationError as e:
             print("\n".join(e.report.lines()))
             raise
@@ -62,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{summary.line()}; activation {weights.act or 'unknown'} ({weights.act_source})")
         return 0
 
-    return run(body, interrupted="interrupted; no output written")
+    return run(body, hint="; no output written")
 
 
 if __name__ == "__main__":

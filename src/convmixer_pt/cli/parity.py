@@ -5,23 +5,26 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..variants import ACTIVATIONS
 from ..weights.parity import compare
-from .common import run
+from .common import Parser, run
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m convmixer_pt.cli.parity", description=compare.__doc__)
+def parser() -> Parser:
+    p = Parser(prog="python -m convmixer_pt.cli.parity", description=compare.__doc__)
     p.add_argument("torch_checkpoint", help="any PyTorch-side file the loader accepts")
     p.add_argument("ms_checkpoint", help="a MindSpore .ckpt in MindCV's names")
     p.add_argument("--act", choices=sorted(ACTIVATIONS), help="activation (default: file record or registry)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
 
     def body() -> int:
         report = compare(args.torch_checkpoint, args.ms_checkpoint, act=args.act, batch_size=args.batch_size,

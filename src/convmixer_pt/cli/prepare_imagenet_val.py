@@ -18,11 +18,11 @@ import argparse
 import sys
 
 from ..evaluation.imagenet_val import build_image_folder, read_labels
-from .common import run
+from .common import Parser, run
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="prepare_imagenet_val.py", description=__doc__.split("\n\n")[0],
+def parser() -> Parser:
+    p = Parser(prog="prepare_imagenet_val.py", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--images", required=True, help="flat folder of ILSVRC2012_val_*.JPEG")
@@ -33,11 +33,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                      "order, one per line (not the sorted LOC_synset_mapping.txt)")
     p.add_argument("--out", required=True, help="the ImageFolder root to create (must not exist or be empty)")
     p.add_argument("--copy", action="store_true", help="copy the images instead of symlinking them")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
 
     def body() -> int:
         labels = read_labels(args.labels, meta=args.meta, synsets=args.synsets)

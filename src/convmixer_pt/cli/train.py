@@ -14,14 +14,17 @@ import torch
 from ..runtime import init_distributed, resolve_device, shutdown
 from ..train import config
 from ..train.loop import run as train
-from .common import run
+from .common import Parser, run
+
+
+def parser() -> Parser:
+    p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_arguments(p)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="train.py", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
 
     def body() -> int:
         cfg = config.resolve(args.config, config.overrides_from_args(args))
@@ -36,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             shutdown(env)
         return 0
 
-    return run(body, interrupted="interrupted; resume with --resume auto")
+    return run(body, hint="; resume with --resume auto")
 
 
 if __name__ == "__main__":

@@ -10,20 +10,21 @@ PyTorch one (`--framework` forces either). Both protocols feed both frameworks.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 
-from ..evaluation.protocols import PROTOCOLS
+from ..evaluation.protocols import INTERPOLATIONS, PROTOCOLS
 from ..evaluation.validation import FRAMEWORKS, validate, write_json, write_predictions
-from ..variants import ACTIVATIONS, EVAL_CROP_PCT, EVAL_INPUT_SIZE, list_models
-from .common import run
+from ..files import check_output
+from ..variants import ACTIVATIONS, EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, list_models
+from .common import Parser, run
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="validate.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, choices=list_models())
+def parser() -> Parser:
+    p = Parser(prog="validate.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=list_models(),
+                   help="the registered variant the checkpoint must be (default: the checkpoint's own shapes)")
     p.add_argument("--checkpoint", required=True, help="PyTorch/safetensors file or MindSpore .ckpt")
     p.add_argument("--data-dir", required=True, help="ImageFolder root: DIR/<synset>/<image>")
     p.add_argument("--protocol", default="timm", choices=PROTOCOLS,
@@ -34,25 +35,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: for PyTorch the local rank's GPU if any, "
                                     "else cpu; for MindSpore cpu)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (torch framework)")
-    p.add_argument("--img-size", type=int, default=EVAL_INPUT_SIZE, help="center crop size")
-    p.add_argument("--crop-pct", type=float, default=EVAL_CROP_PCT,
-                   help="resize the shorter side to floor(img_size / crop_pct) first")
+    p.add_argument("--img-size", type=int, help="center crop size (default: what the checkpoint's training "
+                                               f"recorded, else {EVAL_INPUT_SIZE})")
+    p.add_argument("--crop-pct", type=float, help="resize the shorter side to floor(img_size / crop_pct) first "
+                                                  f"(default: recorded, else {EVAL_CROP_PCT})")
+    p.add_argument("--interpolation", choices=INTERPOLATIONS,
+                   help=f"the timm protocol's resize filter (default: recorded, else {EVAL_INTERPOLATION})")
+    p.add_argument("--mean", type=float, nargs=3, help="normalisation mean, R G B (default: recorded, else ImageNet's)")
+    p.add_argument("--std", type=float, nargs=3, help="normalisation std, R G B (default: recorded, else ImageNet's)")
     p.add_argument("--act", choices=sorted(ACTIVATIONS),
                    help="replace the checkpoint's activation, e.g. gelu_tanh for MindCV's tanh-approximated GELU")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--save-predictions", metavar="OUT.csv", help="CSV path,label,pred,top5, one row per image")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
 
     def body() -> int:
+        for out in (args.json, args.save_predictions):
+            if out:
+                check_output(out)
         report, rows = validate(
             args.model, args.checkpoint, args.data_dir, protocol=args.protocol, framework=args.framework,
             batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
-            img_size=args.img_size, crop_pct=args.crop_pct, act=args.act, progress=not args.no_progress)
+            img_size=args.img_size, crop_pct=args.crop_pct, act=args.act, progress=not args.no_progress,
+            interpolation=args.interpolation, mean=args.mean, std=args.std)
         if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports for all
             return 0
         print(json.dumps(report, indent=2))

@@ -11,14 +11,17 @@ bf16-to-fp32 distance, and the first step (same weights, one forward) agrees wit
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import replace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from ..errors import UserError
 from ..factory import create_model
 from ..fast import FastOptions
+from ..variants import variant_arch
 
 
 def loss_curve(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]], steps: int,
@@ -40,6 +43,11 @@ def compare_training(model: str, fast: FastOptions, steps: int = 50, batch_size:
                      num_batches: int = 4, lr: float = 1e-3, channels_last: bool = False,
                      device: str = "cuda") -> dict[str, Any]:
     """The three loss curves (fast bf16, plain bf16, plain fp32) and the verdict."""
+    patch = variant_arch(model)["patch_size"]
+    if min(steps, batch_size, num_batches) < 1 or img_size < patch or not (math.isfinite(lr) and lr > 0):
+        raise UserError(f"steps, batch size and batches must be at least 1, the image at least one {patch}-pixel "
+                        f"patch, the learning rate finite and > 0; got {steps}, {batch_size}, {num_batches}, "
+                        f"{img_size}, {lr}")
     memory = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device, memory_format=memory),

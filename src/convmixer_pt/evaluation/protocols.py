@@ -2,7 +2,8 @@
 
 - ``timm`` (the paper's numbers): PIL decode, resize the shorter side to floor(size / crop_pct) with PIL's
   antialiased bicubic resampling, center crop, ImageNet mean/std; equal to
-  ``timm.data.create_transform(size, crop_pct=crop_pct, interpolation="bicubic")``.
+  ``timm.data.create_transform(size, crop_pct=crop_pct, interpolation="bicubic")`` (the filter and the
+  normalisation can be set, for models trained otherwise).
 - ``mindcv`` (MindCV's table): MindCV's ``transforms_imagenet_eval`` op list, run with MindSpore's own
   dataset ops: Decode, Resize(floor(size / crop_pct), bilinear, not antialiased), CenterCrop, Normalize
   with the mean/std scaled to 0-255, HWC2CHW.
@@ -14,17 +15,18 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data import Decoded
-from ..errors import DataError, error_line
-from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, IMAGENET_MEAN, IMAGENET_STD
+from ..errors import DataError, UserError, error_line
+from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 
 PROTOCOLS = ("timm", "mindcv")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # PIL's resize filters
 
 Transform = Callable[[str | Path], np.ndarray]
 
@@ -38,20 +40,23 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def timm_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT) -> Transform:
+def timm_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT,
+                   interpolation: str = EVAL_INTERPOLATION, mean: Sequence[float] = IMAGENET_MEAN,
+                   std: Sequence[float] = IMAGENET_STD) -> Transform:
     from torchvision import transforms
     from torchvision.transforms import InterpolationMode
 
     return Decoded(transforms.Compose([
-        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode.BICUBIC),
+        transforms.Resize(resize_size(img_size, crop_pct), interpolation=InterpolationMode(interpolation)),
         transforms.CenterCrop(img_size),
         transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        transforms.Normalize(tuple(mean), tuple(std)),
         transforms.Lambda(_to_numpy),
     ]))
 
 
-def mindcv_ops(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT) -> list:
+def mindcv_ops(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT,
+               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> list:
     """MindCV's eval op list for the convmixer configs (interpolation: bilinear, crop_pct: 0.96)."""
     from mindspore.dataset import vision
     from mindspore.dataset.vision import Inter
@@ -60,7 +65,7 @@ def mindcv_ops(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT)
         vision.Decode(),
         vision.Resize(resize_size(img_size, crop_pct), interpolation=Inter.BILINEAR),
         vision.CenterCrop(img_size),
-        vision.Normalize(mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD]),
+        vision.Normalize(mean=[m * 255 for m in mean], std=[s * 255 for s in std]),
         vision.HWC2CHW(),
     ]
 
@@ -71,8 +76,9 @@ def mindspore_reason(error: BaseException) -> str:
     return found.group(1).strip() if found else error_line(error)
 
 
-def mindcv_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT) -> Transform:
-    ops = mindcv_ops(img_size, crop_pct)
+def mindcv_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Transform:
+    ops = mindcv_ops(img_size, crop_pct, mean, std)
 
     def apply(path: str | Path) -> np.ndarray:
         x = np.fromfile(path, dtype=np.uint8)
@@ -86,10 +92,13 @@ def mindcv_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CRO
     return apply
 
 
-def build_transform(protocol: str, img_size: int = EVAL_INPUT_SIZE,
-                    crop_pct: float = EVAL_CROP_PCT) -> Transform:
-    """Image file -> normalised float32 CHW array under `protocol`."""
-    builders = {"timm": timm_transform, "mindcv": mindcv_transform}
-    if protocol not in builders:
-        raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
-    return builders[protocol](img_size, crop_pct)
+def build_transform(protocol: str, img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT,
+                    interpolation: str = EVAL_INTERPOLATION, mean: Sequence[float] = IMAGENET_MEAN,
+                    std: Sequence[float] = IMAGENET_STD) -> Transform:
+    """Image file -> normalised float32 CHW array under `protocol`; `interpolation` is the timm protocol's
+    resize filter (MindCV's protocol is bilinear by definition)."""
+    if protocol == "timm":
+        return timm_transform(img_size, crop_pct, interpolation, mean, std)
+    if protocol == "mindcv":
+        return mindcv_transform(img_size, crop_pct, mean, std)
+    raise UserError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")

@@ -8,26 +8,39 @@ prediction rows are gathered, so every image is counted exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import ImageFolder, ShardSampler
 from ..errors import UserError, error_line
-from ..files import atomic_path, write_text
+from ..files import atomic_path, write_text, writing
 from ..runtime import autocast, barrier, init_distributed, resolve_device, shutdown
-from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, SHAPE_KEYS, match_variant, variant_arch
-from ..weights.formats import ms_model, read_weights, torch_model
+from ..variants import (
+    EVAL_CROP_PCT,
+    EVAL_INPUT_SIZE,
+    EVAL_INTERPOLATION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    SHAPE_KEYS,
+    match_variant,
+    variant_arch,
+)
+from ..weights.formats import Weights, ms_model, read_weights, torch_model
 from ..weights.torch_io import file_format
 from .loop import Predictor, evaluate
-from .protocols import build_transform
+from .protocols import INTERPOLATIONS, build_transform
 
 FRAMEWORKS = ("torch", "mindspore")
 
@@ -41,8 +54,8 @@ def framework_of(checkpoint: str | Path) -> str:
     return "mindspore" if file_format(checkpoint) == "mindspore" else "torch"
 
 
-def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int], dataset: ImageFolder) -> None:
-    """The checkpoint must be the `--model` variant and its head must match the dataset's classes."""
+def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int]) -> None:
+    """The checkpoint must be the `--model` variant."""
     want = variant_arch(name)
     diff = [k for k in SHAPE_KEYS if arch[k] != want[k]]
     if diff:
@@ -50,10 +63,7 @@ def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int], dataset: 
         raise ValidationError(
             f"{checkpoint} holds a ConvMixer with {', '.join(f'{k}={arch[k]}' for k in diff)}, but --model "
             f"{name} has {', '.join(f'{k}={want[k]}' for k in diff)}"
-            + (f"; use --model {found}" if found else ""))
-    if arch["num_classes"] != len(dataset.classes):
-        raise ValidationError(f"{checkpoint} has a {arch['num_classes']}-class head but {dataset.root} holds "
-                              f"{len(dataset.classes)} class folders")
+            + (f"; use --model {found}" if found else "; leave --model out to take the checkpoint's own"))
 
 
 def torch_predictor(model: nn.Module, device: torch.device, amp: bool = False) -> Predictor:
@@ -89,8 +99,74 @@ def mindspore_predictor(net: Any) -> Predictor:
     return predict
 
 
+@dataclass(frozen=True)
+class Preprocessing:
+    """The evaluation transform's settings: what the checkpoint was trained with, unless given."""
+
+    img_size: int
+    crop_pct: float
+    interpolation: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str  # where the settings came from
+
+    def check(self) -> None:
+        if self.img_size < 1:
+            raise ValidationError(f"image size must be a positive number of pixels, got {self.img_size}")
+        if not 0 < self.crop_pct <= 1:
+            raise ValidationError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValidationError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got "
+                                  f"{self.interpolation!r}")
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in self.mean) \
+                or not all(math.isfinite(v) and v > 0 for v in self.std):
+            raise ValidationError(f"mean and std must be three finite numbers each (std > 0), got {list(self.mean)} "
+                                  f"and {list(self.std)}")
+
+
+def recorded_config(weights: Weights) -> tuple[dict[str, Any], str]:
+    """The training config a checkpoint of this trainer records, else its run's args.yaml, else nothing."""
+    if isinstance(weights.meta.get("config"), dict):
+        return weights.meta["config"], f"{weights.path} (its training config)"
+    args = weights.path.parent / "args.yaml"
+    if args.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = yaml.safe_load(args.read_text())
+            if isinstance(data, dict):
+                return data, str(args)
+    return {}, "defaults (ImageNet)"
+
+
+def preprocessing(weights: Weights, img_size: int | None = None, crop_pct: float | None = None,
+                  interpolation: str | None = None, mean: Sequence[float] | None = None,
+                  std: Sequence[float] | None = None) -> Preprocessing:
+    """Given settings, then what the checkpoint's training recorded, then the published weights' defaults."""
+    recorded, source = recorded_config(weights)
+    pick = {key: value if value is not None else recorded.get(name, default)
+            for key, name, value, default in (
+                ("img_size", "input_size", img_size, EVAL_INPUT_SIZE),
+                ("crop_pct", "crop_pct", crop_pct, EVAL_CROP_PCT),
+                ("interpolation", "eval_interpolation", interpolation, EVAL_INTERPOLATION),
+                ("mean", "mean", mean, IMAGENET_MEAN),
+                ("std", "std", std, IMAGENET_STD))}
+    try:
+        settings = Preprocessing(int(pick["img_size"]), float(pick["crop_pct"]), str(pick["interpolation"]),
+                                 tuple(float(v) for v in pick["mean"]), tuple(float(v) for v in pick["std"]),
+                                 source)
+    except (TypeError, ValueError):
+        raise ValidationError(f"{source}: its evaluation settings are not numbers ({pick})") from None
+    settings.check()
+    return settings
+
+
+def model_name(weights: Weights) -> str:
+    """The registered variant the weights are, or a name that says their shapes."""
+    a = weights.arch
+    return weights.variant or f"convmixer_{a['dim']}_{a['depth']} (kernel {a['kernel_size']}, patch {a['patch_size']})"
+
+
 def validate(
-    model: str,
+    model: str | None,
     checkpoint: str | Path,
     data_dir: str | Path,
     protocol: str = "timm",
@@ -99,31 +175,51 @@ def validate(
     workers: int = 4,
     device: str | None = None,
     amp: bool = False,
-    img_size: int = EVAL_INPUT_SIZE,
-    crop_pct: float = EVAL_CROP_PCT,
+    img_size: int | None = None,
+    crop_pct: float | None = None,
     act: str | None = None,
     progress: bool = True,
+    interpolation: str | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Evaluate `checkpoint` on `data_dir`; returns the report and one prediction row per image
-    (the whole dataset's, on every rank under torchrun). `act` replaces the variant's activation."""
+    """Evaluate `checkpoint` on `data_dir`; returns the report and one prediction row per image (the whole
+    dataset's, on every rank under torchrun).
+
+    `model` (a registered variant) is checked against the checkpoint's shapes; None takes the architecture
+    from the checkpoint. Preprocessing settings left None come from what the checkpoint's training recorded
+    (this trainer's checkpoints and args.yaml), else the published weights' defaults. `act` replaces the
+    activation.
+    """
     framework = framework or framework_of(checkpoint)
     if framework not in FRAMEWORKS:
         raise ValidationError(f"unknown framework {framework!r}; choose one of {', '.join(FRAMEWORKS)}")
     if framework == "mindspore" and amp:
         raise ValidationError("--amp applies to the torch framework only")
+    if batch_size < 1 or workers < 0:
+        raise ValidationError(f"batch size must be at least 1 and workers at least 0, got {batch_size} and "
+                              f"{workers}")
+    if model is not None:
+        variant_arch(model)
     # MindSpore's wheel from the package index runs on the CPU; it uses a GPU only when asked to.
     if device is None and framework == "mindspore":
         device = "cpu"
     device = resolve_device(device)
+    weights = read_weights(checkpoint)
+    settings = preprocessing(weights, img_size, crop_pct, interpolation, mean, std)
     env = init_distributed(torch.device(device).type)
     try:
         if framework == "mindspore" and env.distributed:
             raise ValidationError("distributed evaluation runs the torch framework only; run MindSpore in one "
                                   "process")
         torch_device = env.device if env.distributed else torch.device(device)
-        dataset = ImageFolder(data_dir, build_transform(protocol, img_size, crop_pct))
-        weights = read_weights(checkpoint)
-        check_fit(model, checkpoint, weights.arch, dataset)
+        dataset = ImageFolder(data_dir, build_transform(protocol, settings.img_size, settings.crop_pct,
+                                                        settings.interpolation, settings.mean, settings.std))
+        if model is not None:
+            check_fit(model, checkpoint, weights.arch)
+        if weights.arch["num_classes"] != len(dataset.classes):
+            raise ValidationError(f"{checkpoint} has a {weights.arch['num_classes']}-class head but {dataset.root} "
+                                  f"holds {len(dataset.classes)} class folders")
         if framework == "torch":
             net = torch_model(weights, act)
             predict = torch_predictor(net, torch_device, amp)
@@ -140,9 +236,12 @@ def validate(
         barrier(env)  # gloo aborts a process that leaves while a peer's gather is still sending to it
     finally:
         shutdown(env)
-    report = dict(model=model, checkpoint=str(checkpoint), framework=framework, protocol=protocol, act=net.act,
-                  img_size=img_size, crop_pct=crop_pct, top1=round(result.top1, 4), top5=round(result.top5, 4),
-                  count=result.count, img_per_s=round(result.img_per_s, 2), world_size=env.world_size)
+    report = dict(model=model or model_name(weights), checkpoint=str(checkpoint), framework=framework,
+                  protocol=protocol, act=net.act, img_size=settings.img_size, crop_pct=settings.crop_pct,
+                  interpolation=settings.interpolation if protocol == "timm" else "bilinear",
+                  mean=list(settings.mean), std=list(settings.std), preprocessing_from=settings.source,
+                  top1=round(result.top1, 4), top5=round(result.top5, 4), count=result.count,
+                  img_per_s=round(result.img_per_s, 2), world_size=env.world_size)
     rows = [dict(path=os.path.relpath(dataset.samples[i][0], dataset.root), label=label, pred=topk[0],
                  top5=" ".join(map(str, topk))) for i, label, topk in result.rows]
     return report, rows
@@ -154,7 +253,7 @@ def write_json(report: dict[str, Any], path: str | Path) -> None:
 
 def write_predictions(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
     """CSV `path,label,pred,top5`: pred is the top-1 class index, top5 the best five, space-separated."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, writing(path), open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "label", "pred", "top5"])
         writer.writeheader()
         writer.writerows(rows)

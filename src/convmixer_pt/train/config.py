@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,19 +18,29 @@ from typing import Any
 import yaml
 
 from ..errors import UserError, about
+from ..evaluation.protocols import INTERPOLATIONS
 from ..files import write_text
-from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
+from ..variants import (
+    ACTIVATIONS,
+    EVAL_CROP_PCT,
+    EVAL_INPUT_SIZE,
+    EVAL_INTERPOLATION,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    list_models,
+    variant_arch,
+)
 
 # Constructor arguments of `ConvMixer` that a config may override on top of a registered variant.
-MODEL_ARG_KEYS = ("dim", "depth", "kernel_size", "patch_size", "act", "in_chans", "drop_rate")
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("imagefolder", "digits", "synthetic"),
+    "model": tuple(list_models()),
+    "dataset": ("imagefolder", "digits", "generated", "synthetic"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "mixup_mode": ("batch", "pair", "elem"),
     "re_mode": ("const", "rand", "pixel"),
-    "interpolation": ("random", "bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"),
-    "eval_interpolation": ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming"),
+    "interpolation": ("random", *INTERPOLATIONS),
+    "eval_interpolation": INTERPOLATIONS,
 }
 
 
@@ -36,15 +48,66 @@ class ConfigError(UserError):
     """A configuration key or value that cannot be used."""
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _between(lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> Callable[[Any], bool]:
+    return lambda v: _finite(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+
+
+def _pair(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    """Two numbers, each `ok`, the first not above the second."""
+    return lambda v: len(v) == 2 and all(ok(x) for x in v) and v[0] <= v[1]
+
+
+_POSITIVE_INT = (lambda v: v >= 1, "a positive whole number")
+_COUNT = (lambda v: v >= 0, "a whole number >= 0")
+_POSITIVE = (_between(0, math.inf, lo_open=True, hi_open=True), "a finite number > 0")
+_NON_NEGATIVE = (_between(0, math.inf, hi_open=True), "a finite number >= 0")
+_PROBABILITY = (_between(0, 1), "a probability in [0, 1]")
+
+# The values each key may take beyond its type (None, where the type allows it, always passes).
+DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    **dict.fromkeys(("input_size", "batch_size", "grad_accum", "epochs", "synthetic_train_size",
+                     "synthetic_val_size", "num_classes", "stop_epoch", "cpu_threads"), _POSITIVE_INT),
+    **dict.fromkeys(("workers", "re_count", "seed"), _COUNT),
+    **dict.fromkeys(("lr", "opt_eps", "clip_grad"), _POSITIVE),
+    **dict.fromkeys(("weight_decay", "mixup", "cutmix", "color_jitter"), _NON_NEGATIVE),
+    **dict.fromkeys(("hflip", "re_prob", "mixup_prob", "mixup_switch_prob", "ema_decay"), _PROBABILITY),
+    "smoothing": (_between(0, 1, hi_open=True), "a number in [0, 1)"),
+    "crop_pct": (_between(0, 1, lo_open=True), "a number in (0, 1]"),
+    "mean": (lambda v: len(v) == 3 and all(_finite(x) for x in v), "three finite numbers (R, G, B)"),
+    "std": (lambda v: len(v) == 3 and all(_POSITIVE[0](x) for x in v), "three finite numbers > 0 (R, G, B)"),
+    "scale": (_pair(_between(0, 1, lo_open=True)), "two numbers 0 < min <= max <= 1"),
+    "ratio": (_pair(_POSITIVE[0]), "two finite numbers 0 < min <= max"),
+    "opt_betas": (lambda v: len(v) == 2 and all(_between(0, 1, hi_open=True)(x) for x in v),
+                  "two numbers in [0, 1)"),
+    **dict.fromkeys(("output", "train_split", "val_split", "data_dir", "finetune", "resume"),
+                    (lambda v: v.strip() != "", "a non-empty path")),
+}
+MODEL_ARG_DOMAINS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
+    "dim": (int, _POSITIVE_INT[0], _POSITIVE_INT[1]),
+    "depth": (int, _COUNT[0], _COUNT[1]),
+    "kernel_size": (int, _POSITIVE_INT[0], _POSITIVE_INT[1]),
+    "patch_size": (int, _POSITIVE_INT[0], _POSITIVE_INT[1]),
+    "in_chans": (int, _POSITIVE_INT[0], _POSITIVE_INT[1]),
+    "act": (str, lambda v: v in ACTIVATIONS, f"one of {', '.join(sorted(ACTIVATIONS))}"),
+    "drop_rate": (float, _between(0, 1, hi_open=True), "a number in [0, 1)"),
+}
+
+
 @dataclass
 class TrainConfig:
     # data
-    dataset: str = "imagefolder"  # imagefolder (data_dir/train, data_dir/val), digits, synthetic
-    data_dir: str | None = None  # for digits: where the PNG tree is cached (default ~/.cache/convmixer_pt/digits)
+    # imagefolder (data_dir/train, data_dir/val); digits (scikit-learn's, as PNGs); generated (JPEGs made up on
+    # first use, decoded and augmented as ImageNet is); synthetic (random tensors: no decoding, no augmentation)
+    dataset: str = "imagefolder"
+    data_dir: str | None = None  # digits/generated: where the tree is written (default ~/.cache/convmixer_pt/...)
     train_split: str = "train"
     val_split: str = "val"
     num_classes: int | None = None  # None: the number of class folders
-    synthetic_train_size: int = 1280  # images per epoch of the synthetic dataset
+    synthetic_train_size: int = 1280  # images per epoch of the generated and synthetic datasets
     synthetic_val_size: int = 256
     input_size: int = EVAL_INPUT_SIZE
     crop_pct: float = EVAL_CROP_PCT  # eval: resize the shorter side to floor(input_size / crop_pct), center crop
@@ -95,6 +158,7 @@ class TrainConfig:
     seed: int = 0
     output: str = "runs/train"
     resume: str | None = None  # a last.pth, or "auto" for OUTPUT/last.pth if it exists
+    overwrite: bool = False  # start over in an output folder that already holds a run (replacing it)
     progress: bool = True
 
 
@@ -117,6 +181,28 @@ def _expected(hint: Any) -> tuple[type, bool, type | None]:
 
 
 def _coerce(key: str, value: Any) -> Any:
+    """`value` as `key`'s type, checked against the key's domain."""
+    value = _typed(key, value)
+    if value is not None and key in DOMAINS and not DOMAINS[key][0](value):
+        raise ConfigError(f"{key} must be {DOMAINS[key][1]}, got {value!r}")
+    return value
+
+
+def _model_args(values: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if key not in MODEL_ARG_DOMAINS:
+            raise ConfigError(f"unknown model_args key {key!r}; known keys: {', '.join(MODEL_ARG_DOMAINS)}")
+        kind, ok, text = MODEL_ARG_DOMAINS[key]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or isinstance(value, bool) or not ok(value):
+            raise ConfigError(f"model_args {key} must be {text}, got {value!r}")
+        out[key] = value
+    return out
+
+
+def _typed(key: str, value: Any) -> Any:
     base, optional, item = _expected(HINTS[key])
     if value is None:
         if optional:
@@ -146,17 +232,14 @@ def _coerce(key: str, value: Any) -> Any:
             raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         return value
     if base is list:
-        if not isinstance(value, list | tuple) or not all(isinstance(v, int | float) for v in value):
+        if not isinstance(value, list | tuple) or not all(isinstance(v, int | float) and not isinstance(v, bool)
+                                                            for v in value):
             raise bad()
         return [item(v) for v in value]
     if base is dict:
         if not isinstance(value, dict):
             raise bad()
-        unknown = [k for k in value if k not in MODEL_ARG_KEYS]
-        if unknown:
-            raise ConfigError(f"unknown model_args key {unknown[0]!r}; known keys: "
-                              f"{', '.join(MODEL_ARG_KEYS)}")
-        return dict(value)
+        return _model_args(value)
     raise bad()
 
 
@@ -176,7 +259,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if data is None:
@@ -194,7 +279,10 @@ def resolve(config_path: str | Path | None, overrides: dict[str, Any]) -> TrainC
         with about(config_path):
             cfg = apply(cfg, values)
     with about("command line"):
-        return apply(cfg, overrides)
+        cfg = apply(cfg, overrides)
+    with about(config_path or "command line"):
+        check(cfg)
+    return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -206,15 +294,17 @@ def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
 
 
 def check(cfg: TrainConfig) -> None:
-    """Relations between keys that no single key's type can state."""
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs must be at least 1, got {cfg.epochs}")
-    if cfg.stop_epoch is not None and not 1 <= cfg.stop_epoch <= cfg.epochs:
+    """Relations between keys that no single key's domain can state, and that the model builds."""
+    if cfg.stop_epoch is not None and cfg.stop_epoch > cfg.epochs:
         raise ConfigError(f"stop_epoch must be between 1 and epochs ({cfg.epochs}), got {cfg.stop_epoch}")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ConfigError(f"batch_size and grad_accum must be positive, got {cfg.batch_size} and {cfg.grad_accum}")
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.batch_size % 2:
         raise ConfigError(f"mixup/cutmix need an even batch_size, got {cfg.batch_size}")
+    if cfg.resume is not None and cfg.overwrite:
+        raise ConfigError("resume and overwrite contradict each other: continue the run or start it over")
+    arch = {**variant_arch(cfg.model), **cfg.model_args}
+    if cfg.input_size < arch["patch_size"]:
+        raise ConfigError(f"input_size {cfg.input_size} is smaller than one {arch['patch_size']}-pixel patch "
+                          f"of {cfg.model}")
 
 
 def _flag(name: str) -> str:
@@ -248,7 +338,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             kwargs.update(nargs="+", type=item, metavar=name.upper())
         elif base is dict:
             kwargs.update(nargs="+", type=_parse_model_arg, metavar="KEY=VALUE",
-                          help=f"override the variant's {', '.join(MODEL_ARG_KEYS)}")
+                          help=f"override the variant's {', '.join(MODEL_ARG_DOMAINS)}")
         else:
             kwargs["type"] = _none_or(base) if optional else base
             if name in CHOICES:

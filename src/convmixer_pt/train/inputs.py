@@ -8,12 +8,15 @@ decoding (random tensors of the configured size) so a GPU can be exercised witho
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
-from timm.data import create_transform
+from PIL import Image
+from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import (
+    CACHE,
     DIGITS_CACHE,
     Decoded,
     GlobalBatchSampler,
@@ -22,10 +25,33 @@ from ..data import (
     SyntheticImages,
     derive_seed,
     write_digits_imagefolder,
+    write_generated_imagefolder,
 )
 from ..errors import DataError
 from ..runtime import DistEnv, barrier
 from .config import ConfigError, TrainConfig
+
+GENERATED_CLASSES = 10  # classes of the generated JPEG tree unless num_classes says otherwise
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's RandAugment posterize for any number of bits kept, 0 included (a black image, what Pillow < 13
+    computed); Pillow 13 refuses 0, which the paper's increasing-severity policy (`inc1`) draws whenever a
+    magnitude of mean 9 and std 0.5 is clipped at 10. For 1 to 7 bits the same table as ImageOps.posterize."""
+    if bits_to_keep >= 8:
+        return img
+    mask = ~(2 ** (8 - bits_to_keep) - 1) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+def guard_posterize(transform: Any) -> Any:
+    """`transform` with every timm posterize op of its (Rand/Auto)Augment replaced by `posterize`, in this
+    transform only (timm's module is left as it is)."""
+    for step in getattr(transform, "transforms", [transform]):
+        for op in getattr(step, "ops", ()):
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = posterize
+    return transform
 
 
 def build_transforms(cfg: TrainConfig) -> tuple[object, object]:
@@ -41,15 +67,22 @@ def build_transforms(cfg: TrainConfig) -> tuple[object, object]:
                           "the paper's policy is rand-m9-mstd0.5-inc1") from None
     evaluate = create_transform(is_training=False, interpolation=cfg.eval_interpolation, crop_pct=cfg.crop_pct,
                                 **common)
-    return train, evaluate
+    return guard_posterize(train), evaluate
 
 
 def data_root(cfg: TrainConfig, env: DistEnv) -> Path:
     """Where the ImageFolder tree is; for digits, written on first use by the first process."""
-    if cfg.dataset == "digits":
-        root = Path(cfg.data_dir).expanduser() if cfg.data_dir else DIGITS_CACHE
+    if cfg.dataset in ("digits", "generated"):
+        classes = cfg.num_classes or GENERATED_CLASSES
+        default = DIGITS_CACHE if cfg.dataset == "digits" else \
+            CACHE / f"generated-{classes}x{cfg.synthetic_train_size}+{cfg.synthetic_val_size}-seed{cfg.seed}"
+        root = Path(cfg.data_dir).expanduser() if cfg.data_dir else default
         if env.is_main:
-            write_digits_imagefolder(root)
+            if cfg.dataset == "digits":
+                write_digits_imagefolder(root)
+            else:
+                write_generated_imagefolder(root, classes, cfg.synthetic_train_size, cfg.synthetic_val_size,
+                                            cfg.seed)
         barrier(env)
         return root
     if not cfg.data_dir:

@@ -19,16 +19,18 @@ from ..errors import UserError
 from ..evaluation.loop import EvalResult, evaluate
 from ..runtime import DistEnv, all_gather_objects, all_reduce_sum, autocast, average_bn_stats, barrier, resolve_amp
 from ..weights.torch_io import save_torch
-from .config import TrainConfig, check, save_yaml
+from .config import ConfigError, TrainConfig, check, save_yaml
 from .inputs import build_datasets, build_loaders
 from .parts import Parts, build_parts
 from .report import epoch_line, plot_summary, run_line, write_summary
 from .schedule import lr_at_step, set_lr
 from .state import (
+    RUN_FILES,
     Progress,
     best_checkpoint,
     capture_rng,
     load_training_checkpoint,
+    recorded_epoch,
     resume_path,
     seed_globals,
     training_checkpoint,
@@ -134,7 +136,10 @@ def run_epoch(parts: Parts, loaders: tuple[Iterable, Iterable], steps: int, epoc
 
 
 def record_epoch(row: dict[str, float], parts: Parts, progress: Progress, cfg: TrainConfig, env: DistEnv) -> None:
-    """Advance `progress` by the epoch of `row` and write last.pth, best.pth (if it improved) and the summary."""
+    """Advance `progress` by the epoch of `row` and write last.pth, then best.pth (if it improved), then the
+    summary. last.pth is the record: a kill between these writes leaves best.pth or the summary one epoch
+    behind it, and `restore_outputs` brings them in line on resume (last.pth holds the weights best.pth
+    lacks, since an epoch that improved is last.pth's own)."""
     out = Path(cfg.output)
     score = row.get("ema_val_top1", row["val_top1"])  # the EMA's score where there is an EMA
     progress.epoch = int(row["epoch"])
@@ -147,6 +152,36 @@ def record_epoch(row: dict[str, float], parts: Parts, progress: Progress, cfg: T
         save_torch(training_checkpoint(parts, progress, cfg, rng), out / "last.pth")
         if improved:
             save_torch(best_checkpoint(parts, progress, cfg), out / "best.pth")
+        write_summary(progress.history, out / "summary.csv")
+        plot_summary(progress.history, out / "summary.png")
+
+
+def prepare_output(cfg: TrainConfig, resuming: bool, env: DistEnv) -> None:
+    """Refuse to start a new run over an existing one unless asked to (`overwrite`), then make the folder."""
+    out = Path(cfg.output)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} is a file, not a folder")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not resuming:
+        if not cfg.overwrite:
+            raise ConfigError(f"{out} already holds a run ({', '.join(existing)}): continue it with --resume auto, "
+                              "or start it over with --overwrite")
+        if env.is_main:
+            for name in existing:
+                (out / name).unlink()
+    if env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_yaml(cfg, out / "args.yaml")
+    barrier(env)
+
+
+def restore_outputs(parts: Parts, progress: Progress, cfg: TrainConfig) -> None:
+    """After resuming: best.pth and the summary as last.pth records them (see `record_epoch`)."""
+    out = Path(cfg.output)
+    best = out / "best.pth"
+    if progress.best_epoch == progress.epoch and progress.epoch > 0 and recorded_epoch(best) != progress.epoch:
+        save_torch(best_checkpoint(parts, progress, cfg), best)  # the resumed weights are the best ones
+    if progress.history:
         write_summary(progress.history, out / "summary.csv")
         plot_summary(progress.history, out / "summary.png")
 
@@ -166,9 +201,9 @@ def run(cfg: TrainConfig, env: DistEnv) -> Progress:
         seed_globals(derive_seed(cfg.seed, env.rank))
     train_loader, val_loader, sampler, workers_gen = build_loaders(cfg, train_set, val_set, env)
     stop = cfg.stop_epoch or cfg.epochs
-    if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(cfg, out / "args.yaml")
+    prepare_output(cfg, resume is not None, env)
+    if resume is not None and env.is_main:
+        restore_outputs(parts, progress, cfg)
     log(env, run_line(cfg, parts.model, len(train_set), len(val_set), num_classes, env.world_size,
                       sampler.global_batch, sampler.steps, env.device.type, amp)
         + (f" | resumed from {resume} after epoch {progress.epoch}" if resume is not None else ""))

@@ -6,7 +6,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..files import atomic_path, write_text
+from ..files import atomic_path, write_text, writing
 from ..model import ConvMixer
 from .config import TrainConfig
 
@@ -44,7 +44,7 @@ def plot_summary(history: list[dict[str, float]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         fig.savefig(tmp, format="png", dpi=100)
 
 

@@ -19,11 +19,12 @@ import torch
 from ..data import derive_seed
 from ..errors import CheckpointError, about
 from ..runtime import DistEnv
-from ..weights.torch_io import load_state_dict_strict, read_torch_checkpoint, strip_prefixes
+from ..weights.torch_io import check_weights, load_state_dict_strict, read_torch_checkpoint, strip_prefixes
 from .config import TrainConfig, to_dict
 from .parts import Parts
 
 CHECKPOINT_VERSION = 1
+RUN_FILES = ("last.pth", "best.pth", "summary.csv", "summary.png")  # what makes a folder hold a run
 
 
 def seed_globals(seed: int) -> None:
@@ -88,6 +89,17 @@ def best_checkpoint(parts: Parts, progress: Progress, cfg: TrainConfig) -> dict[
     return state
 
 
+def recorded_epoch(path: Path) -> int | None:
+    """The epoch a checkpoint of this trainer says it holds; None where there is no readable one."""
+    if not path.is_file():
+        return None
+    try:
+        obj, _ = read_torch_checkpoint(path)
+    except CheckpointError:
+        return None
+    return obj.get("epoch") if isinstance(obj, dict) else None
+
+
 def resume_path(cfg: TrainConfig) -> Path | None:
     if cfg.resume is None:
         return None
@@ -106,6 +118,7 @@ def load_training_checkpoint(path: Path, parts: Parts, env: DistEnv, cfg: TrainC
                               f"{', '.join(k for k in needed if not isinstance(obj, dict) or k not in obj)}); "
                               "use --finetune to start from its weights")
     with about(path):
+        check_weights(obj["model"])
         load_state_dict_strict(parts.model, strip_prefixes(obj["model"]))
     try:
         parts.optimizer.load_state_dict(obj["optimizer"])
@@ -117,6 +130,7 @@ def load_training_checkpoint(path: Path, parts: Parts, env: DistEnv, cfg: TrainC
         if "model_ema" not in obj:
             raise CheckpointError(f"{path}: has no EMA weights, but ema is on in this config")
         with about(f"{path} (model_ema)"):
+            check_weights(obj["model_ema"])
             load_state_dict_strict(parts.ema.module, obj["model_ema"])
     if len(obj["rng"]) == env.world_size:
         restore_rng(obj["rng"][env.rank], env.device)

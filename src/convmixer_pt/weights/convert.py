@@ -6,14 +6,17 @@ staging file beside OUT, verifies it if asked, and only then gives it OUT's name
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ..errors import CheckpointError
-from ..files import OutputExistsError, atomic_path
+from ..files import OutputExistsError, atomic_path, writing
 from .formats import Weights, cast_state, output_format, read_weights, write_weights
-from .parity import ParityReport, verify_output
+from .parity import DEFAULT_TOL, ParityReport, verify_output
 
 # BatchNorm statistics are buffers, not parameters; they are left out of the parameter count.
 _BUFFER_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
@@ -28,10 +31,12 @@ class Summary:
     dtypes: list[str]
     seconds: float
     verify: ParityReport | None = None
+    clamped: int = 0  # values saturated to the output dtype's range
 
     def line(self) -> str:
         return (f"wrote {self.path}: {self.tensors} tensors, {self.parameters:,} parameters, "
-                f"{self.bytes:,} bytes ({', '.join(self.dtypes)}) in {self.seconds:.1f} s")
+                f"{self.bytes:,} bytes ({', '.join(self.dtypes)}) in {self.seconds:.1f} s"
+                + (f"; clamped {self.clamped} value(s) to the {', '.join(self.dtypes)} range" if self.clamped else ""))
 
 
 class VerificationError(CheckpointError):
@@ -42,12 +47,25 @@ class VerificationError(CheckpointError):
         self.report = report
 
 
+def verify_tolerance(original: Weights, written: Weights) -> float | None:
+    """The relative logit difference a cast may cause: 8 units in the last place of the narrowest float the
+    weights were cast to; None (parity's float32 default) where no weight changed dtype."""
+    changed = [w.dtype for k, w in written.state.items()
+               if w.is_floating_point() and w.dtype != original.state[k].dtype]
+    if not changed:
+        return None
+    return max(DEFAULT_TOL, 8 * max(torch.finfo(d).eps for d in changed))
+
+
 def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: bool = False,
-            dtype: str = "keep", act: str | None = None, overwrite: bool = False, verify: bool = False,
-            verify_size: int = 224, progress: bool = False) -> tuple[Weights, Summary]:
+            dtype: str = "keep", clamp: bool = False, act: str | None = None, overwrite: bool = False,
+            verify: bool = False, verify_size: int = 224, progress: bool = False) -> tuple[Weights, Summary]:
     """Read `src`, write `dst`; returns the weights as written and a summary of the output.
 
-    The output appears under its name only when everything, verification included, has succeeded.
+    `dtype` casts the floating tensors; values that do not fit it are refused, or with `clamp` saturated and
+    counted. `verify` compares the model of the written file with the model of `src` as read, before the
+    cast, within the rounding the cast explains. The output appears under its name only when everything,
+    verification included, has succeeded.
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -56,14 +74,17 @@ def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: 
         raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: is the input file; write the output elsewhere")
-    weights = read_weights(src, use_ema=use_ema, act=act, progress=progress)
-    weights.state = cast_state(weights.state, dtype)
+    original = read_weights(src, use_ema=use_ema, act=act, progress=progress, float64=dtype != "keep")
+    state, clamped = cast_state(original.state, dtype, clamp)
+    weights = dataclasses.replace(original, state=state)
     report = None
     with atomic_path(dst, overwrite=overwrite) as stage:
-        written = write_weights(weights, stage, layout=layout, progress=progress)
+        with writing(dst):
+            written = write_weights(weights, stage, layout=layout, progress=progress)
         size = stage.stat().st_size
         if verify:
-            report = verify_output(weights, stage, image_size=verify_size, progress=progress)
+            report = verify_output(original, stage, image_size=verify_size, progress=progress,
+                                   tol=verify_tolerance(original, weights))
             if not report.ok:
                 raise VerificationError(f"{dst}: not written, since its model does not reproduce the logits "
                                         f"of {src} (relative difference {report.rel_diff:.3g} > "
@@ -77,5 +98,6 @@ def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: 
                        if v.is_floating_point()}),
         seconds=time.perf_counter() - start,
         verify=report,
+        clamped=clamped,
     )
     return weights, summary

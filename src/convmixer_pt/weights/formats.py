@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,14 @@ from ..model import ConvMixer
 from ..variants import ACTIVATIONS, VARIANTS, match_variant
 from . import keymap
 from .ms_io import ms_model_from_params, read_ckpt_state, torch_to_ms, write_ckpt
-from .torch_io import check_state_dict, file_format, load_state_dict_strict, read_state_dict, write_safetensors
+from .torch_io import (
+    check_state_dict,
+    file_format,
+    load_state_dict_strict,
+    overflow,
+    read_state_dict,
+    write_safetensors,
+)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".tar", ".bin")
 DTYPES: dict[str, torch.dtype] = {
@@ -38,6 +45,7 @@ class Weights:
     act_source: str
     framework: str  # "torch" or "mindspore": which model the file is meant for
     path: Path
+    meta: dict[str, Any] = field(default_factory=dict)  # what the file records: metadata, a training config
 
     @property
     def variant(self) -> str | None:
@@ -76,8 +84,9 @@ def resolve_act(arch: Mapping[str, int], metadata_act: str | None,
 
 
 def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None,
-                 progress: bool = False) -> Weights:
-    """Any accepted checkpoint, checked to hold exactly one complete ConvMixer."""
+                 progress: bool = False, float64: bool = False) -> Weights:
+    """Any accepted checkpoint, checked to hold exactly one complete ConvMixer of real weights (`float64`:
+    float64 weights too, for a caller that converts them)."""
     path = Path(path)
     if file_format(path) == "mindspore":
         if use_ema:
@@ -85,23 +94,41 @@ def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None
                                   "of weights")
         state, meta, framework = read_ckpt_state(path, progress), {}, "mindspore"
     else:
-        state, meta = read_state_dict(path, use_ema=use_ema)
+        state, meta = read_state_dict(path, use_ema=use_ema, float64=float64)
         framework = "torch"
     with about(path):
         arch = keymap.infer_arch(state)
         resolved, source = resolve_act(arch, meta.get("act"), act)
         with torch.device("meta"):
             check_state_dict(ConvMixer(**arch, act=resolved or "gelu", fast=False), state)
-    return Weights(state=state, arch=arch, act=resolved, act_source=source, framework=framework, path=path)
+    return Weights(state=state, arch=arch, act=resolved, act_source=source, framework=framework, path=path,
+                   meta=meta)
 
 
-def cast_state(state: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """Floating tensors in `dtype` ('keep' leaves them as they are); integer counters stay integers."""
+def cast_state(state: Mapping[str, torch.Tensor], dtype: str,
+               clamp: bool = False) -> tuple[dict[str, torch.Tensor], int]:
+    """Floating tensors in `dtype` ('keep' leaves them as they are; integer counters stay integers), and how
+    many values were clamped. A finite value beyond `dtype`'s range is an error naming the tensor, or with
+    `clamp` saturated to the largest finite value of that sign."""
     if dtype == "keep":
-        return dict(state)
+        return dict(state), 0
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown dtype {dtype!r}; choose keep, {', '.join(DTYPES)}")
-    return {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state.items()}
+    target, out, clamped = DTYPES[dtype], {}, 0
+    for key, value in state.items():
+        if not value.is_floating_point():
+            out[key] = value
+            continue
+        problem = overflow(value, target)
+        if problem and not clamp:
+            raise CheckpointError(f"tensor {key!r} {problem}; pass --clamp to saturate such values")
+        if problem:
+            limit = torch.finfo(target).max
+            finite = torch.isfinite(value)
+            clamped += int((finite & (value.abs() > limit)).sum())
+            value = torch.where(finite, value.clamp(-limit, limit), value)
+        out[key] = value.to(target)
+    return out, clamped
 
 
 def with_batch_counters(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

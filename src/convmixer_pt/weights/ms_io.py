@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from ..errors import CheckpointError, about
 from . import keymap
-from .torch_io import file_format, misfit_error, mismatch_problems, unreadable
+from .torch_io import check_weights, file_format, misfit_error, mismatch_problems, unreadable
 
 if TYPE_CHECKING:
     import mindspore
@@ -96,7 +96,9 @@ def read_ckpt_state(path: str | Path, progress: bool = False) -> dict[str, torch
     params = read_ms_params(path)
     bar = tqdm(params.items(), desc="from MindSpore", unit="tensor", disable=not progress, leave=False)
     with about(path):
-        return keymap.convert_state({k: ms_to_torch(v) for k, v in bar}, "timm", src="mindspore")
+        state = keymap.convert_state({k: ms_to_torch(v) for k, v in bar}, "timm", src="mindspore")
+        check_weights(state)
+    return state
 
 
 def write_ckpt(state: Mapping[str, torch.Tensor], path: str | Path, progress: bool = False) -> int:

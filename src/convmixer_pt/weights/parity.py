@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..model import ConvMixer
 from .formats import Weights, ms_model, output_format, read_weights, torch_model
 from .ms_io import ms_model_from_file
@@ -117,6 +118,9 @@ def compare(torch_checkpoint: str | Path, ms_checkpoint: str | Path, act: str | 
             tol: float = DEFAULT_TOL) -> ParityReport:
     """Run the PyTorch model of `torch_checkpoint` and the MindSpore model of `ms_checkpoint` on one batch."""
     weights = read_weights(torch_checkpoint, act=act)
+    if batch_size < 1 or image_size < weights.arch["patch_size"]:
+        raise UserError(f"the batch needs at least one image of at least one {weights.arch['patch_size']}-pixel "
+                        f"patch, got batch size {batch_size} and image size {image_size}")
     pt = torch_model(weights)
     ms_net = ms_model_from_file(ms_checkpoint, weights.model_arch)
     x = random_batch(weights.arch["in_chans"], batch_size, image_size, seed)
@@ -124,10 +128,11 @@ def compare(torch_checkpoint: str | Path, ms_checkpoint: str | Path, act: str | 
                         (f"PyTorch {torch_checkpoint}", f"MindSpore {ms_checkpoint}"))
 
 
-def verify_output(weights: Weights, out: Path, image_size: int = 224, seed: int = 0,
-                  progress: bool = False) -> ParityReport:
-    """The model of `weights` (as written, so rounded to the output dtype) against the model loaded from `out`
-    by its own framework's loader; each model in the framework its file is meant for."""
+def verify_output(weights: Weights, out: Path, image_size: int = 224, seed: int = 0, progress: bool = False,
+                  tol: float | None = None) -> ParityReport:
+    """The model of `weights` against the model loaded from `out` by its own framework's loader, each model in
+    the framework its file is meant for; `tol` (default DEFAULT_TOL, read when called) bounds the relative
+    logit difference."""
     ref = ms_runner(ms_model(weights)) if weights.framework == "mindspore" else torch_runner(torch_model(weights))
     if output_format(out) == "mindspore":
         other = ms_runner(ms_model_from_file(out, weights.model_arch))
@@ -140,4 +145,4 @@ def verify_output(weights: Weights, out: Path, image_size: int = 224, seed: int 
         for run in (ref, other):
             outputs.append(run(x))
             bar.update()
-    return compare_outputs(*outputs, weights.arch["depth"], DEFAULT_TOL, names)
+    return compare_outputs(*outputs, weights.arch["depth"], DEFAULT_TOL if tol is None else tol, names)

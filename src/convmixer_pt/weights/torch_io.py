@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, about
-from ..files import atomic_path
+from ..files import atomic_path, writing
 from ..variants import VARIANTS
 from . import keymap
 
@@ -27,6 +27,8 @@ from . import keymap
 # its `args` as an argparse.Namespace.
 SAFE_GLOBALS: list[Any] = [argparse.Namespace]
 
+WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COUNTER_SUFFIX = ".num_batches_tracked"  # BatchNorm's integer counter, the one tensor that is not a weight
 WRAPPER_KEYS = ("state_dict", "model", "module", "net", "network")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 PREFIXES = ("module.", "_orig_mod.")
@@ -103,6 +105,39 @@ def unwrap(obj: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
                           f"found {', '.join(map(str, obj)) or 'nothing'})")
 
 
+def weight_problem(key: str, tensor: torch.Tensor, float64: bool = False) -> str | None:
+    """Why `tensor` cannot be a ConvMixer weight, or None: it must be dense, hold data, be float32, float16 or
+    bfloat16 (float64 where `float64`, i.e. where it is converted), and have the storage its shape needs,
+    which an expanded (stride-0) or a truncated tensor lacks; checked before anything is allocated."""
+    if tensor.layout != torch.strided:
+        return f"is a {str(tensor.layout).removeprefix('torch.')} tensor, not a dense one"
+    if tensor.device.type == "meta":
+        return "holds no data (a meta tensor)"
+    if key.endswith(COUNTER_SUFFIX):
+        if tensor.dtype in (torch.int64, torch.int32) and tensor.numel() == 1:
+            return None
+        return f"is a {str(tensor.dtype).removeprefix('torch.')} of shape {tuple(tensor.shape)}, not BatchNorm's " \
+               "integer counter"
+    if tensor.dtype not in WEIGHT_DTYPES and not (float64 and tensor.dtype == torch.float64):
+        hint = " (convert it with --dtype float32)" if tensor.dtype == torch.float64 else ""
+        return f"has dtype {str(tensor.dtype).removeprefix('torch.')}; weights are float32, float16 or " \
+               f"bfloat16{hint}"
+    needed = (tensor.storage_offset() + tensor.numel()) * tensor.element_size()
+    held = tensor.untyped_storage().nbytes()
+    if tensor.numel() and needed > held:
+        return f"has shape {tuple(tensor.shape)} ({tensor.numel() * tensor.element_size():,} bytes) but its " \
+               f"storage holds {held:,} bytes: an expanded or truncated tensor"
+    return None
+
+
+def check_weights(state: Mapping[str, torch.Tensor], float64: bool = False) -> None:
+    """A CheckpointError naming the first tensor that cannot be a weight (`weight_problem`)."""
+    for key, tensor in state.items():
+        problem = weight_problem(key, tensor, float64)
+        if problem:
+            raise CheckpointError(f"tensor {key!r} {problem}")
+
+
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop `module.` / `_orig_mod.` wherever they stand at the front, in any order and number."""
     out = {}
@@ -141,13 +176,22 @@ def recorded_act(obj: Any) -> str | None:
     return None
 
 
-def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Model weights of any accepted PyTorch-side file, renamed into the timm layout, plus file metadata."""
+def read_state_dict(path: str | Path, use_ema: bool = False,
+                    float64: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Model weights of any accepted PyTorch-side file, renamed into the timm layout, plus what the file
+    records about them: safetensors metadata, the activation, and this trainer's `config`. `float64` accepts
+    float64 weights, for callers that convert them."""
     obj, meta = read_torch_checkpoint(path)
     with about(path):
         state = keymap.convert_state(strip_prefixes(unwrap(obj, use_ema=use_ema)), "timm")
+        check_weights(state, float64)
+    meta = dict(meta)
     act = recorded_act(obj)
-    return state, dict(meta, act=act) if act and "act" not in meta else meta
+    if act and "act" not in meta:
+        meta["act"] = act
+    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
+        meta["config"] = dict(obj["config"])
+    return state, meta
 
 
 def mismatch_problems(expected: Mapping[str, Any], found: Mapping[str, Any], optional: tuple[str, ...] = (),
@@ -191,17 +235,36 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Non
 
 
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Strict load; BatchNorm's `num_batches_tracked` may be absent (MindSpore files do not store it)."""
+    """Strict load; BatchNorm's `num_batches_tracked` may be absent (MindSpore files do not store it). Values
+    must fit the model's dtypes (a float64 weight beyond float32's range is refused, not made infinite)."""
     check_state_dict(model, state)
+    model_state = model.state_dict()
+    for key, value in state.items():
+        problem = overflow(value, model_state[key].dtype)
+        if problem:
+            raise CheckpointError(f"tensor {key!r} {problem}")
     full = dict(state)
     for key, value in model.state_dict().items():
         full.setdefault(key, value)
     model.load_state_dict(full, strict=True)
 
 
-def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> dict[str, str]:
-    """Load any accepted PyTorch-side checkpoint into `model` strictly; returns the file's metadata."""
-    state, meta = read_state_dict(path, use_ema=use_ema)
+def overflow(tensor: torch.Tensor, dtype: torch.dtype) -> str | None:
+    """Why some of `tensor`'s finite values would become infinite in `dtype`, or None."""
+    if not tensor.is_floating_point() or not dtype.is_floating_point or \
+            torch.finfo(dtype).max >= torch.finfo(tensor.dtype).max:
+        return None
+    lost = torch.isfinite(tensor) & ~torch.isfinite(tensor.to(dtype))
+    if not lost.any():
+        return None
+    largest = float(tensor[lost].abs().max())
+    return f"holds {int(lost.sum())} value(s) up to {largest:.6g} in magnitude, beyond " \
+           f"{str(dtype).removeprefix('torch.')}'s largest, {torch.finfo(dtype).max:.6g}"
+
+
+def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> dict[str, Any]:
+    """Load any accepted PyTorch-side checkpoint into `model` strictly; returns what the file records."""
+    state, meta = read_state_dict(path, use_ema=use_ema, float64=True)
     with about(path):
         load_state_dict_strict(model, state)
     return meta
@@ -209,7 +272,7 @@ def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = False
 
 def save_torch(obj: Any, path: str | Path) -> None:
     """`torch.save` to a temporary file, renamed over `path` when complete."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, writing(path):
         torch.save(obj, tmp)
 
 

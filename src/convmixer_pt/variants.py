@@ -26,7 +26,8 @@ class Activation:
 
 ACTIVATIONS: dict[str, Activation] = {
     "gelu": Activation(nn.GELU, ("GELU", {"approximate": False}), 1),  # exact (erf), as the weights were trained
-    "gelu_tanh": Activation(lambda: nn.GELU(approximate="tanh"), ("GELU", {"approximate": True}), None),
+    # MindSpore's nn.GELU() default, which MindCV's ConvMixer cell uses.
+    "gelu_tanh": Activation(lambda: nn.GELU(approximate="tanh"), ("GELU", {"approximate": True}), 4),
     "relu": Activation(nn.ReLU, ("ReLU", {}), 2),
     "silu": Activation(nn.SiLU, ("SiLU", {}), 3),
 }

@@ -40,6 +40,13 @@ def activation(name: str) -> Activation:
         raise UserError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
+def mindcv_activation(arch: Mapping[str, Any]) -> str:
+    """What MindCV's ConvMixer cell runs for these shapes: ReLU for 768/32, else MindSpore's default
+    `nn.GELU()`, the tanh approximation."""
+    name = match_variant(arch)
+    return "relu" if name is not None and VARIANTS[name]["act"] == "relu" else "gelu_tanh"
+
+
 def activation_of(module: nn.Module) -> str | None:
     """The registry's name for a PyTorch activation module, or None for one it does not hold."""
     for name, spec in ACTIVATIONS.items():

@@ -31,7 +31,7 @@ from .common import run
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = FastOptions.from_environment()
-    p = argparse.ArgumentParser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["convmixer_1536_20"], choices=list_models())
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch-size", type=int, default=64, help="training batch (and --depthwise-op batch)")

@@ -25,7 +25,7 @@ from .common import run
 
 def main(argv: list[str] | None = None) -> int:
     defaults = FastOptions.from_environment()
-    p = argparse.ArgumentParser(prog="check_fast_training.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="convmixer_1536_20", choices=list_models())
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)

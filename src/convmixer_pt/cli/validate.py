@@ -4,8 +4,9 @@
         --data-dir /data/imagenet/val --protocol timm --json out.json --save-predictions preds.csv
     torchrun --nproc_per_node 8 scripts/validate.py ...   # PyTorch path, every image counted once
 
-The framework follows the checkpoint: a MindSpore `.ckpt` runs the MindSpore model, anything else the
-PyTorch one (`--framework` forces either). Both protocols feed both frameworks.
+The framework follows the checkpoint: a MindSpore `.ckpt` or MindSpore-layout safetensors runs the MindSpore
+model, anything else the PyTorch one (`--framework` forces either). Both protocols feed both frameworks; the
+MindSpore framework and the mindcv protocol need MindSpore.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from .common import run
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="validate.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, choices=list_models())
-    p.add_argument("--checkpoint", required=True, help="PyTorch/safetensors file or MindSpore .ckpt")
+    p.add_argument("--checkpoint", required=True, help="any checkpoint the converter reads")
     p.add_argument("--data-dir", required=True, help="ImageFolder root: DIR/<synset>/<image>")
     p.add_argument("--protocol", default="timm", choices=PROTOCOLS,
                    help="timm: PIL bicubic, antialiased (the paper's numbers); mindcv: MindSpore bilinear ops")
@@ -38,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--crop-pct", type=float, default=EVAL_CROP_PCT,
                    help="resize the shorter side to floor(img_size / crop_pct) first")
     p.add_argument("--act", choices=sorted(ACTIVATIONS),
-                   help="replace the checkpoint's activation, e.g. gelu_tanh for MindCV's tanh-approximated GELU")
+                   help="the activation, as the converter's --act (default: the file's record, else the "
+                        "registry's), e.g. gelu_tanh for MindCV's tanh-approximated GELU")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--save-predictions", metavar="OUT.csv", help="CSV path,label,pred,top5, one row per image")
     p.add_argument("--no-progress", action="store_true")

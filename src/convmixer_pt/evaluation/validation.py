@@ -22,10 +22,9 @@ from torch.utils.data import DataLoader
 from ..data import ImageFolder, ShardSampler
 from ..errors import UserError, error_line
 from ..files import atomic_path, write_text
-from ..runtime import autocast, barrier, init_distributed, resolve_device, shutdown
+from ..runtime import autocast, barrier, init_distributed, require_mindspore, resolve_device, shutdown
 from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, SHAPE_KEYS, match_variant, variant_arch
 from ..weights.formats import ms_model, read_weights, torch_model
-from ..weights.torch_io import file_format
 from .loop import Predictor, evaluate
 from .protocols import build_transform
 
@@ -34,11 +33,6 @@ FRAMEWORKS = ("torch", "mindspore")
 
 class ValidationError(UserError):
     """A data directory or an option that cannot be evaluated."""
-
-
-def framework_of(checkpoint: str | Path) -> str:
-    """MindSpore for a MindSpore checkpoint (recognised from the bytes, as `.ckpt` files are), else torch."""
-    return "mindspore" if file_format(checkpoint) == "mindspore" else "torch"
 
 
 def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int], dataset: ImageFolder) -> None:
@@ -69,7 +63,7 @@ def torch_predictor(model: nn.Module, device: torch.device, amp: bool = False) -
 
 def set_mindspore_device(device: torch.device) -> None:
     """Run MindSpore on `device`'s kind; MindSpore fixes its device once it has run anything."""
-    import mindspore as ms
+    ms = require_mindspore("MindSpore validation (--framework mindspore; --framework torch runs PyTorch)")
 
     target = "GPU" if device.type == "cuda" else "CPU"
     try:
@@ -105,8 +99,10 @@ def validate(
     progress: bool = True,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate `checkpoint` on `data_dir`; returns the report and one prediction row per image
-    (the whole dataset's, on every rank under torchrun). `act` replaces the variant's activation."""
-    framework = framework or framework_of(checkpoint)
+    (the whole dataset's, on every rank under torchrun). The framework follows the checkpoint (MindSpore for a
+    .ckpt or MindSpore-layout safetensors) unless given; `act` states the activation, as the converter's --act."""
+    weights = read_weights(checkpoint, act=act)
+    framework = framework or weights.framework
     if framework not in FRAMEWORKS:
         raise ValidationError(f"unknown framework {framework!r}; choose one of {', '.join(FRAMEWORKS)}")
     if framework == "mindspore" and amp:
@@ -121,15 +117,15 @@ def validate(
             raise ValidationError("distributed evaluation runs the torch framework only; run MindSpore in one "
                                   "process")
         torch_device = env.device if env.distributed else torch.device(device)
+        if framework == "mindspore":
+            set_mindspore_device(torch_device)
         dataset = ImageFolder(data_dir, build_transform(protocol, img_size, crop_pct))
-        weights = read_weights(checkpoint)
         check_fit(model, checkpoint, weights.arch, dataset)
         if framework == "torch":
-            net = torch_model(weights, act)
+            net = torch_model(weights)
             predict = torch_predictor(net, torch_device, amp)
         else:
-            set_mindspore_device(torch_device)
-            net = ms_model(weights, act)
+            net = ms_model(weights)
             predict = mindspore_predictor(net)
         sampler = ShardSampler(len(dataset), env)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -141,6 +137,7 @@ def validate(
     finally:
         shutdown(env)
     report = dict(model=model, checkpoint=str(checkpoint), framework=framework, protocol=protocol, act=net.act,
+                  act_source=weights.act_source,
                   img_size=img_size, crop_pct=crop_pct, top1=round(result.top1, 4), top5=round(result.top5, 4),
                   count=result.count, img_per_s=round(result.img_per_s, 2), world_size=env.world_size)
     rows = [dict(path=os.path.relpath(dataset.samples[i][0], dataset.root), label=label, pred=topk[0],

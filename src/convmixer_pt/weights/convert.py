@@ -12,7 +12,8 @@ from pathlib import Path
 
 from ..errors import CheckpointError
 from ..files import OutputExistsError, atomic_path
-from .formats import Weights, cast_state, output_format, read_weights, write_weights
+from ..runtime import require_mindspore
+from .formats import Weights, cast_state, output_layout, read_weights, write_weights
 from .parity import ParityReport, verify_output
 
 # BatchNorm statistics are buffers, not parameters; they are left out of the parameter count.
@@ -42,32 +43,43 @@ class VerificationError(CheckpointError):
         self.report = report
 
 
-def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: bool = False,
+def activation_clause(weights: Weights) -> str:
+    """Where the input's own activation is not the one stated for the output, the words that say so."""
+    own, why = weights.reference_act
+    if own == (weights.act or "gelu"):
+        return ""
+    return f"; the input runs {own} ({why}), the output {weights.act} ({weights.act_source})"
+
+
+def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, use_ema: bool = False,
             dtype: str = "keep", act: str | None = None, overwrite: bool = False, verify: bool = False,
             verify_size: int = 224, progress: bool = False) -> tuple[Weights, Summary]:
-    """Read `src`, write `dst`; returns the weights as written and a summary of the output.
+    """Read `src`, write `dst` (in `layout`, default: the output format's own); returns the weights as written
+    and a summary of the output. No MindSpore is needed unless `verify` has a MindSpore model to run.
 
     The output appears under its name only when everything, verification included, has succeeded.
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    output_format(dst)
+    layout = output_layout(dst, layout)
     if not overwrite and dst.exists():
         raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: is the input file; write the output elsewhere")
-    weights = read_weights(src, use_ema=use_ema, act=act, progress=progress)
+    weights = read_weights(src, use_ema=use_ema, act=act)
     weights.state = cast_state(weights.state, dtype)
+    if verify and "mindspore" in (weights.framework, layout):
+        require_mindspore("--verify with a MindSpore checkpoint on either side")
     report = None
     with atomic_path(dst, overwrite=overwrite) as stage:
-        written = write_weights(weights, stage, layout=layout, progress=progress)
+        written = write_weights(weights, stage, layout=layout)
         size = stage.stat().st_size
         if verify:
             report = verify_output(weights, stage, image_size=verify_size, progress=progress)
             if not report.ok:
                 raise VerificationError(f"{dst}: not written, since its model does not reproduce the logits "
                                         f"of {src} (relative difference {report.rel_diff:.3g} > "
-                                        f"{report.tol:g})", report)
+                                        f"{report.tol:g}){activation_clause(weights)}", report)
     summary = Summary(
         path=dst,
         tensors=written,

@@ -124,8 +124,8 @@ def read_torch_checkpoint(path: str | Path) -> tuple[Any, dict[str, str]]:
     if fmt == "safetensors":
         return _safetensors_load(path)
     if fmt == "mindspore":
-        raise CheckpointError(f"{path}: is a MindSpore checkpoint; convert it with tools/convert_ckpt.py "
-                              "or load it with convmixer_pt.create_ms_model")
+        raise CheckpointError(f"{path}: is a MindSpore checkpoint; read it with convmixer_pt.weights.formats."
+                              "read_weights, or convert it with convmixer-convert")
     return _torch_load(path), {}
 
 
@@ -141,13 +141,20 @@ def recorded_act(obj: Any) -> str | None:
     return None
 
 
+def torch_state(obj: Any, meta: Mapping[str, str], use_ema: bool = False) -> tuple[dict[str, torch.Tensor],
+                                                                                   dict[str, str]]:
+    """The model weights of a PyTorch-side file's object, renamed into the timm layout, plus the file's metadata
+    with the activation a training checkpoint records."""
+    state = keymap.convert_state(strip_prefixes(unwrap(obj, use_ema=use_ema)), "timm")
+    act = recorded_act(obj)
+    return state, dict(meta, act=act) if act and "act" not in meta else dict(meta)
+
+
 def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Model weights of any accepted PyTorch-side file, renamed into the timm layout, plus file metadata."""
     obj, meta = read_torch_checkpoint(path)
     with about(path):
-        state = keymap.convert_state(strip_prefixes(unwrap(obj, use_ema=use_ema)), "timm")
-    act = recorded_act(obj)
-    return state, dict(meta, act=act) if act and "act" not in meta else meta
+        return torch_state(obj, meta, use_ema)
 
 
 def mismatch_problems(expected: Mapping[str, Any], found: Mapping[str, Any], optional: tuple[str, ...] = (),
@@ -197,14 +204,6 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
     for key, value in model.state_dict().items():
         full.setdefault(key, value)
     model.load_state_dict(full, strict=True)
-
-
-def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> dict[str, str]:
-    """Load any accepted PyTorch-side checkpoint into `model` strictly; returns the file's metadata."""
-    state, meta = read_state_dict(path, use_ema=use_ema)
-    with about(path):
-        load_state_dict_strict(model, state)
-    return meta
 
 
 def save_torch(obj: Any, path: str | Path) -> None:

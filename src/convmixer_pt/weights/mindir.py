@@ -18,8 +18,9 @@ import numpy as np
 from ..errors import CheckpointError
 from ..files import OutputExistsError, atomic_path
 from ..runtime import require_mindspore
+from . import parity
 from .formats import Weights, ms_model, read_weights, torch_model
-from .parity import DEFAULT_TOL, ParityReport, random_batch, rel_diff, same_top5, torch_runner
+from .parity import ParityReport, random_batch, rel_diff, same_top5, torch_runner
 
 SUFFIX = ".mindir"
 
@@ -57,7 +58,7 @@ def check_mindir(weights: Weights, path: Path, image_size: int, batch_size: int 
     x = random_batch(weights.arch["in_chans"], batch_size, image_size, seed)
     ref = torch_runner(torch_model(weights))(x)[-1]
     out = graph_logits(path, x)
-    return ParityReport([("logits", rel_diff(ref, out))], same_top5(ref, out), DEFAULT_TOL,
+    return ParityReport([("logits", rel_diff(ref, out))], same_top5(ref, out), parity.DEFAULT_TOL,
                         f"PyTorch {weights.path}", f"MindIR {path}", (ref, out))
 
 

@@ -131,6 +131,10 @@ def test_safetensors_output_records_arch_and_act(tmp_path):
     assert metas["relu"]["act"] == "relu"
     assert metas["again"]["act"] == "silu"  # --act wins over everything
     assert read_weights(tmp_path / "relu.safetensors").act_source == "file metadata"
+    # The same tensors give the same bytes (the safetensors library orders metadata at random).
+    convert(tmp_path / "in.pth", tmp_path / "relu2.safetensors", act="relu")
+    assert (tmp_path / "relu2.safetensors").read_bytes() == (tmp_path / "relu.safetensors").read_bytes()
+    assert list(metas["relu"]) == ["format", "layout", "arch", "act"]
 
 
 def test_mindspore_layout_safetensors_is_recognised_by_its_names(tmp_path):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
+from safetensors.torch import save
 
 from ..errors import CheckpointError
 
@@ -283,8 +284,6 @@ def write_ms_safetensors(entries: Iterable[tuple[str, torch.Tensor]], path: str 
     """A safetensors file as `save_checkpoint(..., format="safetensors", crc_check=crc)` writes it (metadata
     `format: ms` and `crc_num`), plus `extra_metadata` after MindSpore's keys; returns the bytes written.
     Without extra metadata the bytes are MindSpore's. `path` is written in place."""
-    from safetensors.torch import save
-
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in entries:
         type_name(name, tensor)

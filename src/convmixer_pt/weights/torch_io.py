@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 from torch import nn
 
 from ..errors import CheckpointError, about
 from ..files import atomic_path
 from ..variants import VARIANTS
 from . import keymap
+from .ms_files import canonical_metadata
 
 # What training checkpoints in the wild pickle besides tensors and builtins: timm's train.py stores
 # its `args` as an argparse.Namespace.
@@ -214,7 +216,7 @@ def save_torch(obj: Any, path: str | Path) -> None:
 
 def write_safetensors(state: Mapping[str, torch.Tensor], path: str | Path,
                       metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file of `state` (callers that need it to appear whole write to a staging path)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    """A safetensors file of `state` with `metadata` in the order given, so the same tensors give the same bytes
+    (callers that need it to appear whole write to a staging path)."""
+    blob = save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata)
+    Path(path).write_bytes(canonical_metadata(blob, metadata or {}))

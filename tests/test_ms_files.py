@@ -10,6 +10,7 @@ import os
 import struct
 import subprocess
 import sys
+import tempfile
 import zlib
 from pathlib import Path
 
@@ -53,6 +54,13 @@ def mixed_entries() -> list[tuple[str, torch.Tensor | str]]:
     ]
 
 
+def ckpt_bytes(entries, **kwargs) -> bytes:
+    """What `write_ckpt` writes for `entries`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ms_files.write_ckpt(entries, Path(tmp) / "x.ckpt", **kwargs)
+        return (Path(tmp) / "x.ckpt").read_bytes()
+
+
 def to_ms(tensor: torch.Tensor):
     """A MindSpore tensor of exactly these bytes (bfloat16 included), as MindSpore's loader builds them."""
     import mindspore as ms
@@ -92,7 +100,7 @@ def test_every_entry_reads_back_bit_for_bit(tmp_path):
 
 def test_slices_are_joined_and_a_missing_one_is_caught_without_crc(tmp_path):
     big = bits((1000,), torch.float32, 5)
-    data = ms_files.ckpt_bytes([("x", big), ("y", torch.ones(3))], crc=False, slice_bytes=1024)
+    data = ckpt_bytes([("x", big), ("y", torch.ones(3))], crc=False, slice_bytes=1024)
     message = ms_files.Checkpoint()
     message.ParseFromString(data)
     assert [len(v.tensor.tensor_content) for v in message.value] == [1024, 1024, 1024, 928, 12]
@@ -105,14 +113,14 @@ def test_slices_are_joined_and_a_missing_one_is_caught_without_crc(tmp_path):
 
 
 def test_corruption_and_truncation_are_caught(tmp_path):
-    good = ms_files.ckpt_bytes([("w", bits((32, 32), torch.float32, 6)), ("b", torch.ones(32))])
+    good = ckpt_bytes([("w", bits((32, 32), torch.float32, 6)), ("b", torch.ones(32))])
     for where, name in ((len(good) // 2, "data"), (len(good) - 1, "crc")):
         bad = bytearray(good)
         bad[where] ^= 0x01
         (tmp_path / f"{name}.ckpt").write_bytes(bytes(bad))
         with pytest.raises(CheckpointError, match="its CRC32 does not match its content; the file is corrupt"):
             ms_files.read_ckpt(tmp_path / f"{name}.ckpt")
-    plain = ms_files.ckpt_bytes([("w", torch.ones(10, 10))], crc=False)
+    plain = ckpt_bytes([("w", torch.ones(10, 10))], crc=False)
     for cut in (5, 50, len(plain) - 3):
         (tmp_path / "cut.ckpt").write_bytes(plain[:cut])
         with pytest.raises(CheckpointError, match="truncated or corrupt"):
@@ -147,12 +155,12 @@ def test_pure_python_protobuf_writes_the_same_bytes(tmp_path):
     code = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[2]);"
             "from google.protobuf.internal import api_implementation as impl;"
             "from test_ms_files import mixed_entries; from convmixer_pt.weights import ms_files;"
-            "Path(sys.argv[1]).write_bytes(ms_files.ckpt_bytes(mixed_entries())); print(impl.Type())")
+            "ms_files.write_ckpt(mixed_entries(), Path(sys.argv[1])); print(impl.Type())")
     env = dict(os.environ, PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION="python")
     run = subprocess.run([sys.executable, "-c", code, str(tmp_path / "py.ckpt"), str(Path(__file__).parent)],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0 and run.stdout.strip() == "python", run.stderr[-2000:]
-    assert (tmp_path / "py.ckpt").read_bytes() == ms_files.ckpt_bytes(mixed_entries())
+    assert (tmp_path / "py.ckpt").read_bytes() == ckpt_bytes(mixed_entries())
 
 
 # ---- against MindSpore ---------------------------------------------------------------------------------------
@@ -183,7 +191,7 @@ def test_schema_is_mindspores():
 def test_ckpt_is_what_save_checkpoint_writes(tmp_path, crc):
     entries = mixed_entries()
     theirs = ms_save(entries, tmp_path / "ms.ckpt", crc_check=crc)
-    assert ms_files.ckpt_bytes(entries, crc=crc) == theirs
+    assert ckpt_bytes(entries, crc=crc) == theirs
     ms_files.write_ckpt(entries, tmp_path / "ours.ckpt", crc=crc)
     assert (tmp_path / "ours.ckpt").read_bytes() == theirs
 
@@ -217,7 +225,7 @@ def test_slices_are_cut_where_mindspore_cuts_them(tmp_path, monkeypatch):
     entries = [("big", bits((1000, 3), torch.float32, 11)), ("bf", bits((1500,), torch.bfloat16, 12)),
                ("small", torch.tensor(1.0)), ("i64", bits((300,), torch.int64, 13))]
     theirs = ms_save(entries, tmp_path / "ms.ckpt", crc_check=True)
-    assert ms_files.ckpt_bytes(entries, slice_bytes=1024) == theirs
+    assert ckpt_bytes(entries, slice_bytes=1024) == theirs
     ms_files.write_ckpt(entries, tmp_path / "ours.ckpt", slice_bytes=1024)
     back = ms.load_checkpoint(str(tmp_path / "ours.ckpt"), crc_check=True)
     assert all(back[n].get_bytes() == ms_files.raw_bytes(v) for n, v in entries)
@@ -256,8 +264,8 @@ def test_mindcv_async_save_is_read(tmp_path, monkeypatch):
         serialization._wait_async_thread_save_ckpt()
         got = ms_files.read_ckpt(tmp_path / f"{name}.ckpt")
         assert all(ms_files.raw_bytes(got[k]) == ms_files.raw_bytes(v) for k, v in entries)
-    assert (tmp_path / "plain.ckpt").read_bytes() == ms_files.ckpt_bytes(entries)
-    assert (tmp_path / "sliced.ckpt").read_bytes() != ms_files.ckpt_bytes(entries)
+    assert (tmp_path / "plain.ckpt").read_bytes() == ckpt_bytes(entries)
+    assert (tmp_path / "sliced.ckpt").read_bytes() != ckpt_bytes(entries)
 
 
 @pytest.mark.mindspore
@@ -266,7 +274,7 @@ def test_mindspore_catches_corruption_only_when_asked(tmp_path):
     import mindspore as ms
 
     weight = bits((64, 64), torch.float32, 5)
-    data = bytearray(ms_files.ckpt_bytes([("w", weight)]))
+    data = bytearray(ckpt_bytes([("w", weight)]))
     data[len(data) // 2] ^= 0x01
     (tmp_path / "bad.ckpt").write_bytes(bytes(data))
     assert ms.load_checkpoint(str(tmp_path / "bad.ckpt"))["w"].get_bytes() != ms_files.raw_bytes(weight)

@@ -155,12 +155,6 @@ def write_ckpt(entries: Iterable[tuple[str, Entry]], path: str | Path, crc: bool
     return size
 
 
-def ckpt_bytes(entries: Iterable[tuple[str, Entry]], crc: bool = True, *, slice_bytes: int = SLICE_BYTES) -> bytes:
-    """The bytes `write_ckpt` writes."""
-    body = b"".join(_records(entries, slice_bytes))
-    return body + (CRC_TRAILER + zlib.crc32(body).to_bytes(_CRC_DIGITS, "big") if crc else b"")
-
-
 def has_crc(data: bytes) -> bool:
     """MindSpore's own test for the trailer: the 7 bytes `crc_num` at offset -17."""
     return len(data) >= 17 and data[-17:-10] == CRC_TRAILER

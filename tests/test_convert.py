@@ -231,8 +231,8 @@ def test_training_checkpoint_gives_its_weights_and_says_what_was_dropped(tmp_pat
         "adam_v.*, learning_rate); 1 step (global_step); 3 loss scale (current_iterator_step, "
         "last_overflow_iterator_step, scale_sense); 45 EMA (ema.*, updates)",
         f"note: {tmp_path / 'w.pth'}: this format cannot record the activation, and read back without --act it is "
-        "taken for unknown (GELU) (unknown): state gelu_tanh when loading or converting it (--act gelu_tanh, "
-        "act='gelu_tanh'), or write .safetensors, which records it"]
+        "taken for GELU (no registered variant has these shapes): state gelu_tanh when loading or converting it "
+        "(--act gelu_tanh, act='gelu_tanh'), or write .safetensors, which records it"]
     assert out.endswith("activation gelu_tanh (--act), not recorded: this format cannot hold it\n")
 
     rc, _, err = run_cli(capfd, tmp_path / "train.ckpt", tmp_path / "ema.safetensors", "--act", "gelu_tanh", "--ema")

@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                   + "; pass --act to state it", file=sys.stderr)
         elif weights.act is not None and not recorded:
             read_back, source = resolve_act(weights.arch, None, None)
+            taken = f"{read_back} ({source})" if read_back else "GELU (no registered variant has these shapes)"
             if read_back != weights.act:
                 print(f"note: {args.output}: this format cannot record the activation, and read back without "
-                      f"--act it is taken for {read_back or 'unknown (GELU)'} ({source}): state {weights.act} "
+                      f"--act it is taken for {taken}: state {weights.act} "
                       f"when loading or converting it (--act {weights.act}, act={weights.act!r}), or write "
                       ".safetensors, which records it", file=sys.stderr)
         if summary.verify is not None:

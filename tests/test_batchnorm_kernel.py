@@ -25,7 +25,8 @@ dw = import_kernels("depthwise")
 
 SHAPES = [(64, 1536, 32, 32), (3, 100, 17, 14)] if ON_GPU else [(2, 5, 13, 13), (3, 70, 7, 12)]
 MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
-ACT = {"none": lambda t: t, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+ACT = {"none": lambda t: t, "gelu": F.gelu, "relu": F.relu, "silu": F.silu,
+       "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 
 
@@ -69,7 +70,7 @@ def run_both(src, skip, bn, grad, act):
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
-@pytest.mark.parametrize("act", ["gelu", "relu", "none"])
+@pytest.mark.parametrize("act", ["gelu", "relu", "none", "gelu_tanh"])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_batchnorm_in_float64(shape, layout, act, momentum):
@@ -149,7 +150,8 @@ def test_inference_form_uses_the_running_statistics(layout, act, affine):
 
 @pytest.mark.parametrize(("layout", "dtype", "act", "variant"), [
     ("nchw", torch.float32, "gelu", "direct"), ("nhwc", torch.float32, "relu", "direct"),
-    ("nhwc", torch.bfloat16, "gelu", "direct"), ("nchw", torch.bfloat16, "gelu", "mma")])
+    ("nhwc", torch.bfloat16, "gelu", "direct"), ("nchw", torch.bfloat16, "gelu", "mma"),
+    ("nchw", torch.float32, "gelu_tanh", "direct")])
 def test_residual_branch_matches_float64(layout, dtype, act, variant):
     """x + BN(act(dwconv(x) + b)): output, all five gradients (the input's includes the skip's, added by the
     input-gradient kernel) and the running statistics."""

@@ -203,3 +203,15 @@ def test_a_sigterm_handler_is_installed_only_while_a_cli_runs() -> None:
     assert convert_cli.main(["/nonexistent/in.pth", "/nonexistent/out.pth"]) == 1
     assert signal.getsignal(signal.SIGTERM) == before
     assert ROOT.is_dir()
+
+
+def test_output_names_are_matched_case_insensitively(tmp_path, capfd) -> None:
+    """An output named .CKPT was written by MindSpore's saver under another name and then refused on reading;
+    now it is a .ckpt like any other, both ways, with a note that MindSpore itself wants the lowercase name."""
+    src = small_checkpoint(tmp_path / "in.pth")
+    assert convert_cli.main([str(src), str(tmp_path / "OUT.CKPT")]) == 0
+    assert "MindSpore's own load_checkpoint reads only names ending in .ckpt" in capfd.readouterr().err
+    assert convert_cli.main([str(tmp_path / "OUT.CKPT"), str(tmp_path / "back.PTH")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT.CKPT", "back.PTH", "in.pth"]
+    original, back = torch.load(src, weights_only=True), torch.load(tmp_path / "back.PTH", weights_only=True)
+    assert all(torch.equal(original[k], back[k]) for k in original if not k.endswith("num_batches_tracked"))

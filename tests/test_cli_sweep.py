@@ -11,7 +11,16 @@ import torch
 from images import make_image_folder
 
 from convmixer_pt import create_model
-from convmixer_pt.cli import benchmark, check_fast_training, convert, parity, prepare_imagenet_val, train, validate
+from convmixer_pt.cli import (
+    benchmark,
+    check_fast_training,
+    convert,
+    export_mindir,
+    parity,
+    prepare_imagenet_val,
+    train,
+    validate,
+)
 from convmixer_pt.train.config import FIELDS, HINTS, _expected
 
 VALUES = ["-1", "0", "nan", "inf", "1e400", "", "abc", "{folder}/no/such/file", "{folder}"]
@@ -37,7 +46,9 @@ def bases(f: dict[str, Path], out: Path) -> dict[str, tuple[object, list[str]]]:
                                 "--device", "cpu", "--no-progress"]),
         "benchmark": (benchmark, ["--device", "cpu", "--model", "convmixer_128_4", "--img-size", "8", "--batch-size",
                                   "2", "--infer-batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0"]),
-        "check_fast_training": (check_fast_training, ["--device", "cpu", "--model", "convmixer_128_4", "--img-size",
+        # On a CPU, "cuda" ends every run that gets past the arguments' checks (the fast path's kernels may run
+        # interpreted in this process after the kernel tests, far too slowly for a sweep).
+        "check_fast_training": (check_fast_training, ["--device", "cuda", "--model", "convmixer_128_4", "--img-size",
                                                       "8", "--steps", "1", "--batch-size", "2", "--num-batches", "1"]),
         "prepare_imagenet_val": (prepare_imagenet_val, ["--images", str(out / "no-images"), "--labels",
                                                         str(f["labels"]), "--out", str(out / "prepared")]),
@@ -103,3 +114,10 @@ def test_parity_flags_with_bad_values_are_one_line(files, tmp_path, capsys, monk
     assert convert.main([str(files["ckpt"]), str(tmp_path / "m.ckpt")]) == 0
     capsys.readouterr()
     assert sweep(parity, [str(files["ckpt"]), str(tmp_path / "m.ckpt")], files["folder"], capsys)
+
+
+@pytest.mark.mindspore
+@pytest.mark.slow
+def test_export_mindir_flags_with_bad_values_are_one_line(files, tmp_path, capsys, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert sweep(export_mindir, [str(files["ckpt"]), str(tmp_path / "m.mindir"), "--force"], files["folder"], capsys)

@@ -1,4 +1,6 @@
-"""The converter: exact round trips in every dtype, layouts and metadata, the parity helper, and bad inputs.
+"""The converter without MindSpore: exact round trips in every dtype, layouts and metadata, MindSpore training
+checkpoints, the activation rule, and bad inputs. Nothing here imports MindSpore (test_convert_mindspore.py
+has what MindSpore itself must read or write); one test proves it with MindSpore made unimportable.
 
 Small models only; the full-size parity is in test_ms_model.py.
 """
@@ -11,21 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
-pytestmark = pytest.mark.mindspore
-ms = pytest.importorskip("mindspore")
-
-from convmixer_pt import CheckpointError, ConvMixer  # noqa: E402
-from convmixer_pt.cli import convert as convert_cli  # noqa: E402
-from convmixer_pt.cli import parity as parity_cli  # noqa: E402
-from convmixer_pt.mindspore.model import MSConvMixer  # noqa: E402
-from convmixer_pt.weights import keymap, parity  # noqa: E402
-from convmixer_pt.weights.convert import convert  # noqa: E402
-from convmixer_pt.weights.formats import read_weights, resolve_act  # noqa: E402
-from convmixer_pt.weights.ms_io import write_ckpt  # noqa: E402
+from convmixer_pt import CheckpointError, ConvMixer, create_model
+from convmixer_pt.cli import convert as convert_cli
+from convmixer_pt.weights import keymap, ms_files, parity
+from convmixer_pt.weights.convert import convert
+from convmixer_pt.weights.formats import read_weights, resolve_act
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "convert_ckpt.py"
@@ -33,7 +29,6 @@ TOOL = REPO / "tools" / "convert_ckpt.py"
 # Not a registered variant: the converter must infer everything from the shapes.
 ARCH = dict(dim=24, depth=3, kernel_size=5, patch_size=4, in_chans=3, num_classes=7)
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
-MS_NAMES = {torch.float32: "Float32", torch.float16: "Float16", torch.bfloat16: "BFloat16"}
 
 
 def random_state(dtype: torch.dtype = torch.float32, seed: int = 0,
@@ -67,8 +62,19 @@ def assert_bit_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[key].view(view), b[key].view(view)), key
 
 
+def write_ms(state: dict[str, torch.Tensor], path: Path, extra: dict | None = None) -> None:
+    """A `.ckpt` of timm-layout `state` in MindCV's names, with `extra` entries after them."""
+    ms_files.write_ckpt([*keymap.convert_state(state, "mindspore").items(), *(extra or {}).items()], path)
+
+
 def files(path: Path) -> list[str]:
     return sorted(os.listdir(path))
+
+
+def metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata in the order the file holds it (the library's reader shuffles it)."""
+    data = path.read_bytes()
+    return json.loads(data[8:8 + int.from_bytes(data[:8], "little")])["__metadata__"]
 
 
 # ---- exactness ---------------------------------------------------------------------------------------------
@@ -82,16 +88,9 @@ def test_pth_ckpt_pth_is_bit_exact(tmp_path, dtype):
     back = torch.load(tmp_path / "out.pth", weights_only=True)
     assert_bit_identical(state, back)
     assert all(int(back[k]) == 0 for k in back if k.endswith("num_batches_tracked"))
-
-    # MindSpore's own reader sees the same dtype and, through its own cast, the same values.
-    params = ms.load_checkpoint(str(tmp_path / "mid.ckpt"))
-    named = keymap.convert_state(state, "mindspore")
-    assert sorted(params) == sorted(named)
-    for key, value in named.items():
-        assert str(params[key].dtype) == MS_NAMES[dtype]
-        as_float = ms.ops.cast(params[key], ms.float32).asnumpy()
-        np.testing.assert_array_equal(as_float, value.float().numpy())
-
+    # What the .ckpt holds, read by the protobuf schema alone: MindCV's names, the dtype, the same bits.
+    entries = ms_files.read_ckpt(tmp_path / "mid.ckpt")
+    assert list(entries) == list(keymap.convert_state(state, "mindspore"))
     # ckpt -> pth -> ckpt reproduces the MindSpore file byte for byte.
     convert(tmp_path / "out.pth", tmp_path / "again.ckpt")
     assert (tmp_path / "again.ckpt").read_bytes() == (tmp_path / "mid.ckpt").read_bytes()
@@ -133,96 +132,198 @@ def test_official_layout_and_training_checkpoint_with_ema(tmp_path):
 
 
 def test_safetensors_output_records_arch_and_act(tmp_path):
-    from safetensors import safe_open
-
     torch.save(keymap.convert_state(random_state(), "official"), tmp_path / "in.pth")
     convert(tmp_path / "in.pth", tmp_path / "unknown.safetensors")
     convert(tmp_path / "in.pth", tmp_path / "relu.safetensors", act="relu")
     convert(tmp_path / "relu.safetensors", tmp_path / "relu.ckpt")
     convert(tmp_path / "relu.ckpt", tmp_path / "again.safetensors", act="silu")
-    metas = {}
-    for name in ("unknown", "relu", "again"):
-        with safe_open(str(tmp_path / f"{name}.safetensors"), framework="pt") as f:
-            metas[name] = f.metadata()
+    metas = {name: metadata(tmp_path / f"{name}.safetensors") for name in ("unknown", "relu", "again")}
     assert json.loads(metas["unknown"]["arch"]) == ARCH
     assert "act" not in metas["unknown"] and metas["unknown"]["layout"] == "timm"
     assert metas["relu"]["act"] == "relu"
     assert metas["again"]["act"] == "silu"  # --act wins over everything
     assert read_weights(tmp_path / "relu.safetensors").act_source == "file metadata"
+    # The same tensors give the same bytes (the safetensors library orders metadata at random).
+    convert(tmp_path / "in.pth", tmp_path / "relu2.safetensors", act="relu")
+    assert (tmp_path / "relu2.safetensors").read_bytes() == (tmp_path / "relu.safetensors").read_bytes()
+    assert list(metas["relu"]) == ["format", "layout", "arch", "act"]
+
+
+def test_mindspore_layout_safetensors_is_recognised_by_its_names(tmp_path):
+    state = random_state(torch.bfloat16)
+    torch.save(state, tmp_path / "in.pth")
+    convert(tmp_path / "in.pth", tmp_path / "ms.safetensors", layout="mindspore", act="gelu_tanh")
+    convert(tmp_path / "in.pth", tmp_path / "ms.ckpt")
+    meta = metadata(tmp_path / "ms.safetensors")
+    with safe_open(str(tmp_path / "ms.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert sorted(tensors) == sorted(ms_files.read_ckpt(tmp_path / "ms.ckpt"))  # MindCV's names, no counters
+    # MindSpore's metadata first, in its order, its CRC over sorted names and bytes; then the model's record.
+    assert list(meta)[:2] == ["format", "crc_num"] and meta["format"] == "ms"
+    assert meta["crc_num"] == str(ms_files.ms_safetensors_crc(tensors))
+    assert (meta["layout"], meta["act"], json.loads(meta["arch"])) == ("mindspore", "gelu_tanh", ARCH)
+    weights = read_weights(tmp_path / "ms.safetensors")
+    assert (weights.framework, weights.act, weights.act_source) == ("mindspore", "gelu_tanh", "file metadata")
+    convert(tmp_path / "ms.safetensors", tmp_path / "back.pth")
+    assert_bit_identical(state, torch.load(tmp_path / "back.pth", weights_only=True))
+    # The same tensors written twice give the same bytes (the library orders metadata at random).
+    convert(tmp_path / "in.pth", tmp_path / "ms2.safetensors", layout="mindspore", act="gelu_tanh")
+    assert (tmp_path / "ms2.safetensors").read_bytes() == (tmp_path / "ms.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize(("out", "layout", "fragment"), [
+    ("out.ckpt", "timm", "a MindSpore .ckpt output takes --layout mindspore, not 'timm'"),
+    ("out.pth", "mindspore", "a PyTorch output takes --layout timm or official, not 'mindspore'"),
+])
+def test_layout_must_suit_the_output_format(tmp_path, out, layout, fragment):
+    torch.save(random_state(), tmp_path / "in.pth")
+    with pytest.raises(CheckpointError, match=fragment):
+        convert(tmp_path / "in.pth", tmp_path / out, layout=layout)
+    assert files(tmp_path) == ["in.pth"]
 
 
 def test_activation_comes_from_act_then_metadata_then_registry():
     arch_768 = dict(dim=768, depth=32, kernel_size=7, patch_size=7, in_chans=3, num_classes=1000)
+    arch_1536 = dict(arch_768, dim=1536, depth=20, kernel_size=9)
     assert resolve_act(arch_768, None, None) == ("relu", "registry: convmixer_768_32")
     assert resolve_act(dict(arch_768, depth=31), None, None) == (None, "unknown")
     assert resolve_act(arch_768, "gelu", None) == ("gelu", "file metadata")
     assert resolve_act(arch_768, "not-an-activation", None) == ("relu", "registry: convmixer_768_32")
     assert resolve_act(arch_768, "gelu", "silu") == ("silu", "--act")
+    # MindSpore training state: MindCV's cell runs ReLU for 768/32 (nothing to ask), tanh GELU for the others.
+    assert resolve_act(arch_768, None, None, training_state=True) == ("relu", "registry: convmixer_768_32")
+    assert resolve_act(arch_1536, None, "gelu_tanh", training_state=True) == ("gelu_tanh", "--act")
+    with pytest.raises(CheckpointError, match=r"MindCV trains ConvMixers of these shapes with MindSpore's tanh "
+                                              r"GELU.*pass --act gelu_tanh"):
+        resolve_act(arch_1536, None, None, training_state=True)
 
 
-# ---- parity helper -----------------------------------------------------------------------------------------
-
-def test_parity_compare_finds_the_first_divergent_block(tmp_path):
-    state = {k: v.abs() + 0.5 if k.endswith("running_var") else v
-             for k, v in ConvMixer(**ARCH).state_dict().items()}
-    torch.save(state, tmp_path / "in.pth")
-    convert(tmp_path / "in.pth", tmp_path / "good.ckpt")
-    good = parity.compare(tmp_path / "in.pth", tmp_path / "good.ckpt", image_size=32)
-    assert good.ok and good.first_divergent is None and good.rel_diff < 1e-6
-
-    broken = dict(state, **{"blocks.1.1.weight": state["blocks.1.1.weight"] * 1.01})
-    write_ckpt(broken, tmp_path / "broken.ckpt")
-    bad = parity.compare(tmp_path / "in.pth", tmp_path / "broken.ckpt", image_size=32)
-    assert not bad.ok
-    assert bad.first_divergent == "block 1"
-    assert [name for name, _ in bad.stage_diffs] == ["stem", "block 0", "block 1", "block 2", "logits"]
-    assert "first divergence after block 1" in "\n".join(bad.lines())
+def test_create_model_reads_every_format_and_keeps_the_recorded_activation(tmp_path):
+    model = create_model("convmixer_128_4", num_classes=5, dim=16, depth=2).eval()
+    torch.save(model.state_dict(), tmp_path / "in.pth")
+    convert(tmp_path / "in.pth", tmp_path / "w.ckpt")
+    convert(tmp_path / "in.pth", tmp_path / "w.safetensors", layout="mindspore", act="gelu_tanh")
+    x = torch.randn(2, 3, 16, 16)
+    from_ckpt = create_model("convmixer_128_4", num_classes=5, dim=16, depth=2, checkpoint_path=tmp_path / "w.ckpt")
+    assert from_ckpt.act == "gelu" and torch.equal(from_ckpt.eval()(x), model(x))
+    tanh = create_model("convmixer_128_4", num_classes=5, dim=16, depth=2, checkpoint_path=tmp_path / "w.safetensors")
+    assert tanh.act == "gelu_tanh"  # recorded in the file, so not the variant's exact GELU
+    forced = create_model("convmixer_128_4", num_classes=5, dim=16, depth=2, act="gelu",
+                          checkpoint_path=tmp_path / "w.safetensors")
+    assert forced.act == "gelu"
 
 
-def test_parity_command_line(tmp_path, capfd):
-    state = {k: v.abs() + 0.5 if k.endswith("running_var") else v
-             for k, v in ConvMixer(**ARCH).state_dict().items()}
-    torch.save(state, tmp_path / "in.pth")
-    write_ckpt(state, tmp_path / "good.ckpt")
-    write_ckpt(dict(state, **{"stem.2.bias": state["stem.2.bias"] + 0.1}), tmp_path / "bad.ckpt")
-    assert parity_cli.main([str(tmp_path / "in.pth"), str(tmp_path / "good.ckpt"), "--image-size", "32"]) == 0
-    assert capfd.readouterr().out.startswith("match: ")
-    assert parity_cli.main([str(tmp_path / "in.pth"), str(tmp_path / "bad.ckpt"), "--image-size", "32"]) == 1
-    out = capfd.readouterr().out
-    assert out.startswith("DIFFER: ") and "first divergence after stem" in out
-    assert parity_cli.main([str(tmp_path / "in.pth"), str(tmp_path / "missing.ckpt")]) == 1
-    assert capfd.readouterr().err == f"error: {tmp_path / 'missing.ckpt'}: no such file\n"
+# ---- MindSpore training checkpoints ------------------------------------------------------------------------
+
+def training_entries(state: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None = None) -> dict:
+    """What `save_checkpoint(train_cell)` of MindCV's training step holds beside the weights (one step of
+    AdamWeightDecay, a dynamic loss scale; with EMA MindCV's `ema.` copy and counter), in its order."""
+    named = keymap.convert_state(state, "mindspore")
+    trainable = {k: v for k, v in named.items() if not k.endswith(("moving_mean", "moving_variance"))}
+    extra = {"scale_sense": torch.tensor(1024.0)}
+    if ema is not None:
+        extra["updates"] = torch.tensor(1.0)
+        extra.update({f"ema.{k}": v for k, v in keymap.convert_state(ema, "mindspore").items()})
+    extra.update({"global_step": torch.tensor([1], dtype=torch.int32), "learning_rate": torch.tensor(1e-3)})
+    extra.update({f"adam_m.{k}": torch.zeros_like(v) for k, v in trainable.items()})
+    extra.update({f"adam_v.{k}": torch.ones_like(v) for k, v in trainable.items()})
+    extra.update({"current_iterator_step": torch.tensor(2, dtype=torch.int32),
+                  "last_overflow_iterator_step": torch.tensor(0, dtype=torch.int32)})
+    return extra
+
+
+def test_training_checkpoint_gives_its_weights_and_says_what_was_dropped(tmp_path, capfd):
+    state, ema = random_state(seed=3), random_state(seed=4)
+    write_ms(state, tmp_path / "train.ckpt", training_entries(state, ema))
+    rc, out, err = run_cli(capfd, tmp_path / "train.ckpt", tmp_path / "w.pth", "--act", "gelu_tanh")
+    assert rc == 0, err
+    assert_bit_identical(state, torch.load(tmp_path / "w.pth", weights_only=True))
+    assert err.splitlines() == [
+        f"note: {tmp_path / 'train.ckpt'}: dropped 110 entries of MindSpore training state: 61 optimizer (adam_m.*, "
+        "adam_v.*, learning_rate); 1 step (global_step); 3 loss scale (current_iterator_step, "
+        "last_overflow_iterator_step, scale_sense); 45 EMA (ema.*, updates)",
+        f"note: {tmp_path / 'w.pth'}: this format cannot record the activation, and read back without --act it is "
+        "taken for GELU (no registered variant has these shapes): state gelu_tanh when loading or converting it "
+        "(--act gelu_tanh, act='gelu_tanh'), or write .safetensors, which records it"]
+    assert out.endswith("activation gelu_tanh (--act), not recorded: this format cannot hold it\n")
+
+    rc, _, err = run_cli(capfd, tmp_path / "train.ckpt", tmp_path / "ema.safetensors", "--act", "gelu_tanh", "--ema")
+    assert rc == 0, err
+    assert "44 non-EMA weights (network.*); 61 optimizer" in err and "1 EMA (updates)" in err
+    assert_bit_identical(ema, read_weights(tmp_path / "ema.safetensors").state)
+
+
+def test_training_checkpoint_without_act_asks_for_it(tmp_path, capfd):
+    state = random_state()
+    write_ms(state, tmp_path / "train.ckpt", training_entries(state))
+    rc, out, err = run_cli(capfd, tmp_path / "train.ckpt", tmp_path / "w.pth")
+    assert rc == 1 and out == ""
+    assert err.startswith(f"error: {tmp_path / 'train.ckpt'}: holds MindSpore training state, and MindCV trains "
+                          "ConvMixers of these shapes with MindSpore's tanh GELU")
+    assert len(err.splitlines()) == 1 and files(tmp_path) == ["train.ckpt"]
+
+
+@pytest.mark.parametrize(("extra", "ema", "fragment"), [
+    ({"my_counter": torch.tensor(3)}, False,
+     "entry 'my_counter' is neither a ConvMixer weight (network.*) nor MindSpore training state"),
+    ({"adam_m.head.weight": torch.zeros(7, 24), "note": "text"}, False, "entry 'adam_m.head.weight' (and 1 more)"),
+    ({"global_step": torch.tensor([1], dtype=torch.int32)}, True,
+     "EMA weights were asked for, but it has none (no ema.network.* entries)"),
+])
+def test_training_checkpoint_refuses_what_it_cannot_place(tmp_path, extra, ema, fragment):
+    write_ms(random_state(), tmp_path / "train.ckpt", extra)
+    with pytest.raises(CheckpointError, match=fragment.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")
+                       .replace("*", r"\*")):
+        read_weights(tmp_path / "train.ckpt", use_ema=ema, act="gelu")
+
+
+def test_optimizer_file_without_weights_is_named(tmp_path):
+    state = keymap.convert_state(random_state(), "mindspore")
+    ms_files.write_ckpt([(f"adam_m.{k}", v) for k, v in state.items()] + [("global_step", torch.tensor([9]))],
+                        tmp_path / "optim.ckpt")
+    with pytest.raises(CheckpointError, match=r"holds no network\.\* weights \(found adam_m\.network\.0\.weight"):
+        read_weights(tmp_path / "optim.ckpt", act="gelu")
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------------
 
-def run_cli(capfd, *args: str) -> tuple[int, str, str]:
+def run_cli(capfd, *args) -> tuple[int, str, str]:
     rc = convert_cli.main([str(a) for a in args])
     out, err = capfd.readouterr()
     return rc, out, err
 
 
-def test_cli_verify_and_summary(tmp_path, capfd):
+def test_cli_verify_and_summary_without_mindspore_on_either_side(tmp_path, capfd):
     torch.save(keymap.convert_state(random_state(special=False), "official"), tmp_path / "in.pth")
-    rc, out, err = run_cli(capfd, tmp_path / "in.pth", tmp_path / "out.ckpt", "--verify")
+    rc, out, err = run_cli(capfd, tmp_path / "in.pth", tmp_path / "out.safetensors", "--verify")
     assert rc == 0, err
-    assert out.splitlines()[0].startswith("match: max relative logit difference")
-    assert f"wrote {tmp_path / 'out.ckpt'}: 44 tensors" in out
-    assert "activation unknown" in out
+    assert out.splitlines()[0].startswith("match: max relative logit difference 0 (tolerance 1e-05)")
+    assert f"wrote {tmp_path / 'out.safetensors'}: 51 tensors" in out
+    assert "activation unknown (unknown), none recorded" in out
     assert err.startswith("note: no registered variant has these shapes") and len(err.splitlines()) == 1
 
 
 def test_cli_failed_verification_writes_nothing(tmp_path, capfd, monkeypatch):
     torch.save(random_state(special=False), tmp_path / "in.pth")
-    (tmp_path / "out.ckpt").write_bytes(b"old")
-    monkeypatch.setattr(parity, "DEFAULT_TOL", 0.0)  # no two frameworks agree to the last bit
-    rc, out, err = run_cli(capfd, tmp_path / "in.pth", tmp_path / "out.ckpt", "--verify", "--force", "--act",
+    (tmp_path / "out.pth").write_bytes(b"old")
+    monkeypatch.setattr(parity, "DEFAULT_TOL", -1.0)  # even identical logits fail
+    rc, out, err = run_cli(capfd, tmp_path / "in.pth", tmp_path / "out.pth", "--verify", "--force", "--act",
                            "gelu")
     assert rc == 1
     assert out.startswith("DIFFER:")
-    assert err.startswith(f"error: {tmp_path / 'out.ckpt'}: not written") and len(err.splitlines()) == 1
-    assert (tmp_path / "out.ckpt").read_bytes() == b"old"
-    assert files(tmp_path) == ["in.pth", "out.ckpt"]
+    assert err.startswith(f"error: {tmp_path / 'out.pth'}: not written") and len(err.splitlines()) == 1
+    assert (tmp_path / "out.pth").read_bytes() == b"old"
+    assert files(tmp_path) == ["in.pth", "out.pth"]
+
+
+def test_verify_runs_each_file_with_its_own_activation(tmp_path, capfd):
+    """A file that records GELU, stated to be SiLU: the two models differ, and --verify says why."""
+    torch.save(random_state(special=False), tmp_path / "in.pth")
+    convert(tmp_path / "in.pth", tmp_path / "gelu.safetensors", act="gelu")
+    rc, out, err = run_cli(capfd, tmp_path / "gelu.safetensors", tmp_path / "out.pth", "--verify", "--act", "silu")
+    assert rc == 1 and out.startswith("DIFFER:")
+    assert err.rstrip().endswith("the input runs gelu (file metadata), the output silu (--act)")
+    assert files(tmp_path) == ["gelu.safetensors", "in.pth"]
 
 
 def _truncated(path: Path, good: Path, keep: float) -> None:
@@ -230,16 +331,26 @@ def _truncated(path: Path, good: Path, keep: float) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
+def _unknown_type(path: Path) -> None:
+    message = ms_files.Checkpoint()
+    record = message.value.add(tag="network.0.weight")
+    record.tensor.dims.append(1)
+    record.tensor.tensor_type, record.tensor.tensor_content = "Complex64", b"\0" * 8
+    path.write_bytes(message.SerializeToString())
+
+
 BAD_INPUTS = {
     # name: (how to make IN from a good .pth and .ckpt, output name, expected message fragment)
     "truncated pth": (lambda p, pth, ckpt: _truncated(p, pth, 0.5), "in.pth", "out.ckpt",
                       "truncated or corrupt"),
     "truncated ckpt": (lambda p, pth, ckpt: _truncated(p, ckpt, 0.5), "in.ckpt", "out.pth",
-                       "truncated or corrupt"),
+                       "cannot read it as a MindSpore checkpoint; the file is truncated or corrupt"),
     "garbage": (lambda p, pth, ckpt: p.write_bytes(b"not a checkpoint " * 100), "in.pth", "out.ckpt",
                 "not a PyTorch, safetensors or MindSpore checkpoint"),
     "garbage ckpt": (lambda p, pth, ckpt: p.write_bytes(b"\n\xff\xff\xff\x0f" + b"x" * 100), "in.ckpt",
                      "out.pth", "cannot read it as a MindSpore checkpoint"),
+    "unknown tensor type": (lambda p, pth, ckpt: _unknown_type(p), "in.ckpt", "out.pth",
+                            "entry 'network.0.weight' has MindSpore type 'Complex64'"),
     "empty": (lambda p, pth, ckpt: p.write_bytes(b""), "in.pth", "out.ckpt", "empty or truncated"),
     "missing tensor": (lambda p, pth, ckpt: torch.save(
         {k: v for k, v in random_state().items() if k != "blocks.1.1.weight"}, p), "in.pth", "out.ckpt",
@@ -250,7 +361,7 @@ BAD_INPUTS = {
     "shape mismatch": (lambda p, pth, ckpt: torch.save(
         dict(random_state(), **{"blocks.2.1.weight": torch.zeros(24, 24, 3, 3)}), p), "in.pth", "out.ckpt",
         "shape mismatch: blocks.2.1.weight (24, 24, 3, 3) vs model (24, 24, 1, 1)"),
-    "missing tensor in ckpt": (lambda p, pth, ckpt: write_ckpt(
+    "missing tensor in ckpt": (lambda p, pth, ckpt: write_ms(
         {k: v for k, v in random_state().items() if k != "blocks.1.3.running_var"}, p), "in.ckpt", "out.pth",
         "missing 1 tensor(s): blocks.1.3.running_var"),
     "no input": (lambda p, pth, ckpt: None, "nothing.pth", "out.ckpt", "no such file"),
@@ -324,23 +435,82 @@ def test_cli_truncated_ckpt_in_a_fresh_process(tmp_path, good_files):
     assert files(tmp_path) == ["in.ckpt"]
 
 
+# ---- CRC -----------------------------------------------------------------------------------------------------
+
+def _flip(path: Path, out: Path, where: float) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * where)] ^= 0x01
+    out.write_bytes(bytes(data))
+
+
 def test_ckpt_crc_is_written_and_checked(tmp_path, good_files):
-    data = bytearray(good_files[1].read_bytes())
+    data = good_files[1].read_bytes()
     assert data[-17:-10] == b"crc_num"
-    data[len(data) // 2] ^= 0x01  # one flipped bit inside a tensor
-    (tmp_path / "flipped.ckpt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="its CRC32 does not match its content; the file is corrupt"):
+    _flip(good_files[1], tmp_path / "flipped.ckpt", 0.5)  # one flipped bit inside a tensor
+    with pytest.raises(CheckpointError, match="flipped.ckpt: its CRC32 does not match its content; the file is "
+                                              "corrupt"):
         read_weights(tmp_path / "flipped.ckpt")
 
 
-def test_mindspore_model_is_mindcv_shaped(good_files):
-    net = MSConvMixer(**dict(ARCH, act="gelu"))
-    assert sorted(n for n, _ in net.parameters_and_names()) == sorted(ms.load_checkpoint(str(good_files[1])))
+def test_mindspore_safetensors_crc_is_checked(tmp_path, good_files):
+    convert(good_files[0], tmp_path / "ms.safetensors", layout="mindspore")
+    _flip(tmp_path / "ms.safetensors", tmp_path / "flipped.safetensors", 0.9)
+    with pytest.raises(CheckpointError, match=r"flipped.safetensors: its CRC32 \(crc_num\) does not match its "
+                                              r"content; the file is corrupt"):
+        read_weights(tmp_path / "flipped.safetensors")
+
+
+# ---- without MindSpore -------------------------------------------------------------------------------------
+
+NO_MINDSPORE = """
+import sys
+sys.modules["mindspore"] = None  # any `import mindspore` now raises ImportError
+from pathlib import Path
+import torch
+from convmixer_pt.cli import convert, export_mindir, parity, validate
+from convmixer_pt.weights import keymap
+tmp = Path(sys.argv[1])
+torch.manual_seed(0)
+from convmixer_pt import create_model
+state = create_model("convmixer_128_4", num_classes=5, dim=16, depth=2).state_dict()
+torch.save(keymap.convert_state(state, "official"), tmp / "official.pth.tar")
+assert convert.main([str(tmp / "official.pth.tar"), str(tmp / "w.ckpt")]) == 0
+assert convert.main([str(tmp / "w.ckpt"), str(tmp / "w.pth"), "--layout", "official"]) == 0
+assert convert.main([str(tmp / "w.ckpt"), str(tmp / "w.safetensors"), "--layout", "mindspore"]) == 0
+back = torch.load(tmp / "w.pth", weights_only=True)
+ref = torch.load(tmp / "official.pth.tar", weights_only=True)
+assert list(back) == list(ref)
+assert all(torch.equal(back[k], ref[k]) for k in ref if not k.endswith("num_batches_tracked")), "not bit-exact"
+print("@@ converted")
+for name, main, args in [
+        ("verify", convert.main, [str(tmp / "official.pth.tar"), str(tmp / "v.ckpt"), "--verify"]),
+        ("parity", parity.main, [str(tmp / "official.pth.tar"), str(tmp / "w.ckpt")]),
+        ("export", export_mindir.main, [str(tmp / "w.ckpt"), str(tmp / "w.mindir")]),
+        ("validate", validate.main, ["--model", "convmixer_128_4", "--checkpoint", str(tmp / "w.ckpt"),
+                                     "--data-dir", str(tmp)])]:
+    assert main(args) == 1, name
+    print("@@", name, "refused")
+assert not [m for m in sys.modules if m == "mindspore" and sys.modules[m] is not None or m.startswith("mindspore.")]
+"""
+
+
+@pytest.mark.slow
+def test_package_converts_without_mindspore_and_names_what_needs_it(tmp_path):
+    run = subprocess.run([sys.executable, "-c", NO_MINDSPORE, str(tmp_path)], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [line for line in run.stdout.splitlines() if line.startswith("@@ ")] == [
+        "@@ converted", "@@ verify refused", "@@ parity refused", "@@ export refused", "@@ validate refused"]
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4 and all('needs MindSpore, which is not installed here: pip install '
+                                    '"convmixer_pt[mindspore]"' in line for line in errors), run.stderr
+    assert not (tmp_path / "v.ckpt").exists() and not (tmp_path / "w.mindir").exists()
 
 
 @pytest.mark.slow
 def test_mindspore_is_imported_only_when_needed():
-    code = ("import sys, convmixer_pt, convmixer_pt.weights.convert, convmixer_pt.cli.convert; "
+    code = ("import sys, convmixer_pt, convmixer_pt.weights.convert, convmixer_pt.cli.convert, "
+            "convmixer_pt.cli.export_mindir, convmixer_pt.cli.validate, convmixer_pt.cli.parity; "
             "print('mindspore' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "False", run.stderr

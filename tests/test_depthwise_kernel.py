@@ -32,7 +32,8 @@ MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 # (the pre-activation gradient is stored in bf16, as PyTorch does): 1e-2 is several times that, and any
 # indexing or masking mistake gives errors of order 1.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
-REF_ACT = {"none": lambda y: y, "gelu": F.gelu, "relu": F.relu, "silu": F.silu}
+REF_ACT = {"none": lambda y: y, "gelu": F.gelu, "relu": F.relu, "silu": F.silu,
+           "gelu_tanh": lambda y: F.gelu(y, approximate="tanh")}
 
 
 def rel_err(value: torch.Tensor, ref: torch.Tensor) -> float:
@@ -134,9 +135,28 @@ def test_unknown_kernel_set_is_named():
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("act", ["none", "relu", "silu"])
+@pytest.mark.parametrize("act", ["none", "relu", "silu", "gelu_tanh"])
 def test_other_activations(act, layout):
     check_conv(SHAPES[0], (5, 5), torch.float32, act, seed=1, layout=layout)
+
+
+@pytest.mark.parametrize(("dtype", "layout", "variant"), KERNEL_SETS)
+def test_tanh_gelu_in_every_kernel_set(dtype, layout, variant):
+    """MindCV's activation: forward and gradients against PyTorch's float64 tanh GELU, and apart from exact
+    GELU by far more than the tolerance (so the test tells the two apart)."""
+    check_conv(SHAPES[1], (7, 7), dtype, "gelu_tanh", seed=9, layout=layout, kernel_set=variant)
+    y = torch.linspace(-6, 6, 1001, dtype=torch.float64)
+    assert (F.gelu(y, approximate="tanh") - F.gelu(y)).abs().max() > 1e-4
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's NumPy, for exp(1e6)
+def test_tanh_gelu_activation_helpers_at_extreme_inputs():
+    """Large inputs saturate to y and -0 without inf - inf or 0 * inf."""
+    y = torch.tensor([-1e6, -50.0, -1e-3, 0.0, 1e-3, 50.0, 1e6], device=DEVICE)
+    x = y.reshape(1, 7, 1, 1).contiguous()
+    out = dw.depthwise_conv2d(x, torch.ones(7, 1, 1, 1, device=DEVICE), None, "gelu_tanh")
+    torch.testing.assert_close(out.flatten().double().cpu(), F.gelu(y.double(), approximate="tanh").cpu(),
+                               rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # PyTorch's, in the reference
@@ -279,9 +299,12 @@ variants = [
                                         AFFINE_RESIDUAL=False, ADD=True, BLOCK=conv_cfg[0]), conv_cfg[1]),
     (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=1, HAS_BIAS=True, ACT=3, SAVE_PRE=False, AFFINE_RESIDUAL=True,
                                         ADD=False, BLOCK=conv_cfg[0]), conv_cfg[1]),
+    (dw._dw_conv_kernel, conv_sig, dict(common, SIGN=1, HAS_BIAS=True, ACT=4, SAVE_PRE=True, AFFINE_RESIDUAL=False,
+                                        ADD=False, BLOCK=conv_cfg[0]), conv_cfg[1]),
     (dw._dw_wgrad_kernel, wgrad_sig, dict(common, NEED_W=True, C8=8, C4=0, C2=0, C1=1, BLOCK_W=block_w, ROWS=rows,
                                           ROW_FIRST=True), wgrad_warps),
     (dw.act_grad_kernel, act_sig, dict(ACT=1, BLOCK=1024), 4),
+    (dw.act_grad_kernel, act_sig, dict(ACT=4, BLOCK=1024), 4),
 ]
 _, bw, bk, _ = dw.mma_launch_config(32, 32, 9)
 mma_conv_sig = dict(conv_sig, w_ptr="*{t}")
@@ -325,6 +348,8 @@ for o, c, i in ((64, 1536, 1024), (64, 1024, 256), (64 * 1024, 1536, 1)):  # NCH
     block_o, block_c, block_i, bn_warps = bn._blocks(o, c, i)
     for fn, (sig, extra) in bn_sigs.items():
         variants.append((fn, sig, dict(extra, ACT=1, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_I=block_i), bn_warps))
+    variants.append((bn._grad_kernel, bn_sigs[bn._grad_kernel][0],  # tanh GELU's derivative, the longest act_grad
+                     dict(ACT=4, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_I=block_i), bn_warps))
 variants.append((bn._finalize_kernel, dict(sum_ptr="*fp32", m2_ptr="*fp32", count_ptr="*fp32", T="i32", C="i32",
                                            n="fp32", weight_ptr="*fp32", bias_ptr="*fp32", run_mean_ptr="*fp32",
                                            run_var_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",

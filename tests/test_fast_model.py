@@ -46,7 +46,7 @@ def model_pair(act: str, seed: int = 0, **options):
 
 @pytest.mark.parametrize("fused_bn", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-@pytest.mark.parametrize("act", ["gelu", "relu"])
+@pytest.mark.parametrize("act", ["gelu", "relu", "gelu_tanh"])
 def test_fast_model_matches_plain_model_in_training_and_inference(act, layout, fused_bn):
     fast, plain = model_pair(act, channels_last=True, fused_batchnorm=fused_bn)
     fast, plain = fast.to(memory_format=MEMORY[layout]), plain.to(memory_format=MEMORY[layout])

@@ -22,12 +22,12 @@ pytestmark = [pytest.mark.mindspore, pytest.mark.slow]
 pytest.importorskip("mindspore")
 
 from mindspore import Tensor  # noqa: E402
+from test_convert import write_ms  # noqa: E402
 
 from convmixer_pt import VARIANTS, CheckpointError, create_model, create_ms_model  # noqa: E402
 from convmixer_pt.mindspore.model import MSConvMixer  # noqa: E402
 from convmixer_pt.weights import keymap  # noqa: E402
 from convmixer_pt.weights.convert import convert  # noqa: E402
-from convmixer_pt.weights.ms_io import write_ckpt  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -128,7 +128,7 @@ def test_parameter_names_are_mindcv_layout():
 def test_ckpt_loads_strictly_with_mindspore_own_loader(tmp_path):
     import mindspore as ms
 
-    write_ckpt(small_state(), tmp_path / "m.ckpt")
+    write_ms(small_state(), tmp_path / "m.ckpt")
     net = MSConvMixer(**dict(keymap.infer_arch(small_state()), act="gelu"))
     not_loaded, unused = ms.load_param_into_net(net, ms.load_checkpoint(str(tmp_path / "m.ckpt")),
                                                 strict_load=True)
@@ -136,13 +136,13 @@ def test_ckpt_loads_strictly_with_mindspore_own_loader(tmp_path):
 
 
 def test_create_ms_model_refuses_other_dtype(tmp_path):
-    write_ckpt(small_state(torch.float16), tmp_path / "h.ckpt")
+    write_ms(small_state(torch.float16), tmp_path / "h.ckpt")
     with pytest.raises(CheckpointError, match=r"dtype mismatch: network\.0\.weight Float16 vs model Float32"):
         create_ms_model("convmixer_128_4", num_classes=10, checkpoint_path=tmp_path / "h.ckpt")
 
 
 def test_create_ms_model_names_mismatched_tensors(tmp_path):
-    write_ckpt(small_state(), tmp_path / "m.ckpt")
+    write_ms(small_state(), tmp_path / "m.ckpt")
     with pytest.raises(CheckpointError, match=r"shape mismatch: network\.9\.weight \(10, 128\) vs model "
                                               r"\(1000, 128\)"):
         create_ms_model("convmixer_128_4", checkpoint_path=tmp_path / "m.ckpt")

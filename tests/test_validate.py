@@ -156,6 +156,33 @@ def test_act_override_builds_the_tanh_gelu_in_both_frameworks(data, checkpoints)
         run_validate(pth, root, act="tanh")
 
 
+def test_recorded_activation_is_validated_and_a_mindspore_layout_file_runs_mindspore(data, checkpoints,
+                                                                                      tmp_path) -> None:
+    """A file that records gelu_tanh is evaluated with it (no --act needed); MindSpore names ask for MindSpore."""
+    from convmixer_pt.weights.convert import convert
+
+    root, _ = data
+    _, pth, _ = checkpoints
+    convert(pth, tmp_path / "tanh.safetensors", act="gelu_tanh")
+    report, rows = run_validate(tmp_path / "tanh.safetensors", root)
+    assert (report["framework"], report["act"], report["act_source"]) == ("torch", "gelu_tanh", "file metadata")
+    assert rows == run_validate(pth, root, act="gelu_tanh")[1]
+    convert(pth, tmp_path / "ms.safetensors", act="gelu_tanh", layout="mindspore")
+    forced, forced_rows = run_validate(tmp_path / "ms.safetensors", root, framework="torch")
+    assert forced["act"] == "gelu_tanh" and forced_rows == rows
+
+
+@pytest.mark.mindspore
+def test_mindspore_layout_safetensors_runs_mindspore(data, checkpoints, tmp_path) -> None:
+    from convmixer_pt.weights.convert import convert
+
+    root, _ = data
+    _, pth, ckpt = checkpoints
+    convert(pth, tmp_path / "ms.safetensors", layout="mindspore")
+    report, rows = run_validate(tmp_path / "ms.safetensors", root)
+    assert report["framework"] == "mindspore" and rows == run_validate(ckpt, root)[1]
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))

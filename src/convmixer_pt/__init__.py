@@ -1,16 +1,17 @@
 """ConvMixer for PyTorch with exact PyTorch <-> MindSpore checkpoint conversion.
 
 Layers, each importing only those below it (docs/architecture.md):
-errors, files, variants (the registry) < fast (kernels < settings, dispatch) < model, mindspore (the MindSpore
-cell) < weights (keymap < torch_io, ms_io < formats < parity < convert) < factory < runtime, data <
-evaluation < train < cli.
+errors, files, variants (the registry), runtime, data < fast (kernels < settings, dispatch) < model, mindspore
+(the MindSpore cell) < weights (keymap < torch_io, ms_files < ms_io < ms_net < formats < parity < convert, mindir)
+< factory < evaluation < train < cli. MindSpore is an optional extra: only running the MindSpore model needs it.
 """
 
 from .errors import CheckpointError, UserError
 from .factory import create_model, create_ms_model
 from .model import ConvMixer
 from .variants import VARIANTS, list_models, variant_arch
-from .weights.torch_io import load_model_weights, read_state_dict
+from .weights.formats import load_model_weights, read_weights
+from .weights.torch_io import read_state_dict
 
 __all__ = [
     "VARIANTS",
@@ -22,6 +23,7 @@ __all__ = [
     "list_models",
     "load_model_weights",
     "read_state_dict",
+    "read_weights",
     "variant_arch",
 ]
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
-"""Where code runs: the device, the autocast dtype, and torchrun's process group with the few collectives the
-trainer and validation need.
+"""Where code runs: the device, the autocast dtype, torchrun's process group with the few collectives the
+trainer and validation need, and MindSpore, the optional framework.
 
 Everything is passed around as a `DistEnv`; nothing here keeps module-level state. Under torchrun (RANK,
 WORLD_SIZE, LOCAL_RANK set) a process group is always joined, even with one process, so a one-GPU torchrun
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -20,6 +22,28 @@ from torch import nn
 from .errors import UserError
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
+MINDSPORE_INSTALL = 'pip install "convmixer_pt[mindspore]"'
+MINDSPORE_PYTHONS = ((3, 10), (3, 12))  # the Python versions MindSpore 2.10 publishes wheels for
+
+
+class MissingDependencyError(UserError):
+    """An optional dependency that a command needs is not installed."""
+
+
+def require_mindspore(purpose: str) -> ModuleType:
+    """MindSpore, imported; where it is not installed, a one-line error saying what needs it and how to get it.
+
+    MindSpore is an extra: conversions never need it, only running the MindSpore model does.
+    """
+    try:
+        import mindspore
+    except ImportError:
+        unsupported = sys.version_info[:2] > MINDSPORE_PYTHONS[1]
+        where = " (MindSpore publishes wheels for Python {}.{} to {}.{} only)".format(
+            *MINDSPORE_PYTHONS[0], *MINDSPORE_PYTHONS[1]) if unsupported else ""
+        raise MissingDependencyError(f"{purpose} needs MindSpore, which is not installed here: "
+                                     f"{MINDSPORE_INSTALL}{where}") from None
+    return mindspore
 
 
 def resolve_device(requested: str | None) -> str:

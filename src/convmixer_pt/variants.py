@@ -26,7 +26,8 @@ class Activation:
 
 ACTIVATIONS: dict[str, Activation] = {
     "gelu": Activation(nn.GELU, ("GELU", {"approximate": False}), 1),  # exact (erf), as the weights were trained
-    "gelu_tanh": Activation(lambda: nn.GELU(approximate="tanh"), ("GELU", {"approximate": True}), None),
+    # MindSpore's nn.GELU() default, which MindCV's ConvMixer cell uses.
+    "gelu_tanh": Activation(lambda: nn.GELU(approximate="tanh"), ("GELU", {"approximate": True}), 4),
     "relu": Activation(nn.ReLU, ("ReLU", {}), 2),
     "silu": Activation(nn.SiLU, ("SiLU", {}), 3),
 }
@@ -37,6 +38,13 @@ def activation(name: str) -> Activation:
         return ACTIVATIONS[name]
     except KeyError:
         raise UserError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
+
+
+def mindcv_activation(arch: Mapping[str, Any]) -> str:
+    """What MindCV's ConvMixer cell runs for these shapes: ReLU for 768/32, else MindSpore's default
+    `nn.GELU()`, the tanh approximation."""
+    name = match_variant(arch)
+    return "relu" if name is not None and VARIANTS[name]["act"] == "relu" else "gelu_tanh"
 
 
 def activation_of(module: nn.Module) -> str | None:

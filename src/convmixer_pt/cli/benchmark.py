@@ -5,6 +5,7 @@
     python scripts/benchmark.py --device cpu --model convmixer_128_4 --img-size 32 --batch-size 2 \\
         --infer-batch-size 2 --steps 1 --repeats 1 --warmup 1          # a CPU smoke run
     python scripts/benchmark.py --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
+    taskset -c 0 python scripts/benchmark.py --convert --workdir /tmp/bench --json convert.json   # conversion
 
 Training steps are forward + backward + AdamW under autocast; inference is a forward pass under
 inference_mode. Both implementations get the same input, layout, AMP and compile settings. The fast-path
@@ -16,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import torch
 
 from ..errors import UserError
 from ..evaluation.benchmark import MODES, BenchConfig, depthwise_op_times, format_table
 from ..evaluation.benchmark import run as bench
+from ..evaluation.convert_benchmark import conversion_times, environment
 from ..fast import FastOptions
 from ..fast.settings import KERNEL_SETS
 from ..files import check_output, write_text
@@ -31,7 +34,7 @@ from .common import Parser, run
 
 
 def parser() -> Parser:
-    p = Parser(prog="benchmark.py", description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["convmixer_1536_20"], choices=list_models())
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--batch-size", type=int, default=64, help="training batch (and --depthwise-op batch)")
@@ -58,6 +61,10 @@ def parser() -> Parser:
     p.add_argument("--dim", type=int, default=1536, help="--depthwise-op channels")
     p.add_argument("--size", type=int, default=32, help="--depthwise-op plane height = width")
     p.add_argument("--kernel", type=int, default=9, help="--depthwise-op kernel size")
+    p.add_argument("--convert", action="store_true",
+                   help="time checkpoint conversion of --model's official file instead (fresh processes, --repeats "
+                        "each; MindSpore's figures where it is installed)")
+    p.add_argument("--workdir", default="convert_benchmark", help="--convert: where the files go")
     return p
 
 
@@ -90,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(device)  # CUDA events, do_bench and Triton launches use the current device
         if args.depthwise_op and device.type != "cuda":
             raise UserError("--depthwise-op needs a CUDA device")
-        if args.depthwise_op:
+        if args.convert:
+            if len(args.model) != 1:
+                raise UserError("--convert times one --model at a time")
+            print(json.dumps(environment()), file=sys.stderr)
+            rows = conversion_times(Path(args.workdir), args.model[0], args.repeats,
+                                    log=lambda line: print(line, flush=True))
+        elif args.depthwise_op:
             rows = depthwise_op_times(args.batch_size, args.dim, args.size, args.kernel,
                                       AMP_DTYPES[amp] or torch.float32, device=str(device))
             for r in rows:

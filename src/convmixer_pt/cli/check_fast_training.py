@@ -16,7 +16,7 @@ from dataclasses import asdict
 
 import torch
 
-from ..evaluation.fast_training import compare_training
+from ..evaluation.fast_training import check_arguments, compare_training
 from ..fast import FastOptions
 from ..files import check_output, write_text
 from ..runtime import resolve_device
@@ -25,7 +25,7 @@ from .common import Parser, run
 
 
 def parser() -> Parser:
-    p = Parser(prog="check_fast_training.py", description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="convmixer_1536_20", choices=list_models())
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--batch-size", type=int, default=32)
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
+        check_arguments(args.model, args.steps, args.batch_size, args.img_size, args.num_batches, args.lr)
         device = resolve_device(args.device)
         if args.json:
             check_output(args.json)

@@ -1,6 +1,6 @@
 """Do the PyTorch model of one checkpoint and the MindSpore model of another compute the same function?
 
-    python -m convmixer_pt.cli.parity model.pth model.ckpt    # exit 0 when they agree
+    convmixer-parity model.pth model.ckpt    # exit 0 when they agree (needs MindSpore)
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from .common import Parser, run
 
 
 def parser() -> Parser:
-    p = Parser(prog="python -m convmixer_pt.cli.parity", description=compare.__doc__)
+    p = Parser(description=compare.__doc__)
     p.add_argument("torch_checkpoint", help="any PyTorch-side file the loader accepts")
-    p.add_argument("ms_checkpoint", help="a MindSpore .ckpt in MindCV's names")
-    p.add_argument("--act", choices=sorted(ACTIVATIONS), help="activation (default: file record or registry)")
+    p.add_argument("ms_checkpoint", help="a MindSpore .ckpt or MindSpore-layout safetensors in MindCV's names")
+    p.add_argument("--act", choices=sorted(ACTIVATIONS),
+                   help="activation where a file implies none (default: the registry's for these shapes)")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)

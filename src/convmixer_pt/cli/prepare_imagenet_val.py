@@ -22,7 +22,7 @@ from .common import Parser, run
 
 
 def parser() -> Parser:
-    p = Parser(prog="prepare_imagenet_val.py", description=__doc__.split("\n\n")[0],
+    p = Parser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--images", required=True, help="flat folder of ILSVRC2012_val_*.JPEG")

@@ -18,7 +18,7 @@ from .common import Parser, run
 
 
 def parser() -> Parser:
-    p = Parser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_arguments(p)
     return p
 

@@ -4,8 +4,9 @@
         --data-dir /data/imagenet/val --protocol timm --json out.json --save-predictions preds.csv
     torchrun --nproc_per_node 8 scripts/validate.py ...   # PyTorch path, every image counted once
 
-The framework follows the checkpoint: a MindSpore `.ckpt` runs the MindSpore model, anything else the
-PyTorch one (`--framework` forces either). Both protocols feed both frameworks.
+The framework follows the checkpoint: a MindSpore `.ckpt` or MindSpore-layout safetensors runs the MindSpore
+model, anything else the PyTorch one (`--framework` forces either). Both protocols feed both frameworks; the
+MindSpore framework and the mindcv protocol need MindSpore.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from .common import Parser, run
 
 
 def parser() -> Parser:
-    p = Parser(prog="validate.py", description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=list_models(),
                    help="the registered variant the checkpoint must be (default: the checkpoint's own shapes)")
-    p.add_argument("--checkpoint", required=True, help="PyTorch/safetensors file or MindSpore .ckpt")
+    p.add_argument("--checkpoint", required=True, help="any checkpoint the converter reads")
     p.add_argument("--data-dir", required=True, help="ImageFolder root: DIR/<synset>/<image>")
     p.add_argument("--protocol", default="timm", choices=PROTOCOLS,
                    help="timm: PIL bicubic, antialiased (the paper's numbers); mindcv: MindSpore bilinear ops")
@@ -44,7 +45,8 @@ def parser() -> Parser:
     p.add_argument("--mean", type=float, nargs=3, help="normalisation mean, R G B (default: recorded, else ImageNet's)")
     p.add_argument("--std", type=float, nargs=3, help="normalisation std, R G B (default: recorded, else ImageNet's)")
     p.add_argument("--act", choices=sorted(ACTIVATIONS),
-                   help="replace the checkpoint's activation, e.g. gelu_tanh for MindCV's tanh-approximated GELU")
+                   help="the activation, as the converter's --act (default: the file's record, else the "
+                        "registry's), e.g. gelu_tanh for MindCV's tanh-approximated GELU")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--save-predictions", metavar="OUT.csv", help="CSV path,label,pred,top5, one row per image")
     p.add_argument("--no-progress", action="store_true")

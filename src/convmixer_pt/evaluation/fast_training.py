@@ -39,15 +39,20 @@ def loss_curve(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.T
     return losses
 
 
-def compare_training(model: str, fast: FastOptions, steps: int = 50, batch_size: int = 32, img_size: int = 224,
-                     num_batches: int = 4, lr: float = 1e-3, channels_last: bool = False,
-                     device: str = "cuda") -> dict[str, Any]:
-    """The three loss curves (fast bf16, plain bf16, plain fp32) and the verdict."""
+def check_arguments(model: str, steps: int, batch_size: int, img_size: int, num_batches: int, lr: float) -> None:
+    """A UserError for sizes and a learning rate that no training run can take."""
     patch = variant_arch(model)["patch_size"]
     if min(steps, batch_size, num_batches) < 1 or img_size < patch or not (math.isfinite(lr) and lr > 0):
         raise UserError(f"steps, batch size and batches must be at least 1, the image at least one {patch}-pixel "
                         f"patch, the learning rate finite and > 0; got {steps}, {batch_size}, {num_batches}, "
                         f"{img_size}, {lr}")
+
+
+def compare_training(model: str, fast: FastOptions, steps: int = 50, batch_size: int = 32, img_size: int = 224,
+                     num_batches: int = 4, lr: float = 1e-3, channels_last: bool = False,
+                     device: str = "cuda") -> dict[str, Any]:
+    """The three loss curves (fast bf16, plain bf16, plain fp32) and the verdict."""
+    check_arguments(model, steps, batch_size, img_size, num_batches, lr)
     memory = torch.channels_last if channels_last else torch.contiguous_format
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(batch_size, 3, img_size, img_size, generator=gen).to(device, memory_format=memory),

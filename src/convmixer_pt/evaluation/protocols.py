@@ -23,6 +23,7 @@ import torch
 
 from ..data import Decoded
 from ..errors import DataError, UserError, error_line
+from ..runtime import require_mindspore
 from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
 
 PROTOCOLS = ("timm", "mindcv")
@@ -58,6 +59,7 @@ def timm_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_
 def mindcv_ops(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CROP_PCT,
                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> list:
     """MindCV's eval op list for the convmixer configs (interpolation: bilinear, crop_pct: 0.96)."""
+    require_mindspore("the mindcv protocol (MindSpore's image ops)")
     from mindspore.dataset import vision
     from mindspore.dataset.vision import Inter
 

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from ..data import ImageFolder, ShardSampler
 from ..errors import UserError, error_line
 from ..files import atomic_path, write_text, writing
-from ..runtime import autocast, barrier, init_distributed, resolve_device, shutdown
+from ..runtime import autocast, barrier, init_distributed, require_mindspore, resolve_device, shutdown
 from ..variants import (
     EVAL_CROP_PCT,
     EVAL_INPUT_SIZE,
@@ -38,7 +38,6 @@ from ..variants import (
     variant_arch,
 )
 from ..weights.formats import Weights, ms_model, read_weights, torch_model
-from ..weights.torch_io import file_format
 from .loop import Predictor, evaluate
 from .protocols import INTERPOLATIONS, build_transform
 
@@ -47,11 +46,6 @@ FRAMEWORKS = ("torch", "mindspore")
 
 class ValidationError(UserError):
     """A data directory or an option that cannot be evaluated."""
-
-
-def framework_of(checkpoint: str | Path) -> str:
-    """MindSpore for a MindSpore checkpoint (recognised from the bytes, as `.ckpt` files are), else torch."""
-    return "mindspore" if file_format(checkpoint) == "mindspore" else "torch"
 
 
 def check_fit(name: str, checkpoint: str | Path, arch: dict[str, int]) -> None:
@@ -79,7 +73,7 @@ def torch_predictor(model: nn.Module, device: torch.device, amp: bool = False) -
 
 def set_mindspore_device(device: torch.device) -> None:
     """Run MindSpore on `device`'s kind; MindSpore fixes its device once it has run anything."""
-    import mindspore as ms
+    ms = require_mindspore("MindSpore validation (--framework mindspore; --framework torch runs PyTorch)")
 
     target = "GPU" if device.type == "cuda" else "CPU"
     try:
@@ -188,10 +182,12 @@ def validate(
 
     `model` (a registered variant) is checked against the checkpoint's shapes; None takes the architecture
     from the checkpoint. Preprocessing settings left None come from what the checkpoint's training recorded
-    (this trainer's checkpoints and args.yaml), else the published weights' defaults. `act` replaces the
-    activation.
+    (this trainer's checkpoints and args.yaml), else the published weights' defaults. The framework follows the
+    checkpoint (MindSpore for a .ckpt or MindSpore-layout safetensors) unless given; `act` states the activation,
+    as the converter's --act.
     """
-    framework = framework or framework_of(checkpoint)
+    weights = read_weights(checkpoint, act=act)
+    framework = framework or weights.framework
     if framework not in FRAMEWORKS:
         raise ValidationError(f"unknown framework {framework!r}; choose one of {', '.join(FRAMEWORKS)}")
     if framework == "mindspore" and amp:
@@ -205,7 +201,6 @@ def validate(
     if device is None and framework == "mindspore":
         device = "cpu"
     device = resolve_device(device)
-    weights = read_weights(checkpoint)
     settings = preprocessing(weights, img_size, crop_pct, interpolation, mean, std)
     env = init_distributed(torch.device(device).type)
     try:
@@ -213,6 +208,8 @@ def validate(
             raise ValidationError("distributed evaluation runs the torch framework only; run MindSpore in one "
                                   "process")
         torch_device = env.device if env.distributed else torch.device(device)
+        if framework == "mindspore":
+            set_mindspore_device(torch_device)
         dataset = ImageFolder(data_dir, build_transform(protocol, settings.img_size, settings.crop_pct,
                                                         settings.interpolation, settings.mean, settings.std))
         if model is not None:
@@ -221,11 +218,10 @@ def validate(
             raise ValidationError(f"{checkpoint} has a {weights.arch['num_classes']}-class head but {dataset.root} "
                                   f"holds {len(dataset.classes)} class folders")
         if framework == "torch":
-            net = torch_model(weights, act)
+            net = torch_model(weights)
             predict = torch_predictor(net, torch_device, amp)
         else:
-            set_mindspore_device(torch_device)
-            net = ms_model(weights, act)
+            net = ms_model(weights)
             predict = mindspore_predictor(net)
         sampler = ShardSampler(len(dataset), env)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
@@ -237,7 +233,8 @@ def validate(
     finally:
         shutdown(env)
     report = dict(model=model or model_name(weights), checkpoint=str(checkpoint), framework=framework,
-                  protocol=protocol, act=net.act, img_size=settings.img_size, crop_pct=settings.crop_pct,
+                  protocol=protocol, act=net.act, act_source=weights.act_source, img_size=settings.img_size,
+                  crop_pct=settings.crop_pct,
                   interpolation=settings.interpolation if protocol == "timm" else "bilinear",
                   mean=list(settings.mean), std=list(settings.std), preprocessing_from=settings.source,
                   top1=round(result.top1, 4), top5=round(result.top5, 4), count=result.count,

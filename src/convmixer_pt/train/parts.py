@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..factory import create_model
 from ..model import ConvMixer
 from ..runtime import DistEnv
-from ..weights.torch_io import load_model_weights
+from ..weights.formats import load_model_weights
 from .config import ConfigError, TrainConfig
 
 

@@ -15,7 +15,8 @@ import torch
 
 from ..errors import CheckpointError
 from ..files import OutputExistsError, atomic_path, writing
-from .formats import Weights, cast_state, output_format, read_weights, write_weights
+from ..runtime import require_mindspore
+from .formats import Weights, cast_state, output_layout, read_weights, write_weights
 from .parity import DEFAULT_TOL, ParityReport, verify_output
 
 # BatchNorm statistics are buffers, not parameters; they are left out of the parameter count.
@@ -47,6 +48,14 @@ class VerificationError(CheckpointError):
         self.report = report
 
 
+def activation_clause(weights: Weights) -> str:
+    """Where the input's own activation is not the one stated for the output, the words that say so."""
+    own, why = weights.reference_act
+    if own == (weights.act or "gelu"):
+        return ""
+    return f"; the input runs {own} ({why}), the output {weights.act} ({weights.act_source})"
+
+
 def verify_tolerance(original: Weights, written: Weights) -> float | None:
     """The relative logit difference a cast may cause: 8 units in the last place of the narrowest float the
     weights were cast to; None (parity's float32 default) where no weight changed dtype."""
@@ -57,10 +66,11 @@ def verify_tolerance(original: Weights, written: Weights) -> float | None:
     return max(DEFAULT_TOL, 8 * max(torch.finfo(d).eps for d in changed))
 
 
-def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: bool = False,
+def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, use_ema: bool = False,
             dtype: str = "keep", clamp: bool = False, act: str | None = None, overwrite: bool = False,
             verify: bool = False, verify_size: int = 224, progress: bool = False) -> tuple[Weights, Summary]:
-    """Read `src`, write `dst`; returns the weights as written and a summary of the output.
+    """Read `src`, write `dst` (in `layout`, default: the output format's own); returns the weights as written
+    and a summary of the output. No MindSpore is needed unless `verify` has a MindSpore model to run.
 
     `dtype` casts the floating tensors; values that do not fit it are refused, or with `clamp` saturated and
     counted. `verify` compares the model of the written file with the model of `src` as read, before the
@@ -69,18 +79,20 @@ def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: 
     """
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
-    output_format(dst)
+    layout = output_layout(dst, layout)
     if not overwrite and dst.exists():
         raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
     if dst.exists() and dst.resolve() == src.resolve():
         raise CheckpointError(f"{dst}: is the input file; write the output elsewhere")
-    original = read_weights(src, use_ema=use_ema, act=act, progress=progress, float64=dtype != "keep")
+    original = read_weights(src, use_ema=use_ema, act=act, float64=dtype != "keep")
     state, clamped = cast_state(original.state, dtype, clamp)
     weights = dataclasses.replace(original, state=state)
+    if verify and "mindspore" in (weights.framework, layout):
+        require_mindspore("--verify with a MindSpore checkpoint on either side")
     report = None
     with atomic_path(dst, overwrite=overwrite) as stage:
         with writing(dst):
-            written = write_weights(weights, stage, layout=layout, progress=progress)
+            written = write_weights(weights, stage, layout=layout)
         size = stage.stat().st_size
         if verify:
             report = verify_output(original, stage, image_size=verify_size, progress=progress,
@@ -88,7 +100,7 @@ def convert(src: str | Path, dst: str | Path, *, layout: str = "timm", use_ema: 
             if not report.ok:
                 raise VerificationError(f"{dst}: not written, since its model does not reproduce the logits "
                                         f"of {src} (relative difference {report.rel_diff:.3g} > "
-                                        f"{report.tol:g})", report)
+                                        f"{report.tol:g}){activation_clause(weights)}", report)
     summary = Summary(
         path=dst,
         tensors=written,

@@ -1,7 +1,13 @@
 """Every checkpoint format behind one pair of functions: `read_weights(path) -> Weights`, `write_weights`.
 
 Every input is read into one form, timm-layout torch tensors plus the architecture inferred from their shapes
-(`Weights`), and every output is written from it, so any format converts to any other exactly.
+(`Weights`), and every output is written from it, so any format converts to any other exactly. None of it
+needs MindSpore: only `torch_model`'s counterpart `ms_model` runs it.
+
+The activation is not in the tensors. It comes from `--act`, else the file's own record (safetensors metadata,
+a training checkpoint's `arch`), else the registered variant with those shapes; a MindSpore training checkpoint
+of a GELU-shaped model must be told (MindCV trains with MindSpore's tanh GELU, the published weights used exact
+GELU, and nothing in the file says which).
 """
 
 from __future__ import annotations
@@ -16,15 +22,19 @@ import torch
 
 from ..errors import CheckpointError, about
 from ..model import ConvMixer
-from ..variants import ACTIVATIONS, VARIANTS, match_variant
+from ..variants import ACTIVATIONS, VARIANTS, activation, match_variant, mindcv_activation
 from . import keymap
-from .ms_io import ms_model_from_params, read_ckpt_state, torch_to_ms, write_ckpt
+from .ms_files import read_ckpt, write_ckpt, write_ms_safetensors
+from .ms_io import check_safetensors_crc, is_mindspore_layout, split_training_state
+from .ms_net import ms_model_from_params, torch_to_ms
 from .torch_io import (
     check_state_dict,
+    check_weights,
     file_format,
     load_state_dict_strict,
     overflow,
-    read_state_dict,
+    read_torch_checkpoint,
+    torch_state,
     write_safetensors,
 )
 
@@ -32,7 +42,14 @@ TORCH_SUFFIXES = (".pth", ".pt", ".pth.tar", ".tar", ".bin")
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
 }
-TORCH_LAYOUTS = ("timm", "official")
+# The tensor names each output format takes (the first is its default): a .ckpt is always in MindCV's names,
+# a PyTorch pickle never.
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "mindspore": ("mindspore",),
+    "safetensors": ("timm", "official", "mindspore"),
+    "torch": ("timm", "official"),
+}
+FORMAT_NAMES = {"mindspore": "MindSpore .ckpt", "safetensors": ".safetensors", "torch": "PyTorch"}
 
 
 @dataclass
@@ -41,10 +58,16 @@ class Weights:
 
     state: dict[str, torch.Tensor]
     arch: dict[str, int]  # dim, depth, kernel_size, patch_size, in_chans, num_classes
-    act: str | None  # None when nothing says which activation the weights were trained with
+    act: str | None  # the activation stated for the weights (and recorded in outputs); None: nothing says
     act_source: str
     framework: str  # "torch" or "mindspore": which model the file is meant for
     path: Path
+    # The activation the file itself implies, where that may differ from `act` (its own record, or MindCV's cell
+    # for MindSpore training state): what the input's model runs when it is verified against an output.
+    input_act: str | None = None
+    input_act_source: str = ""
+    dropped: str = ""  # one line saying what training state was dropped; "" when nothing was
+    training_state: bool = False  # a MindSpore training checkpoint (optimizer, step, loss scale or EMA entries)
     meta: dict[str, Any] = field(default_factory=dict)  # what the file records: metadata, a training config
 
     @property
@@ -55,6 +78,13 @@ class Weights:
     def model_arch(self) -> dict[str, Any]:
         """Constructor arguments of a model these weights fit (GELU stands in for an unknown activation)."""
         return dict(self.arch, act=self.act or "gelu")
+
+    @property
+    def reference_act(self) -> tuple[str, str]:
+        """The activation the input's own model runs, and why."""
+        if self.input_act is not None:
+            return self.input_act, self.input_act_source
+        return self.act or "gelu", self.act_source
 
 
 def output_format(path: str | Path) -> str:
@@ -70,39 +100,85 @@ def output_format(path: str | Path) -> str:
                           f".safetensors, or {'/'.join(TORCH_SUFFIXES)} (PyTorch)")
 
 
-def resolve_act(arch: Mapping[str, int], metadata_act: str | None,
-                override: str | None) -> tuple[str | None, str]:
-    """The activation and where it came from: --act, then the file's own record, then the registry."""
+def output_layout(path: str | Path, layout: str | None = None) -> str:
+    """The tensor names an output gets: `layout` where its format takes it, else the format's default."""
+    allowed = LAYOUTS[output_format(path)]
+    if layout is None:
+        return allowed[0]
+    if layout not in allowed:
+        raise CheckpointError(f"{path}: a {FORMAT_NAMES[output_format(path)]} output takes --layout "
+                              f"{' or '.join(allowed)}, not {layout!r}")
+    return layout
+
+
+def records_activation(path: str | Path) -> bool:
+    """Whether an output of this name records the activation: safetensors metadata can; a bare state dict and
+    a `.ckpt` (whose extra entries MindSpore's strict loading would report as unused) cannot."""
+    return output_format(path) == "safetensors"
+
+
+def resolve_act(arch: Mapping[str, int], recorded: str | None, override: str | None,
+                training_state: bool = False) -> tuple[str | None, str]:
+    """The activation and where it came from: --act, then the file's own record, then the registry.
+
+    MindSpore training state of a model whose activation would default to GELU is refused without --act:
+    MindCV trains with MindSpore's tanh GELU, and the file cannot say whether that is what it holds.
+    """
     if override:
         return override, "--act"
-    if metadata_act in ACTIVATIONS:
-        return metadata_act, "file metadata"
+    if recorded in ACTIVATIONS:
+        return recorded, "file metadata"
+    if training_state and mindcv_activation(arch) == "gelu_tanh":
+        raise CheckpointError("holds MindSpore training state, and MindCV trains ConvMixers of these shapes with "
+                              "MindSpore's tanh GELU (nn.GELU()), which the file cannot confirm: pass --act gelu_tanh "
+                              "to keep that function, or --act gelu for exact GELU (act=... in Python)")
     name = match_variant(arch)
     if name is not None:
         return VARIANTS[name]["act"], f"registry: {name}"
     return None, "unknown"
 
 
-def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None,
-                 progress: bool = False, float64: bool = False) -> Weights:
-    """Any accepted checkpoint, checked to hold exactly one complete ConvMixer of real weights (`float64`:
-    float64 weights too, for a caller that converts them)."""
+def implied_act(arch: Mapping[str, int], recorded: str | None, training_state: bool) -> tuple[str | None, str]:
+    """The activation a file itself implies, whatever --act says: its record, else for MindSpore training state
+    what MindCV's cell runs; None where it implies none."""
+    if recorded in ACTIVATIONS:
+        return recorded, "file metadata"
+    if training_state:
+        return mindcv_activation(arch), "MindSpore training state: MindCV's cell"
+    return None, ""
+
+
+def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None, float64: bool = False) -> Weights:
+    """Any accepted checkpoint, checked to hold exactly one complete ConvMixer of real weights (`check_weights`;
+    `float64`: float64 weights too, for a caller that converts them)."""
+    if act is not None:
+        activation(act)  # an unknown name is the caller's error, not the file's
     path = Path(path)
-    if file_format(path) == "mindspore":
-        if use_ema:
-            raise CheckpointError(f"{path}: EMA weights were asked for, but a MindSpore .ckpt holds one set "
-                                  "of weights")
-        state, meta, framework = read_ckpt_state(path, progress), {}, "mindspore"
+    fmt = file_format(path)
+    if fmt == "mindspore":
+        with about(path):
+            obj, meta = read_ckpt(path), {}
     else:
-        state, meta = read_state_dict(path, use_ema=use_ema, float64=float64)
-        framework = "torch"
+        obj, meta = read_torch_checkpoint(path)
     with about(path):
+        dropped, training = "", False
+        if fmt == "mindspore" or (fmt == "safetensors" and is_mindspore_layout(obj)):
+            check_safetensors_crc(obj, meta)
+            split = split_training_state(obj, use_ema=use_ema)
+            state = keymap.convert_state(split.network, "timm", src="mindspore")
+            framework, dropped, training = "mindspore", split.dropped_line(), split.training_state
+        else:
+            state, meta = torch_state(obj, meta, use_ema=use_ema)
+            framework = "torch"
+        check_weights(state, float64)
         arch = keymap.infer_arch(state)
-        resolved, source = resolve_act(arch, meta.get("act"), act)
+        recorded = meta.get("act")
+        resolved, source = resolve_act(arch, recorded, act, training)
+        own, own_source = implied_act(arch, recorded, training)
         with torch.device("meta"):
             check_state_dict(ConvMixer(**arch, act=resolved or "gelu", fast=False), state)
     return Weights(state=state, arch=arch, act=resolved, act_source=source, framework=framework, path=path,
-                   meta=meta)
+                   input_act=own, input_act_source=own_source, dropped=dropped, training_state=training, meta=meta)
 
 
 def cast_state(state: Mapping[str, torch.Tensor], dtype: str,
@@ -142,8 +218,9 @@ def with_batch_counters(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
-def safetensors_metadata(weights: Weights, layout: str) -> dict[str, str]:
-    meta = {"format": "pt", "layout": layout, "arch": json.dumps(weights.arch, sort_keys=True)}
+def record(weights: Weights, layout: str) -> dict[str, str]:
+    """What a safetensors output records about the model beside its tensors."""
+    meta = {"layout": layout, "arch": json.dumps(weights.arch, sort_keys=True)}
     if weights.variant:
         meta["variant"] = weights.variant
     if weights.act:
@@ -151,19 +228,20 @@ def safetensors_metadata(weights: Weights, layout: str) -> dict[str, str]:
     return meta
 
 
-def write_weights(weights: Weights, path: str | Path, layout: str = "timm", progress: bool = False) -> int:
-    """Write in the format `path`'s name asks for (`layout`: PyTorch outputs only); returns the tensor count.
-
-    The file is written in place: callers that need it to appear whole pass a staging path.
-    """
-    fmt = output_format(path)
-    if layout not in TORCH_LAYOUTS:
-        raise CheckpointError(f"unknown layout {layout!r} for a PyTorch output; choose timm or official")
-    if fmt == "mindspore":
-        return write_ckpt(weights.state, path, progress=progress)
+def write_weights(weights: Weights, path: str | Path, layout: str | None = None) -> int:
+    """Write in the format `path`'s name asks for, in `layout` (default: the format's own); returns the tensor
+    count. The file is written in place: callers that need it to appear whole pass a staging path."""
+    fmt, layout = output_format(path), output_layout(path, layout)
+    if layout == "mindspore":
+        named = keymap.convert_state(weights.state, "mindspore", src="timm")
+        if fmt == "mindspore":
+            write_ckpt(named.items(), path)
+        else:
+            write_ms_safetensors(named.items(), path, extra_metadata=record(weights, layout))
+        return len(named)
     full = keymap.convert_state(with_batch_counters(weights.state), layout, src="timm")
     if fmt == "safetensors":
-        write_safetensors(full, path, metadata=safetensors_metadata(weights, layout))
+        write_safetensors(full, path, metadata={"format": "pt", **record(weights, layout)})
     else:
         torch.save(full, path)
     return len(full)
@@ -187,3 +265,12 @@ def ms_model(weights: Weights, act: str | None = None, arch: Mapping[str, Any] |
     arch = dict(weights.model_arch if arch is None else arch, **({"act": act} if act else {}))
     with about(weights.path):
         return ms_model_from_params(arch, params)
+
+
+def load_model_weights(model: ConvMixer, path: str | Path, use_ema: bool = False) -> Weights:
+    """Load any checkpoint `read_weights` accepts into `model` strictly (the model's activation stands as stated);
+    returns what was read."""
+    weights = read_weights(path, use_ema=use_ema, act=model.act, float64=True)
+    with about(path):
+        load_state_dict_strict(model, weights.state)
+    return weights

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..model import ConvMixer
-from .formats import Weights, ms_model, output_format, read_weights, torch_model
-from .ms_io import ms_model_from_file
+from ..runtime import require_mindspore
+from .formats import Weights, ms_model, read_weights, torch_model
+from .ms_net import ms_model_from_file
 
 DEFAULT_TOL = 1e-5  # float32; MindSpore's tanh GELU alone moves ConvMixer logits by ~1e-4
 
@@ -79,13 +80,17 @@ def compare_runs(ref: Runner, other: Runner, x: np.ndarray, depth: int, tol: flo
     return compare_outputs(ref(x), other(x), depth, tol, names)
 
 
+def same_top5(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two batches of logits rank the same five classes first, image by image."""
+    top5 = [np.argsort(-logits, axis=1, kind="stable")[:, :5] for logits in (a, b)]
+    return all(set(r) == set(o) for r, o in zip(top5[0], top5[1], strict=True))
+
+
 def compare_outputs(a: list[np.ndarray], b: list[np.ndarray], depth: int, tol: float = DEFAULT_TOL,
                     names: tuple[str, str] = ("A", "B")) -> ParityReport:
     """Compare two runs' outputs (after stem, each block, logits); `a` is the reference."""
     diffs = [(name, rel_diff(sa, sb)) for name, sa, sb in zip(stage_names(depth), a, b, strict=True)]
-    top5 = [np.argsort(-logits, axis=1, kind="stable")[:, :5] for logits in (a[-1], b[-1])]
-    same = all(set(r) == set(o) for r, o in zip(top5[0], top5[1], strict=True))
-    return ParityReport(diffs, same, tol, names[0], names[1], (a[-1], b[-1]))
+    return ParityReport(diffs, same_top5(a[-1], b[-1]), tol, names[0], names[1], (a[-1], b[-1]))
 
 
 # ---- runners -----------------------------------------------------------------------------------------------
@@ -116,30 +121,49 @@ def ms_runner(net: Any) -> Runner:  # net: an MSConvMixer (typed loosely: MindSp
 def compare(torch_checkpoint: str | Path, ms_checkpoint: str | Path, act: str | None = None,
             batch_size: int = 2, image_size: int = 224, seed: int = 0,
             tol: float = DEFAULT_TOL) -> ParityReport:
-    """Run the PyTorch model of `torch_checkpoint` and the MindSpore model of `ms_checkpoint` on one batch."""
+    """Run the PyTorch model of `torch_checkpoint` and the MindSpore model of `ms_checkpoint` on one batch, each
+    with its own file's activation (its record, or MindCV's cell for MindSpore training state), else `act`,
+    else the registry's."""
+    require_mindspore("the parity check (it runs the MindSpore model)")
     weights = read_weights(torch_checkpoint, act=act)
     if batch_size < 1 or image_size < weights.arch["patch_size"]:
         raise UserError(f"the batch needs at least one image of at least one {weights.arch['patch_size']}-pixel "
                         f"patch, got batch size {batch_size} and image size {image_size}")
-    pt = torch_model(weights)
-    ms_net = ms_model_from_file(ms_checkpoint, weights.model_arch)
+    ms_act, _ = read_weights(ms_checkpoint, act=weights.act or "gelu").reference_act
+    pt = torch_model(weights, act=weights.reference_act[0])
+    ms_net = ms_model_from_file(ms_checkpoint, dict(weights.model_arch, act=ms_act))
     x = random_batch(weights.arch["in_chans"], batch_size, image_size, seed)
     return compare_runs(torch_runner(pt), ms_runner(ms_net), x, weights.arch["depth"], tol,
                         (f"PyTorch {torch_checkpoint}", f"MindSpore {ms_checkpoint}"))
 
 
+def output_act(weights: Weights, back: Weights) -> tuple[str, str]:
+    """The activation an output runs: its own record, else (a format that cannot record one) what the converter
+    states for the weights."""
+    if back.act_source == "file metadata" and back.act is not None:
+        return back.act, "its metadata"
+    return weights.act or "gelu", weights.act_source
+
+
 def verify_output(weights: Weights, out: Path, image_size: int = 224, seed: int = 0, progress: bool = False,
                   tol: float | None = None) -> ParityReport:
-    """The model of `weights` against the model loaded from `out` by its own framework's loader, each model in
-    the framework its file is meant for; `tol` (default DEFAULT_TOL, read when called) bounds the relative
+    """The model of `weights` against the model loaded from `out` by its own framework's loader; each model in
+    the framework its file is meant for, each with its own file's activation, so weights stated with another
+    activation than their file implies fail. `tol` (default DEFAULT_TOL, read when called) bounds the relative
     logit difference."""
-    ref = ms_runner(ms_model(weights)) if weights.framework == "mindspore" else torch_runner(torch_model(weights))
-    if output_format(out) == "mindspore":
-        other = ms_runner(ms_model_from_file(out, weights.model_arch))
+    ref_act, _ = weights.reference_act
+    if weights.framework == "mindspore":
+        ref = ms_runner(ms_model(weights, act=ref_act))
     else:
-        other = torch_runner(torch_model(read_weights(out, act=weights.model_arch["act"])))
+        ref = torch_runner(torch_model(weights, act=ref_act))
+    back = read_weights(out)
+    out_act, _ = output_act(weights, back)
+    if back.framework == "mindspore":
+        other = ms_runner(ms_model_from_file(out, dict(weights.model_arch, act=out_act)))
+    else:
+        other = torch_runner(torch_model(back, act=out_act))
     x = random_batch(weights.arch["in_chans"], image_size=image_size, seed=seed)
-    names = ("input" if weights.framework == "torch" else "input (MindSpore)", "output")
+    names = (f"input ({weights.framework}, {ref_act})", f"output ({back.framework}, {out_act})")
     with tqdm(total=2, desc="verify", unit="model", disable=not progress, leave=False) as bar:
         outputs = []
         for run in (ref, other):

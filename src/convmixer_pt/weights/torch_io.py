@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save
 from torch import nn
 
 from ..errors import CheckpointError, about
 from ..files import atomic_path, writing
 from ..variants import VARIANTS
 from . import keymap
+from .ms_files import canonical_metadata
 
 # What training checkpoints in the wild pickle besides tensors and builtins: timm's train.py stores
 # its `args` as an argparse.Namespace.
@@ -159,8 +161,8 @@ def read_torch_checkpoint(path: str | Path) -> tuple[Any, dict[str, str]]:
     if fmt == "safetensors":
         return _safetensors_load(path)
     if fmt == "mindspore":
-        raise CheckpointError(f"{path}: is a MindSpore checkpoint; convert it with tools/convert_ckpt.py "
-                              "or load it with convmixer_pt.create_ms_model")
+        raise CheckpointError(f"{path}: is a MindSpore checkpoint; read it with convmixer_pt.weights.formats."
+                              "read_weights, or convert it with convmixer-convert")
     return _torch_load(path), {}
 
 
@@ -176,21 +178,27 @@ def recorded_act(obj: Any) -> str | None:
     return None
 
 
-def read_state_dict(path: str | Path, use_ema: bool = False,
-                    float64: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Model weights of any accepted PyTorch-side file, renamed into the timm layout, plus what the file
-    records about them: safetensors metadata, the activation, and this trainer's `config`. `float64` accepts
-    float64 weights, for callers that convert them."""
-    obj, meta = read_torch_checkpoint(path)
-    with about(path):
-        state = keymap.convert_state(strip_prefixes(unwrap(obj, use_ema=use_ema)), "timm")
-        check_weights(state, float64)
+def torch_state(obj: Any, meta: Mapping[str, str], use_ema: bool = False) -> tuple[dict[str, torch.Tensor],
+                                                                                   dict[str, Any]]:
+    """The model weights of a PyTorch-side file's object, renamed into the timm layout, plus the file's metadata
+    with the activation and the training config a training checkpoint records."""
+    state = keymap.convert_state(strip_prefixes(unwrap(obj, use_ema=use_ema)), "timm")
     meta = dict(meta)
     act = recorded_act(obj)
     if act and "act" not in meta:
         meta["act"] = act
     if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping):
-        meta["config"] = dict(obj["config"])
+        meta["config"] = dict(obj["config"])  # this trainer's config: what validation takes preprocessing from
+    return state, meta
+
+
+def read_state_dict(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Model weights of any accepted PyTorch-side file, renamed into the timm layout and checked to be real
+    weights (`check_weights`), plus what the file records."""
+    obj, meta = read_torch_checkpoint(path)
+    with about(path):
+        state, meta = torch_state(obj, meta, use_ema)
+        check_weights(state)
     return state, meta
 
 
@@ -262,14 +270,6 @@ def overflow(tensor: torch.Tensor, dtype: torch.dtype) -> str | None:
            f"{str(dtype).removeprefix('torch.')}'s largest, {torch.finfo(dtype).max:.6g}"
 
 
-def load_model_weights(model: nn.Module, path: str | Path, use_ema: bool = False) -> dict[str, Any]:
-    """Load any accepted PyTorch-side checkpoint into `model` strictly; returns what the file records."""
-    state, meta = read_state_dict(path, use_ema=use_ema, float64=True)
-    with about(path):
-        load_state_dict_strict(model, state)
-    return meta
-
-
 def save_torch(obj: Any, path: str | Path) -> None:
     """`torch.save` to a temporary file, renamed over `path` when complete."""
     with atomic_path(path) as tmp, writing(path):
@@ -278,7 +278,7 @@ def save_torch(obj: Any, path: str | Path) -> None:
 
 def write_safetensors(state: Mapping[str, torch.Tensor], path: str | Path,
                       metadata: dict[str, str] | None = None) -> None:
-    """A safetensors file of `state` (callers that need it to appear whole write to a staging path)."""
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    """A safetensors file of `state` with `metadata` in the order given, so the same tensors give the same bytes
+    (callers that need it to appear whole write to a staging path)."""
+    blob = save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata)
+    Path(path).write_bytes(canonical_metadata(blob, metadata or {}))

@@ -18,7 +18,7 @@ import triton.language as tl
 from ...variants import ACTIVATIONS
 
 # The code `act` and `act_grad` branch on: "none", then each registry activation the kernels compute
-# (variants.ACTIVATIONS[name].kernel: 1 exact GELU, 2 ReLU, 3 SiLU).
+# (variants.ACTIVATIONS[name].kernel: 1 exact GELU, 2 ReLU, 3 SiLU, 4 tanh GELU).
 ACT_CODES = {"none": 0, **{name: a.kernel for name, a in ACTIVATIONS.items() if a.kernel is not None}}
 SUM = tl.standard._sum_combine
 
@@ -37,6 +37,8 @@ def act(y, ACT: tl.constexpr):
         out = tl.maximum(y, 0.0)
     elif ACT == 3:
         out = y * sigmoid(y)
+    elif ACT == 4:  # 0.5 y (1 + tanh(u)) = y sigmoid(2u), u = sqrt(2/pi) (y + 0.044715 y^3): no tanh builtin
+        out = y * sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
     return out
 
 
@@ -51,6 +53,9 @@ def act_grad(y, ACT: tl.constexpr):
     elif ACT == 3:
         s = sigmoid(y)
         d = s * (1.0 + y * (1.0 - s))
+    elif ACT == 4:  # d/dy [y s(2u)] = s + y s (1 - s) 2u', 2u' = 2 sqrt(2/pi) (1 + 3 * 0.044715 y^2)
+        s = sigmoid(1.5957691216057308 * (y + 0.044715 * y * y * y))
+        d = s + y * s * (1.0 - s) * 1.5957691216057308 * (1.0 + 0.134145 * y * y)
     return d
 
 

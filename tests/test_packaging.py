@@ -1,0 +1,98 @@
+"""What an install gives: MindSpore as an extra (the dev extra brings it where a wheel exists), protobuf as what
+reads `.ckpt`, a console command per CLI, and the repository's scripts as thin wrappers of the same `main`s.
+A plain (non-editable) install is built and run here."""
+
+from __future__ import annotations
+
+import ast
+import configparser
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = configparser.ConfigParser()
+CONFIG.read(REPO / "setup.cfg")
+
+
+def requirements(text: str) -> list[Requirement]:
+    return [Requirement(line) for line in text.strip().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def console_scripts() -> dict[str, str]:
+    lines = CONFIG["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict(line.replace(" ", "").split("=") for line in lines)
+
+
+def test_mindspore_is_an_extra_and_protobuf_a_requirement():
+    required = {r.name: r for r in requirements(CONFIG["options"]["install_requires"])}
+    assert "mindspore" not in required and "protobuf" in required
+    extras = {name: {r.name: r for r in requirements(CONFIG["options.extras_require"][name])}
+              for name in ("mindspore", "dev")}
+    assert extras["mindspore"]["mindspore"].marker is None
+    marker = extras["dev"]["mindspore"].marker
+    assert isinstance(marker, Marker)
+    # MindSpore 2.10 publishes wheels for Python 3.10 to 3.12: the dev extra brings it there and only there.
+    assert [marker.evaluate({"python_version": v}) for v in ("3.10", "3.11", "3.12", "3.13", "3.14")] == \
+        [True, True, True, False, False]
+
+
+def test_every_cli_has_a_console_command_and_the_scripts_wrap_the_same_mains():
+    cli = sorted(p.stem for p in (REPO / "src" / "convmixer_pt" / "cli").glob("*.py")
+                 if p.stem not in ("__init__", "common"))
+    scripts = console_scripts()
+    assert sorted(target.split(":")[0].rsplit(".", 1)[1] for target in scripts.values()) == cli
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        assert name == "convmixer-" + module.rsplit(".", 1)[1].replace("_", "-")
+        assert callable(getattr(importlib.import_module(module), function))
+    wrappers = [*sorted((REPO / "scripts").glob("*.py")), REPO / "tools" / "convert_ckpt.py"]
+    wrapped = {re.search(r"from (convmixer_pt\.cli\.\w+) import main", p.read_text()).group(1) for p in wrappers}
+    assert wrapped <= {target.split(":")[0] for target in scripts.values()}
+    for path in wrappers:  # thin: a docstring, the imports, the call
+        body = ast.parse(path.read_text()).body
+        assert [type(node).__name__ for node in body] == ["Expr", "Import", "ImportFrom", "If"], path
+
+
+@pytest.mark.slow
+def test_plain_install_gives_working_console_commands(tmp_path):
+    """Build the wheel from the tracked files, install it (no dependencies: they are this environment's) into a
+    target directory, and convert with the installed `convmixer-convert` alone on the path."""
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
+                   check=True, capture_output=True, timeout=300)
+    (wheel,) = (tmp_path / "dist").glob("convmixer_pt-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
+                   capture_output=True, timeout=300)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
+    bin_dir = tmp_path / "site" / "bin"
+    assert sorted(p.name for p in bin_dir.iterdir()) == sorted(console_scripts())
+    code = "import convmixer_pt; print(convmixer_pt.__file__)"
+    where = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert where.startswith(str(tmp_path / "site"))  # the installed copy, not the source tree
+    from convmixer_pt import create_model
+    from convmixer_pt.weights import keymap
+
+    torch.save(keymap.convert_state(create_model("convmixer_128_4", num_classes=3, depth=1).state_dict(), "official"),
+               tmp_path / "in.pth.tar")
+    for args in (["in.pth.tar", "w.ckpt"], ["w.ckpt", "w.pth"]):
+        run = subprocess.run([str(bin_dir / "convmixer-convert"), *(str(tmp_path / a) for a in args)], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert run.returncode == 0 and run.stdout.startswith(f"wrote {tmp_path / args[1]}: "), run.stderr
+    usage = subprocess.run([str(bin_dir / "convmixer-train"), "--help"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: convmixer-train")

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import about
 from .model import ConvMixer
-from .variants import variant_arch
+from .variants import pretrained_cfg, variant_arch
 from .weights.ms_io import load_params_strict, read_ms_params
 from .weights.torch_io import load_model_weights
 
@@ -23,7 +23,9 @@ def create_model(
     use_ema: bool = False,
     **overrides: Any,
 ) -> ConvMixer:
-    """Build a registered variant; `overrides` change any constructor argument (dim, act, in_chans, fast, ...).
+    """Build a registered variant; `overrides` change any constructor argument (dim, act, in_chans, global_pool,
+    fast, device, dtype, ...). Its `pretrained_cfg` is the variant's (timm's eval preprocessing, the hub id of
+    the published weights).
 
     `checkpoint_path` may be an official locuslab file, a timm state dict (.pth/.bin/.safetensors) or a
     training checkpoint; the layout is recognised from the keys and loading is strict. `use_ema` picks the
@@ -32,6 +34,8 @@ def create_model(
     kwargs = variant_arch(name)
     kwargs.update(num_classes=num_classes, **overrides)
     model = ConvMixer(**kwargs)
+    # As timm's factory does: the cfg of the name, which describes the variant's (published) weights.
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name)
     if checkpoint_path is not None:
         load_model_weights(model, checkpoint_path, use_ema=use_ema)
     return model

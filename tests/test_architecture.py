@@ -16,7 +16,7 @@ LAYERS = [
     ("fast",),
     ("model", "mindspore"),
     ("weights",),
-    ("factory",),
+    ("factory", "timm_models"),
     ("evaluation",),
     ("train",),
     ("cli",),

@@ -277,7 +277,7 @@ class ConvMixer(nn.Module):
         `stop_early` skips the blocks after the last one asked for (the final features are then that block's
         output); `norm` is accepted and has nothing to do (ConvMixer has no final norm); NCHW only."""
         if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt {output_fmt!r}: ConvMixer's features are NCHW only")
+            raise ValueError(f"output_fmt '{output_fmt}': ConvMixer's features are NCHW only")
         take, last = feature_indices(len(self.blocks), indices)
         intermediates: list[torch.Tensor] = []
         x = self.stem(x)

@@ -17,7 +17,7 @@ LAYERS = [
     ("model", "mindspore"),
     ("weights",),
     ("factory", "timm_models"),
-    ("evaluation",),
+    ("evaluation", "export"),
     ("train",),
     ("cli",),
     ("",),  # the package's public API

@@ -115,6 +115,12 @@ def test_bad_options_are_refused_when_the_model_is_built():
         create_model("convmixer_128_4", fast=FastOptions(kernel_set="fastest"))
     with pytest.raises(SettingError, match="^fast must be True, False, None or a FastOptions, got 'yes'$"):
         create_model("convmixer_128_4", fast="yes")
+    with pytest.raises(SettingError, match="^enabled 'yes' is not one of None, True, False$"):
+        FastOptions(enabled="yes")
+    with pytest.raises(SettingError, match="^channels_last 1 is not one of True, False$"):
+        FastOptions(channels_last=1)
+    with pytest.raises(SettingError, match="^fused_batchnorm 'no' is not one of True, False$"):
+        FastOptions(fused_batchnorm="no")
 
 
 def test_environment_gives_the_defaults():

@@ -134,6 +134,17 @@ def test_torchscript_gives_the_eager_logits(option):
         assert taps is None or len(taps) == 2
 
 
+def test_jit_trace_records_the_plain_modules():
+    """torch.jit.trace (and the legacy ONNX exporter over it) gets the blocks' plain modules: its graph is for
+    other runtimes, which have no Triton operators."""
+    model = model_for("fast").eval()
+    x = torch.randn(IMG, device=DEVICE)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        assert "convmixer_pt::" not in str(traced.inlined_graph)  # no operator of ours in the graph
+        assert torch.equal(traced(x), model_for("plain").eval()(x))
+
+
 @pytest.mark.parametrize("option", ["plain", "fast"])
 def test_grad_checkpointing_changes_no_gradient_and_updates_batchnorm_twice(option):
     """Checkpointing recomputes each block in the backward pass, BatchNorm's running-statistics update

@@ -1,9 +1,12 @@
 """ConvMixer for PyTorch with exact PyTorch <-> MindSpore checkpoint conversion.
 
 Layers, each importing only those below it (docs/architecture.md):
-errors, files, variants (the registry) < fast (kernels < settings, dispatch) < model, mindspore (the MindSpore
-cell) < weights (keymap < torch_io, ms_io < formats < parity < convert) < factory < runtime, data <
-evaluation < train < cli.
+errors, files, variants (the registry), runtime, data < fast (kernels < settings, dispatch, ops) < model,
+mindspore (the MindSpore cell) < weights (keymap < torch_io, ms_io < formats < parity < convert) < factory,
+timm_models < evaluation, export < train < cli.
+
+`import convmixer_pt.timm_models` registers the variants in timm's model registry (this module does not: it
+would import timm.models).
 """
 
 from .errors import CheckpointError, UserError

@@ -81,6 +81,20 @@ def test_compile_gives_the_eager_logits_and_gradients(option):
 
 
 @pytest.mark.slow
+def test_compile_under_autocast_gives_the_eager_logits():
+    """The operators have no autocast rule: the functions over them cast to autocast's dtype, in the graph as
+    in eager mode."""
+    torch._dynamo.reset()
+    model = model_for("fast")
+    compiled = torch.compile(copy.deepcopy(model), backend="aot_eager", fullgraph=True)
+    x = torch.randn(IMG, device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        eager, graph = step(model, x), step(compiled, x)
+    assert eager[0].dtype == graph[0].dtype == torch.bfloat16
+    assert_same_run(graph, eager, 1e-6)
+
+
+@pytest.mark.slow
 def test_compile_with_grad_checkpointing_gives_the_eager_gradients():
     torch._dynamo.reset()
     model = model_for("fast")

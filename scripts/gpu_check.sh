@@ -18,7 +18,7 @@
 #             train (batch 64) and infer (256), timm in channels_last
 #   bench_cl_bn  the same with the fused BatchNorm as well (in inference it fuses the pointwise branch's
 #             activation and BatchNorm)
-#   tests     the kernel and fast-model tests with the compiled kernels at full ConvMixer shapes (xdist
+#   tests     the kernel, operator and fast-model tests with the compiled kernels at full ConvMixer shapes (xdist
 #             workers) -> the NCHW model stages use the tensor-core kernels only if these pass and the op
 #             stage found them faster at 1536/9x9; otherwise the direct ones (logged)
 #   bench     the three variants in NCHW (our NCHW kernels, timm NCHW), train and infer
@@ -27,6 +27,9 @@
 #   profile   the CUDA kernels of one 1536/20 training step in channels_last with the fused BatchNorm
 #   trainer   scripts/train.py under torchrun (NCCL, one rank), bf16, generated JPEGs through the full
 #             augmentation (not run by default)
+#   bench_compile  scripts/benchmark.py --compile for 1536/20: timm eager and compiled in NCHW and
+#             channels_last as peers, our eager and compiled fast path (not run by default: compiling six
+#             models takes minutes; STAGES=bench_compile BUDGET=540 alone fits one call)
 # At the end summary.txt gives, per model and mode, the fastest configuration of ours and of timm and the
 # ratio against the speed targets (1536/20 training 3x, the other training rows 1.5x, inference 2x).
 set -u
@@ -87,6 +90,7 @@ fi
 TESTS_OK=unknown
 if stage tests 200; then
   timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py tests/test_batchnorm_kernel.py tests/test_fast_model.py \
+    tests/test_ops.py \
     -q -p no:cacheprovider -n 8 \
     -k "not compile_for_hopper" --junitxml="$RES/kernel_tests.xml" > "$RES/kernel_tests.log" 2>&1
   rc=$?
@@ -119,6 +123,12 @@ if stage trainer 100; then
   log "trainer exit $?: $(tail -1 "$RES/trainer.log")"
   cp /tmp/gpu_check_trainer/summary.csv "$RES/trainer_summary.csv" 2>/dev/null
   cp /tmp/gpu_check_trainer/args.yaml "$RES/trainer_args.yaml" 2>/dev/null
+  pack
+fi
+if stage bench_compile 480; then
+  timeout "$LIMIT" $PY scripts/benchmark.py --model convmixer_1536_20 --compile --peer-layouts nchw channels_last \
+    --kernel-set $KERNEL_SET --no-fused-bn $BENCH --json "$RES/bench_compile.json" > "$RES/bench_compile.log" 2>&1
+  log "bench_compile exit $?"
   pack
 fi
 if stage train_cl 90; then
@@ -157,7 +167,7 @@ PYEOF
 fi
 $PY - > "$RES/summary.txt" 2>&1 <<PYEOF
 import json, os
-files = ("bench_nchw.json", "bench_bn.json", "bench_cl.json", "bench_cl_bn.json")
+files = ("bench_nchw.json", "bench_bn.json", "bench_cl.json", "bench_cl_bn.json", "bench_compile.json")
 rows = [r for f in files if os.path.exists(f"$RES/{f}") for r in json.load(open(f"$RES/{f}"))]
 targets = {("convmixer_1536_20", "train"): 3.0}
 for model in ("convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20"):
@@ -170,7 +180,7 @@ for model in ("convmixer_1536_20", "convmixer_768_32", "convmixer_1024_20"):
             ours, timm = best["convmixer_pt"], best["timm"]
             need = targets.get((model, mode), 1.5 if mode == "train" else 2.0)
             ratio = ours["img_per_s"] / timm["img_per_s"]
-            lay = lambda r: "channels_last" if r["channels_last"] else "NCHW"
+            lay = lambda r: ("channels_last" if r["channels_last"] else "NCHW") + (", compiled" if r.get("compile") else "")
             print(f"{model} {mode}: ours {ours['img_per_s']:.1f} ({lay(ours)}, kernels {ours['dw_kernel']}, fused BN "
                   f"{ours['fused_bn']}, {ours['peak_mem_mib']:.0f} MiB) / timm {timm['img_per_s']:.1f} ({lay(timm)}, "
                   f"{timm['peak_mem_mib']:.0f} MiB) = {ratio:.2f}x, target {need}x: {'met' if ratio >= need else 'NOT met'}")
@@ -178,7 +188,7 @@ PYEOF
 log "done"
 pack
 grep -hE "triton|torch_" "$RES/op.log" 2>/dev/null
-for f in bench_cl bench_cl_bn bench bench_bn; do
+for f in bench_cl bench_cl_bn bench bench_bn bench_compile; do
   grep -E "^ *(model|convmixer_)" "$RES/$f.log" 2>/dev/null | grep -v " bs=" | sed "s/^/$f /"
 done
 cat "$RES/summary.txt"

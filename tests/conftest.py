@@ -4,9 +4,21 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """timm's test module (read by test_timm_suite.py where CONVMIXER_TIMM_TESTS names it) marks its tests
+    with timm's own markers: register them, or --strict-markers refuses the module."""
+    timm_tests = os.environ.get("CONVMIXER_TIMM_TESTS")
+    if timm_tests and Path(timm_tests).is_file():
+        for name in sorted(set(re.findall(r"pytest\.mark\.(\w+)", Path(timm_tests).read_text()))):
+            config.addinivalue_line("markers", f"{name}: a marker of timm's tests/test_models.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

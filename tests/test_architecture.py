@@ -16,8 +16,8 @@ LAYERS = [
     ("fast",),
     ("model", "mindspore"),
     ("weights",),
-    ("factory",),
-    ("evaluation",),
+    ("factory", "timm_models"),
+    ("evaluation", "export"),
     ("train",),
     ("cli",),
     ("",),  # the package's public API

@@ -1,5 +1,5 @@
 """The fused activation + training-mode BatchNorm (+ residual) kernels against nn.BatchNorm2d in float64, and
-the whole residual branch x + BN(act(dwconv(x))) as one function.
+the whole residual branch x + BN(act(dwconv(x))) as one function, through their custom operators.
 
 Without CUDA the kernels run in Triton's CPU interpreter at small shapes (tests/triton_env.py); with CUDA
 the compiled kernels run at full ConvMixer shapes.
@@ -17,11 +17,11 @@ import torch.nn.functional as F
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
-from triton_env import DEVICE, ON_GPU, import_kernels, interpreter_or_exact_fp32  # noqa: E402, F401
+from triton_env import DEVICE, ON_GPU, import_kernels, import_ops, interpreter_or_exact_fp32  # noqa: E402, F401
 
 kb = import_kernels("batchnorm")
 residual = import_kernels("residual")
-dw = import_kernels("depthwise")
+ops = import_ops()  # the autograd-level functions, through the custom operators
 
 SHAPES = [(64, 1536, 32, 32), (3, 100, 17, 14)] if ON_GPU else [(2, 5, 13, 13), (3, 70, 7, 12)]
 MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
@@ -60,7 +60,7 @@ def run_both(src, skip, bn, grad, act):
     ref_bn = copy.deepcopy(bn).double()
     src_k = src.detach().requires_grad_()
     skip_k = skip.detach().requires_grad_() if skip is not None else None
-    out = kb.act_batch_norm(src_k, bn, act, skip=skip_k)
+    out = ops.act_batch_norm(src_k, bn, act, skip=skip_k)
     out.backward(grad)
     src_r = src.detach().double().requires_grad_()
     skip_r = skip.detach().double().requires_grad_() if skip is not None else None
@@ -116,7 +116,7 @@ def test_without_affine_or_running_statistics():
 
 def test_wider_skip_gives_the_wider_dtype_like_pytorch():
     src, skip, bn, grad = make_case(SHAPES[1], "nchw", dtype=torch.bfloat16)
-    out = kb.act_batch_norm(src, bn, "gelu", skip=skip.float())
+    out = ops.act_batch_norm(src, bn, "gelu", skip=skip.float())
     assert out.dtype == (bn(F.gelu(src)) + skip.float()).dtype == torch.float32
 
 
@@ -129,9 +129,9 @@ def test_what_is_not_supported_is_refused():
     assert not kb.supports(x, torch.nn.SyncBatchNorm(4))
     assert not kb.supports(x, bn.eval())
     with pytest.raises(ValueError, match=r"needs a training-mode nn.BatchNorm2d .* got \(2, 4, 3, 3\)"):
-        kb.act_batch_norm(x, bn, "gelu")
+        ops.act_batch_norm(x, bn, "gelu")
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
-        kb.act_batch_norm(x, bn.train(), "tanh")
+        ops.act_batch_norm(x, bn.train(), "tanh")
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -141,11 +141,11 @@ def test_inference_form_uses_the_running_statistics(layout, act, affine):
     bn.running_mean.uniform_(-1, 1)
     bn.running_var.uniform_(0.5, 2)
     bn.eval()
-    out = kb.eval_act_batch_norm(src, bn, act)
+    out = ops.eval_act_batch_norm(src, bn, act)
     ref = copy.deepcopy(bn).double()(ACT[act](src.double()))
     assert out.is_contiguous(memory_format=MEMORY[layout]) and rel_err(out, ref) < 1e-5
     with pytest.raises(ValueError, match="needs an eval-mode nn.BatchNorm2d"):
-        kb.eval_act_batch_norm(src, bn.train(), act)
+        ops.eval_act_batch_norm(src, bn.train(), act)
 
 
 @pytest.mark.parametrize(("layout", "dtype", "act", "variant"), [
@@ -165,7 +165,7 @@ def test_residual_branch_matches_float64(layout, dtype, act, variant):
     ref_conv, ref_bn = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
     x = src.detach().requires_grad_()
     assert residual.supports(x, conv, bn)
-    out = residual.residual_depthwise_batch_norm(x, conv, bn, act, variant)
+    out = ops.residual_depthwise_batch_norm(x, conv, bn, act, variant)
     out.backward(grad)
     rx = src.detach().double().requires_grad_()
     ref_pre = ref_conv(rx)
@@ -194,4 +194,4 @@ def test_residual_branch_is_refused_where_autocast_would_cast_the_input():
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         assert not residual.supports(x, conv, bn)  # fp32 input, bf16 convolution: the skip would differ
         with pytest.raises(ValueError, match=r"cannot take input \(2, 4, 5, 5\) torch.float32"):
-            residual.residual_depthwise_batch_norm(x, conv, bn, "gelu")
+            ops.residual_depthwise_batch_norm(x, conv, bn, "gelu")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from convmixer_pt.evaluation.benchmark import BenchConfig, build, forward_macs
+from convmixer_pt.evaluation.benchmark import BenchConfig, build, forward_macs, plan, row_label
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,10 +68,40 @@ def test_cli_cpu_smoke_run_writes_rows_for_both_implementations(tmp_path):
         assert r["tflops"] == pytest.approx(2 * factor * macs * r["img_per_s"] / 1e12)
         assert r["peak_mem_mib"] is None
     for timm_row, ours in (rows[0:2], rows[2:4]):
-        assert timm_row["ratio_to_timm"] == 1.0
-        assert ours["ratio_to_timm"] == pytest.approx(ours["img_per_s"] / timm_row["img_per_s"])
+        assert timm_row["ratio_to_best_peer"] == 1.0 and timm_row["best_peer"] == "timm NCHW eager"
+        assert ours["ratio_to_best_peer"] == pytest.approx(ours["img_per_s"] / timm_row["img_per_s"])
     table = proc.stdout.splitlines()
-    assert table[0].split()[:5] == ["model", "mode", "layout", "batch", "impl"] and len(table) == 5
+    assert table[0].split()[:6] == ["model", "mode", "layout", "batch", "impl", "compiled"] and len(table) == 5
+
+
+def test_rows_are_timm_in_every_peer_configuration_then_ours():
+    cfg = BenchConfig(model="convmixer_128_4", mode="train", batch_size=2, device="cpu", channels_last=True)
+    rows = [(impl, c.channels_last, c.compile) for impl, c in plan(cfg, compiled=True, peer_layouts=[False, True])]
+    assert rows == [("timm", False, False), ("timm", False, True), ("timm", True, False), ("timm", True, True),
+                    ("convmixer_pt", True, False), ("convmixer_pt", True, True)]
+    assert [(i, c.channels_last, c.compile) for i, c in plan(cfg)] == [("timm", True, False),
+                                                                        ("convmixer_pt", True, False)]
+
+
+@pytest.mark.slow
+def test_cli_compiled_rows_and_ratios_to_the_best_peer(tmp_path):
+    """--compile adds timm compiled as a peer and our compiled model beside the eager rows (CPU: inductor
+    around the plain modules); every ratio is to the fastest timm row."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "cpu", "--model", "convmixer_128_4",
+           "--mode", "infer", "--img-size", "16", "--infer-batch-size", "2", "--steps", "1", "--repeats", "1",
+           "--warmup", "1", "--compile", "--peer-layouts", "nchw", "channels_last", "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["impl"], r["channels_last"], r["compile"]) for r in rows] == [
+        ("timm", False, False), ("timm", False, True), ("timm", True, False), ("timm", True, True),
+        ("convmixer_pt", False, False), ("convmixer_pt", False, True)]
+    best = max((r for r in rows if r["impl"] == "timm"), key=lambda r: r["img_per_s"])
+    for r in rows:
+        assert r["ratio_to_best_peer"] == pytest.approx(r["img_per_s"] / best["img_per_s"])
+        assert r["best_peer"] == row_label(best)
+    assert max(r["ratio_to_best_peer"] for r in rows if r["impl"] == "timm") == 1.0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")

@@ -1,4 +1,5 @@
-"""The Triton depthwise kernels against float64 PyTorch references, and their compile for sm_90.
+"""The Triton depthwise kernels against float64 PyTorch references (through their custom operators, where
+autograd is involved), and their compile for sm_90.
 
 Without CUDA the kernels run in Triton's CPU interpreter at small shapes (tests/triton_env.py); with CUDA
 the compiled kernels run at full ConvMixer shapes. The model's fast path is tested in test_fast_model.py.
@@ -18,9 +19,10 @@ import torch.nn.functional as F
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
-from triton_env import DEVICE, ON_GPU, import_kernels, interpreter_or_exact_fp32  # noqa: E402, F401
+from triton_env import DEVICE, ON_GPU, import_kernels, import_ops, interpreter_or_exact_fp32  # noqa: E402, F401
 
 dw = import_kernels("depthwise")
+ops = import_ops()  # the autograd-level functions, through the custom operators
 
 # (N, C, H, W): odd and even planes, batch 1, channel counts that divide no block size.
 if ON_GPU:
@@ -65,7 +67,7 @@ def check_conv(shape, kernel, dtype, act, seed=0, layout="nchw", kernel_set="dir
         # float64 reference may take different sides, so no gradient flows in from there.
         ambiguous = pre.detach().abs() < TOLERANCE[dtype] * pre.detach().square().mean().sqrt()
         grad = grad.masked_fill(ambiguous, 0)
-    out = dw.depthwise_conv2d(x, weight, bias, act, kernel_set)
+    out = ops.depthwise_conv2d(x, weight, bias, act, kernel_set)
     ref = REF_ACT[act](pre)
     out.backward(grad)
     ref.backward(grad.double())
@@ -131,7 +133,7 @@ def test_planes_too_wide_for_the_tensor_core_kernels_use_the_direct_ones():
 def test_unknown_kernel_set_is_named():
     x = torch.randn(1, 4, 5, 5, device=DEVICE)
     with pytest.raises(ValueError, match="unknown kernel set 'fastest'; choose one of direct, mma"):
-        dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), kernel_set="fastest")
+        ops.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), kernel_set="fastest")
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
@@ -232,7 +234,7 @@ def test_channels_last_bf16_read_in_channel_pairs_gives_the_same_bits(channels):
 def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype, layout, variant):
     (x, weight, bias), (rx, rw, rb), _ = make_operands(SHAPES[0], (9, 9), dtype, seed=5, layout=layout)
     scale, shift = torch.rand(SHAPES[0][1], device=DEVICE) + 0.5, torch.randn(SHAPES[0][1], device=DEVICE)
-    out = dw.depthwise_conv2d_affine_residual(x.detach(), weight.detach(), bias.detach(), scale, shift, "gelu",
+    out = ops.depthwise_conv2d_affine_residual(x.detach(), weight.detach(), bias.detach(), scale, shift, "gelu",
                                               variant)
     ref = rx + F.gelu(F.conv2d(rx, rw, rb, padding="same", groups=SHAPES[0][1])) * scale.double()[:, None, None] \
         + shift.double()[:, None, None]
@@ -242,7 +244,7 @@ def test_inference_kernel_fuses_activation_batchnorm_and_residual(dtype, layout,
 
 def test_module_keeps_conv2d_parameters_runs_both_layouts_and_falls_back_for_strided_input():
     c = SHAPES[0][1]
-    module = dw.DepthwiseConv2d(c, 7).to(DEVICE)
+    module = ops.DepthwiseConv2d(c, 7).to(DEVICE)
     plain = torch.nn.Conv2d(c, c, 7, groups=c, padding="same").to(DEVICE)
     plain.load_state_dict(module.state_dict())
     assert list(module.state_dict()) == list(plain.state_dict())
@@ -266,7 +268,7 @@ def test_unsupported_reasons_name_the_problem():
     wide_cl = torch.empty(1, 4, 1, 1025).contiguous(memory_format=torch.channels_last)
     assert dw.unsupported_reason(wide_cl, torch.randn(4, 1, 3, 3)) is None  # no row tile in channels_last
     with pytest.raises(ValueError, match="unknown activation 'tanh'"):
-        dw.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), None, "tanh")
+        ops.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, device=DEVICE), None, "tanh")
 
 
 COMPILE_FOR_HOPPER = r"""
@@ -352,7 +354,8 @@ for o, c, i in ((64, 1536, 1024), (64, 1024, 256), (64 * 1024, 1536, 1)):  # NCH
                      dict(ACT=4, BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_I=block_i), bn_warps))
 variants.append((bn._finalize_kernel, dict(sum_ptr="*fp32", m2_ptr="*fp32", count_ptr="*fp32", T="i32", C="i32",
                                            n="fp32", weight_ptr="*fp32", bias_ptr="*fp32", run_mean_ptr="*fp32",
-                                           run_var_ptr="*fp32", mean_ptr="*fp32", rstd_ptr="*fp32",
+                                           run_var_ptr="*fp32", new_mean_ptr="*fp32", new_var_ptr="*fp32",
+                                           mean_ptr="*fp32", rstd_ptr="*fp32",
                                            scale_ptr="*fp32", shift_ptr="*fp32", eps="fp32", factor="fp32",
                                            unbias="fp32"),
                  dict(AFFINE=True, UPDATE=True, BLOCK_T=32, BLOCK_C=128), 4))
@@ -402,6 +405,6 @@ def test_kernels_compile_for_hopper_without_spills(tmp_path):
 def test_second_order_gradients_are_refused_not_silently_wrong():
     x = torch.randn(1, 4, 5, 5, device=DEVICE, requires_grad=True)
     weight = torch.randn(4, 1, 3, 3, device=DEVICE, requires_grad=True)
-    (gx,) = torch.autograd.grad(dw.depthwise_conv2d(x, weight, None, "gelu").square().sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(ops.depthwise_conv2d(x, weight, None, "gelu").square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable"):
         gx.sum().backward()

@@ -15,12 +15,12 @@ import torch.nn.functional as F
 if importlib.util.find_spec("triton") is None:
     pytest.skip("Triton is not installed", allow_module_level=True)
 
-from triton_env import DEVICE, ON_GPU, import_kernels, interpreter_or_exact_fp32  # noqa: E402, F401
+from triton_env import DEVICE, ON_GPU, import_kernels, import_ops, interpreter_or_exact_fp32  # noqa: E402, F401
 
 from convmixer_pt import create_model  # noqa: E402
 from convmixer_pt.fast import FastOptions, SettingError  # noqa: E402
 
-import_kernels("residual")  # every kernel module, defined for this machine
+ops = import_ops()  # every kernel module, defined for this machine, and the operators over them
 MEMORY = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 
 
@@ -64,7 +64,7 @@ def test_fast_model_matches_plain_model_in_training_and_inference(act, layout, f
     rounded = create_model("convmixer_128_4", num_classes=7, act=act, fast=False, **MODEL_KW).to(DEVICE)
     rounded.load_state_dict(plain.state_dict())
     for block in rounded.blocks:
-        conv = block[0].fn[0]
+        conv = block.dw
         conv.forward = lambda t, conv=conv: F.conv2d(t.double(), conv.weight.double(), conv.bias.double(),
                                                      padding=conv.padding, groups=conv.groups).to(t.dtype)
     rounded(x).backward(grad)
@@ -115,6 +115,12 @@ def test_bad_options_are_refused_when_the_model_is_built():
         create_model("convmixer_128_4", fast=FastOptions(kernel_set="fastest"))
     with pytest.raises(SettingError, match="^fast must be True, False, None or a FastOptions, got 'yes'$"):
         create_model("convmixer_128_4", fast="yes")
+    with pytest.raises(SettingError, match="^enabled 'yes' is not one of None, True, False$"):
+        FastOptions(enabled="yes")
+    with pytest.raises(SettingError, match="^channels_last 1 is not one of True, False$"):
+        FastOptions(channels_last=1)
+    with pytest.raises(SettingError, match="^fused_batchnorm 'no' is not one of True, False$"):
+        FastOptions(fused_batchnorm="no")
 
 
 def test_environment_gives_the_defaults():
@@ -127,12 +133,9 @@ def test_environment_gives_the_defaults():
 
 def test_fused_batchnorm_runs_only_when_switched_on(monkeypatch):
     calls = []
-    bn_kernels = import_kernels("batchnorm")
-    residual = import_kernels("residual")
-    for module, name in [(bn_kernels, "act_batch_norm"), (bn_kernels, "eval_act_batch_norm"),
-                         (residual, "residual_depthwise_batch_norm")]:
-        original = getattr(module, name)
-        monkeypatch.setattr(module, name, lambda *a, name=name, original=original, **k:
+    for name in ("act_batch_norm", "eval_act_batch_norm", "residual_depthwise_batch_norm"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, name=name, original=original, **k:
                             calls.append(name) or original(*a, **k))
     x = torch.randn(IMG, device=DEVICE)
     fast, plain = model_pair("gelu")

@@ -4,6 +4,7 @@ Triton decides interpreter or compiler when a kernel is defined (and reads the v
 one), so TRITON_INTERPRET=1 is set around the import of the kernel modules (re-imported, all of them, if
 they were defined the other way) and, by the fixture below, while a test module runs; it is restored
 afterwards, so no other test module sees it. With CUDA (and TRITON_INTERPRET unset) the compiled kernels run.
+The operators of `convmixer_pt.fast.ops` are registered once and call whatever kernels are defined.
 """
 
 from __future__ import annotations
@@ -34,6 +35,13 @@ def import_kernels(name: str) -> ModuleType:
             del os.environ["TRITON_INTERPRET"]
         else:
             os.environ["TRITON_INTERPRET"] = previous
+
+
+def import_ops() -> ModuleType:
+    """convmixer_pt.fast.ops (the kernels as PyTorch operators) over the kernels defined for this machine; the
+    operators look their kernel modules up when they run, so they follow a reload."""
+    import_kernels("residual")
+    return importlib.import_module("convmixer_pt.fast.ops")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,9 +1,13 @@
 """ConvMixer for PyTorch with exact PyTorch <-> MindSpore checkpoint conversion.
 
 Layers, each importing only those below it (docs/architecture.md):
-errors, files, variants (the registry), runtime, data < fast (kernels < settings, dispatch) < model, mindspore
-(the MindSpore cell) < weights (keymap < torch_io, ms_files < ms_io < ms_net < formats < parity < convert, mindir)
-< factory < evaluation < train < cli. MindSpore is an optional extra: only running the MindSpore model needs it.
+errors, files, variants (the registry), runtime, data < fast (kernels < settings, dispatch, ops) < model,
+mindspore (the MindSpore cell) < weights (keymap < torch_io, ms_files < ms_io < ms_net < formats < parity <
+convert, mindir) < factory, timm_models < evaluation, export < train < cli. MindSpore is an optional extra: only
+running the MindSpore model needs it.
+
+`import convmixer_pt.timm_models` registers the variants in timm's model registry (this module does not: it
+would import timm.models).
 """
 
 from .errors import CheckpointError, UserError

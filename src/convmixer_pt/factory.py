@@ -12,7 +12,7 @@ from typing import Any
 from .errors import about
 from .model import ConvMixer
 from .runtime import require_mindspore
-from .variants import variant_arch
+from .variants import pretrained_cfg, variant_arch
 from .weights.formats import read_weights
 from .weights.ms_net import load_params_strict, read_ms_params
 from .weights.torch_io import load_state_dict_strict
@@ -25,7 +25,9 @@ def create_model(
     use_ema: bool = False,
     **overrides: Any,
 ) -> ConvMixer:
-    """Build a registered variant; `overrides` change any constructor argument (dim, act, in_chans, fast, ...).
+    """Build a registered variant; `overrides` change any constructor argument (dim, act, in_chans, global_pool,
+    fast, device, dtype, ...). Its `pretrained_cfg` is the variant's (timm's eval preprocessing, the hub id of
+    the published weights).
 
     `checkpoint_path` may be any file the converter reads: an official locuslab file, a timm state dict
     (.pth/.bin/.safetensors), a training checkpoint of either framework, a MindSpore .ckpt or MindSpore-layout
@@ -40,6 +42,8 @@ def create_model(
     if weights is not None and "act" not in overrides and weights.act_source == "file metadata":
         kwargs["act"] = weights.act
     model = ConvMixer(**kwargs)
+    # As timm's factory does: the cfg of the name, which describes the variant's (published) weights.
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg(name)
     if weights is not None:
         with about(checkpoint_path):
             load_state_dict_strict(model, weights.state)

@@ -1,20 +1,39 @@
-"""The PyTorch ConvMixer ("Patches Are All You Need?", Trockman & Kolter).
+"""The PyTorch ConvMixer ("Patches Are All You Need?", Trockman & Kolter), with timm's model protocol.
 
 Module names follow timm's `ConvMixer` exactly (`stem.0`, `stem.2`, `blocks.N.0.fn.0`, ..., `head`), so timm's
 published weights load with `strict=True`; other layouts are translated by `weights.keymap`. This file builds
-modules only: reading checkpoints is `factory.create_model`'s job.
-"""
+modules only: reading checkpoints is `factory.create_model`'s job, registering in timm's registry
+`timm_models`'s.
 
-from __future__ import annotations
+What timm's models offer, this one does too: `pretrained_cfg` / `default_cfg` (what
+`timm.data.resolve_model_data_config` reads), `num_features`, `head_hidden_size`, `get_classifier`,
+`reset_classifier`, `global_pool`, `set_grad_checkpointing`, `group_matcher`, `feature_info`,
+`forward_intermediates` and `prune_intermediate_layers` (timm's `features_only=True` uses the last two), and
+`device` / `dtype` arguments. It scripts (TorchScript runs the plain modules), traces with torch.fx (one
+`run_block` node per block while the fast path can run, the plain modules when it is off), compiles with
+torch.compile (the kernels stay in the graph as operators) and exports (torch.export and ONNX get the
+plain modules).
+
+No `from __future__ import annotations` here: torch.fx copies the root `forward`'s annotations into the code
+it generates, and as strings they name types TorchScript cannot resolve in a traced-then-scripted model.
+"""
 
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .fast import FastOptions, block_fn, resolve
-from .variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD, activation
+from .errors import UserError
+from .fast import FastOptions, resolve, run_block
+from .variants import EVAL_INPUT_SIZE, activation, eval_cfg
+
+# torch.fx's symbolic tracers (timm's and torchvision's included) record `run_block` as one call instead of
+# tracing into it: it branches on the input's device, dtype and layout, which a symbolic trace does not know.
+torch.fx.wrap("run_block")
+
+POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax")
 
 
 class Residual(nn.Module):
@@ -32,12 +51,124 @@ def make_act(act: str) -> nn.Module:
     return activation(act).torch()
 
 
+class Block(nn.Sequential):
+    """One block, `Residual(dw conv, act, BN) -> 1x1 conv -> act -> BN`, as the nn.Sequential every published
+    checkpoint names (`0.fn.0`, `0.fn.2`, `1`, `3`), with its layers by role: the one description of a block,
+    which the fast path and every other reader use."""
+
+    __jit_unused_properties__ = ["residual", "dw", "dw_act", "dw_bn", "pw", "pw_act", "pw_bn"]
+
+    @classmethod
+    def build(cls, dim: int, kernel_size: int, act: str, device: Any = None, dtype: Any = None) -> "Block":
+        dd = dict(device=device, dtype=dtype)
+        return cls(
+            Residual(nn.Sequential(
+                nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same", **dd),
+                make_act(act),
+                nn.BatchNorm2d(dim, **dd),
+            )),
+            nn.Conv2d(dim, dim, kernel_size=1, **dd),
+            make_act(act),
+            nn.BatchNorm2d(dim, **dd),
+        )
+
+    @property
+    def residual(self) -> Residual:
+        return self[0]
+
+    @property
+    def dw(self) -> nn.Module:
+        """The depthwise convolution."""
+        return self[0].fn[0]
+
+    @property
+    def dw_act(self) -> nn.Module:
+        return self[0].fn[1]
+
+    @property
+    def dw_bn(self) -> nn.Module:
+        return self[0].fn[2]
+
+    @property
+    def pw(self) -> nn.Module:
+        """The pointwise (1x1) convolution."""
+        return self[1]
+
+    @property
+    def pw_act(self) -> nn.Module:
+        return self[2]
+
+    @property
+    def pw_bn(self) -> nn.Module:
+        return self[3]
+
+
+class GlobalPool(nn.Module):
+    """timm's `SelectAdaptivePool2d(pool_type, flatten=bool(pool_type))` for NCHW maps, with the same reductions:
+    '' keeps the map, 'avg', 'max', 'avgmax' (their mean) or 'catavgmax' (both, concatenated: twice the
+    features) pool it to a vector. Here rather than timm's own so that building a model never imports
+    timm.models (~2 s)."""
+
+    def __init__(self, pool_type: str = "avg") -> None:
+        super().__init__()
+        if pool_type not in POOL_TYPES:
+            raise UserError(f"global_pool {pool_type!r} is not one of {', '.join(map(repr, POOL_TYPES))}")
+        self.pool_type = pool_type
+
+    def feat_mult(self) -> int:
+        return 2 if self.pool_type == "catavgmax" else 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pool_type == "":
+            return x
+        if self.pool_type == "avg":
+            x = F.adaptive_avg_pool2d(x, 1)
+        elif self.pool_type == "max":
+            x = F.adaptive_max_pool2d(x, 1)
+        elif self.pool_type == "avgmax":
+            x = 0.5 * (F.adaptive_avg_pool2d(x, 1) + F.adaptive_max_pool2d(x, 1))
+        else:
+            x = torch.cat((F.adaptive_avg_pool2d(x, 1), F.adaptive_max_pool2d(x, 1)), 1)
+        return x.flatten(1)
+
+    def extra_repr(self) -> str:
+        return f"pool_type={self.pool_type!r}"
+
+
+def feature_indices(count: int, indices: int | list[int] | None = None) -> tuple[list[int], int]:
+    """timm's `feature_take_indices`: the absolute indices of `indices` among `count` features (None: all;
+    an int n: the last n; a list: those, negative from the end) and the largest of them."""
+    if indices is None:
+        indices = count
+    if isinstance(indices, int):
+        if not 0 < indices <= count:
+            raise ValueError(f"last-n ({indices}) is out of range (1 to {count})")
+        take = [count - indices + i for i in range(indices)]
+    else:
+        take: list[int] = []
+        for i in indices:
+            index = count + i if i < 0 else i
+            if not 0 <= index < count:
+                raise ValueError(f"feature index {index} is out of range (0 to {count - 1})")
+            take.append(index)
+    return take, max(take)
+
+
+def _run(block: nn.Module, x: torch.Tensor, fast: FastOptions) -> torch.Tensor:
+    """A block's plain modules when the fast path is off (so torch.fx traces them), else `run_block`."""
+    return block(x) if fast.enabled is False else run_block(block, x, fast)
+
+
 class ConvMixer(nn.Module):
-    """Patch embedding, then `depth` blocks of depthwise mixing (residual) and pointwise mixing.
+    """Patch embedding, then `depth` blocks of depthwise mixing (residual) and pointwise mixing, then pooling
+    (`global_pool`: 'avg', '' for the unpooled map, or timm's other pool types) and the classifier.
 
     `fast` says how the blocks run (`fast.FastOptions`; True, False or None set only whether the Triton
-    kernels run, the environment's defaults the rest), resolved once, here.
+    kernels run, the environment's defaults the rest), resolved once, here. `device` and `dtype` place the
+    parameters (timm builds models on the meta device).
     """
+
+    __jit_unused_properties__ = ["depth", "arch"]
 
     def __init__(
         self,
@@ -47,40 +178,40 @@ class ConvMixer(nn.Module):
         patch_size: int = 7,
         in_chans: int = 3,
         num_classes: int = 1000,
+        global_pool: str = "avg",
         act: str = "gelu",
         drop_rate: float = 0.0,
         fast: bool | FastOptions | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.fast = resolve(fast)
-        self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
+        dd = dict(device=device, dtype=dtype)
+        self.dim, self.kernel_size, self.patch_size = dim, kernel_size, patch_size
         self.in_chans, self.num_classes, self.act = in_chans, num_classes, act
         self.num_features = dim
         self.grad_checkpointing = False
-        self.default_cfg = dict(input_size=(in_chans, EVAL_INPUT_SIZE, EVAL_INPUT_SIZE), crop_pct=EVAL_CROP_PCT,
-                                interpolation=EVAL_INTERPOLATION, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                                num_classes=num_classes)
+        # Replaced by the registered variant's cfg where one is built by name (factory, timm's registry).
+        self.pretrained_cfg = eval_cfg(patch_size, EVAL_INPUT_SIZE, in_chans, num_classes)
+        self.default_cfg = self.pretrained_cfg  # timm's other name for it: one object
 
         self.stem = nn.Sequential(
-            nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
+            nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, **dd),
             make_act(act),
-            nn.BatchNorm2d(dim),
+            nn.BatchNorm2d(dim, **dd),
         )
-        self.blocks = nn.Sequential(*[
-            nn.Sequential(
-                Residual(nn.Sequential(
-                    nn.Conv2d(dim, dim, kernel_size, groups=dim, padding="same"),
-                    make_act(act),
-                    nn.BatchNorm2d(dim),
-                )),
-                nn.Conv2d(dim, dim, kernel_size=1),
-                make_act(act),
-                nn.BatchNorm2d(dim),
-            )
-            for _ in range(depth)
-        ])
+        self.blocks = nn.Sequential(*[Block.build(dim, kernel_size, act, **dd) for _ in range(depth)])
+        # Feature i is block i's output, as in timm's ConvMixer (the stem's is none).
+        self.feature_info = [dict(num_chs=dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
+        self.global_pool = GlobalPool(global_pool)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    @property
+    def depth(self) -> int:
+        return len(self.blocks)
 
     @property
     def arch(self) -> dict[str, Any]:
@@ -88,24 +219,107 @@ class ConvMixer(nn.Module):
         return dict(dim=self.dim, depth=self.depth, kernel_size=self.kernel_size, patch_size=self.patch_size,
                     in_chans=self.in_chans, num_classes=self.num_classes, act=self.act)
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """Parameter groups for timm's optimizer factory and layer-wise learning-rate decay."""
+        return dict(stem=r"^stem", blocks=r"^blocks\.(\d+)")
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations (timm's semantics:
+        whenever gradients are computed). In training, BatchNorm then updates its running statistics twice per
+        step (forward and recomputation), as with timm's `checkpoint_seq`."""
         self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new classifier for `num_classes` (0: none, the model then returns features); `global_pool` None
+        keeps the pooling, '' removes it. New modules take the model's device, dtype and mode."""
+        reference = next(self.parameters())
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self.global_pool = GlobalPool(global_pool)
+            self.global_pool.train(self.training)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
+        self.head = nn.Linear(self.head_hidden_size, num_classes, device=reference.device, dtype=reference.dtype) \
+            if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+
+    @torch.jit.unused
+    def _forward_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(_run, block, x, self.fast, use_reentrant=False)
+        return _run(block, x, self.fast)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
-        run = block_fn(self.fast, x)
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+        if torch.jit.is_scripting():
+            x = self.blocks(x)
+        else:
             for block in self.blocks:
-                x = checkpoint(run, block, x, use_reentrant=False)
-            return x
-        for block in self.blocks:
-            x = run(block, x)
+                x = self._forward_block(block, x)
         return x
 
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs by index (timm's protocol): `indices` None for every block, an int n for the last n, a
+        list for those (negative from the end); the final features too unless `intermediates_only`.
+        `stop_early` skips the blocks after the last one asked for (the final features are then that block's
+        output); `norm` is accepted and has nothing to do (ConvMixer has no final norm); NCHW only."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt '{output_fmt}': ConvMixer's features are NCHW only")
+        take, last = feature_indices(len(self.blocks), indices)
+        intermediates: list[torch.Tensor] = []
+        x = self.stem(x)
+        if torch.jit.is_scripting():  # TorchScript cannot slice a Sequential at run time
+            for i, block in enumerate(self.blocks):
+                x = block(x)
+                if i in take:
+                    intermediates.append(x)
+        else:
+            for i, block in enumerate(self.blocks[:last + 1] if stop_early else self.blocks):
+                x = self._forward_block(block, x)
+                if i in take:
+                    intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last of `indices`, and the pooling and classifier unless `prune_head` is
+        False; the absolute indices kept (timm's `features_only` models are built so)."""
+        take, last = feature_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[:last + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)  # the same reduction as timm's, bit for bit
+        x = self.global_pool(x)  # 'avg': adaptive_avg_pool2d(x, 1).flatten(1), timm's reduction bit for bit
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    @torch.jit.unused
+    def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Outputs after the stem and after each block, then the logits: where two models part ways (the
+        MindSpore cell's `stages`)."""
+        x = self.stem(x)
+        outs = [x]
+        for block in self.blocks:
+            x = self._forward_block(block, x)
+            outs.append(x)
+        return [*outs, self.forward_head(x)]

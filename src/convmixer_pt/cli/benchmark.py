@@ -2,14 +2,16 @@
 
     python scripts/benchmark.py --model convmixer_1536_20 --mode train infer --json bench.json
     python scripts/benchmark.py --model convmixer_768_32 --channels-last --channels-last-kernels --fused-bn
+    python scripts/benchmark.py --model convmixer_1536_20 --compile --peer-layouts nchw channels_last
     python scripts/benchmark.py --device cpu --model convmixer_128_4 --img-size 32 --batch-size 2 \\
         --infer-batch-size 2 --steps 1 --repeats 1 --warmup 1          # a CPU smoke run
     python scripts/benchmark.py --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
     taskset -c 0 python scripts/benchmark.py --convert --workdir /tmp/bench --json convert.json   # conversion
 
 Training steps are forward + backward + AdamW under autocast; inference is a forward pass under
-inference_mode. Both implementations get the same input, layout, AMP and compile settings. The fast-path
-flags default to the CONVMIXER_FAST_* environment variables.
+inference_mode. timm's ConvMixer is the peer: it runs in each --peer-layouts layout (default: the run's),
+eager and, with --compile, under torch.compile, beside this project's model eager and compiled; every row's
+ratio is against the best peer row. The fast-path flags default to the CONVMIXER_FAST_* environment variables.
 """
 
 from __future__ import annotations
@@ -45,7 +47,10 @@ def parser() -> Parser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--channels-last", action="store_true", help="input and both models in channels_last")
-    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--compile", action="store_true",
+                   help="also both models under torch.compile (our compiled fast path; timm compiled as a peer)")
+    p.add_argument("--peer-layouts", nargs="+", choices=("nchw", "channels_last"),
+                   help="layouts timm's model runs in as the peer (default: the run's layout)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if there is one)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction,
                    help="this project's Triton fast path where it can run (CUDA); --no-fast: plain PyTorch")
@@ -114,11 +119,12 @@ def main(argv: list[str] | None = None) -> int:
                 BenchConfig(model=m, mode=mode,
                             batch_size=args.batch_size if mode == "train" else args.infer_batch_size,
                             img_size=args.img_size, steps=args.steps, warmup=args.warmup, repeats=args.repeats,
-                            amp=amp, channels_last=args.channels_last, compile=args.compile, device=str(device),
-                            fast=fast)
+                            amp=amp, channels_last=args.channels_last, device=str(device), fast=fast)
                 for m in args.model for mode in args.mode
             ]
-            rows = bench(configs, log=lambda line: print(line, file=sys.stderr, flush=True))
+            peers = None if args.peer_layouts is None else [layout == "channels_last" for layout in args.peer_layouts]
+            rows = bench(configs, log=lambda line: print(line, file=sys.stderr, flush=True), compiled=args.compile,
+                         peer_layouts=peers)
             print(format_table(rows))
         if args.json:
             write_text(args.json, json.dumps(rows, indent=1))

@@ -2,8 +2,12 @@
 
 Why both in one run: GPU throughput moves with the card, clocks, driver and library versions, so a ratio is
 only meaningful when both sides are measured under the same conditions. Timing follows the usual rules:
-synthetic data already on the device, warm-up steps first, CUDA events around the timed steps (host clock
-after a synchronisation elsewhere), the median over repeats.
+synthetic data already on the device, warm-up steps first (they include torch.compile's compilation), CUDA
+events around the timed steps (host clock after a synchronisation elsewhere), the median over repeats.
+
+Per model and mode the rows are timm's ConvMixer, the peer, in each layout asked for, eager and (with
+`compiled`) under torch.compile, then this project's model eager and compiled. Every row's ratio is against
+the best peer row: timm at its fastest configuration among those measured, not at the one that suits us.
 """
 
 from __future__ import annotations
@@ -12,8 +16,8 @@ import gc
 import platform
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -174,28 +178,50 @@ def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
     return row
 
 
-def run(configs: list[BenchConfig], log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """timm then this project for every config; each row of this project gets its ratio to timm's."""
+def row_label(row: dict[str, Any]) -> str:
+    """'timm channels_last compiled', 'convmixer_pt NCHW eager', ...: which configuration a row measured."""
+    return f"{row['impl']} {'channels_last' if row['channels_last'] else 'NCHW'} " \
+           f"{'compiled' if row['compile'] else 'eager'}"
+
+
+def plan(cfg: BenchConfig, compiled: bool = False,
+         peer_layouts: Sequence[bool] | None = None) -> list[tuple[str, BenchConfig]]:
+    """The rows of one model and mode: timm in each of `peer_layouts` (channels_last or not; default the
+    config's layout), eager and, with `compiled`, compiled; then this project's model the same two ways in
+    the config's layout."""
+    compile_modes = (False, True) if compiled else (False,)
+    layouts = (cfg.channels_last,) if peer_layouts is None else tuple(dict.fromkeys(peer_layouts))
+    peers = [("timm", replace(cfg, channels_last=cl, compile=c)) for cl in layouts for c in compile_modes]
+    return peers + [("convmixer_pt", replace(cfg, compile=c)) for c in compile_modes]
+
+
+def run(configs: list[BenchConfig], log: Callable[[str], None] | None = None, compiled: bool = False,
+        peer_layouts: Sequence[bool] | None = None) -> list[dict[str, Any]]:
+    """The rows of `plan` for every config; every row gets its ratio to the best peer row of its model and
+    mode (`ratio_to_best_peer`, and `best_peer`, that row's label)."""
     rows = []
     for cfg in configs:
-        pair = {}
-        for impl in IMPLS:
-            pair[impl] = measure(impl, cfg)
+        group = []
+        for impl, row_cfg in plan(cfg, compiled, peer_layouts):
+            row = measure(impl, row_cfg)
+            group.append(row)
             if log is not None:
-                log(f"{impl} {cfg.model} {cfg.mode} bs={cfg.batch_size}: {pair[impl]['img_per_s']:.1f} img/s")
-        for row in pair.values():
-            row["ratio_to_timm"] = row["img_per_s"] / pair["timm"]["img_per_s"]
-        rows.extend(pair.values())
+                log(f"{row_label(row)} {cfg.model} {cfg.mode} bs={cfg.batch_size}: {row['img_per_s']:.1f} img/s")
+        best = max((r for r in group if r["impl"] == "timm"), key=lambda r: r["img_per_s"])
+        for row in group:
+            row.update(ratio_to_best_peer=row["img_per_s"] / best["img_per_s"], best_peer=row_label(best))
+        rows.extend(group)
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = ("model", "mode", "layout", "batch", "impl", "img/s", "TFLOP/s", "x timm", "peak MiB")
+    header = ("model", "mode", "layout", "batch", "impl", "compiled", "img/s", "TFLOP/s", "x best peer", "peak MiB")
     lines = [header]
     for r in rows:
         mem = "n/a" if r["peak_mem_mib"] is None else f"{r['peak_mem_mib']:.0f}"
         lines.append((r["model"], r["mode"], "NHWC" if r["channels_last"] else "NCHW", str(r["batch_size"]),
-                      r["impl"], f"{r['img_per_s']:.1f}", f"{r['tflops']:.2f}", f"{r['ratio_to_timm']:.2f}", mem))
+                      r["impl"], "yes" if r["compile"] else "no", f"{r['img_per_s']:.1f}", f"{r['tflops']:.2f}",
+                      f"{r['ratio_to_best_peer']:.2f}", mem))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)
 

@@ -1,7 +1,7 @@
-"""The CUDA fast path: its settings, the block dispatch, and the Triton kernels (`fast.kernels`, which import
-nothing from this layer)."""
+"""The CUDA fast path: its settings, the block dispatch, the kernels as PyTorch operators (`fast.ops`, which
+imports Triton) and the Triton kernels themselves (`fast.kernels`, which import nothing from this layer)."""
 
-from .dispatch import block_fn
+from .dispatch import run_block
 from .settings import FastOptions, SettingError, resolve
 
-__all__ = ["FastOptions", "SettingError", "block_fn", "resolve"]
+__all__ = ["FastOptions", "SettingError", "resolve", "run_block"]

@@ -1,29 +1,30 @@
-"""How a ConvMixer block runs on the fast path: its depthwise part through the Triton kernels.
+"""How a ConvMixer block runs on the fast path: its depthwise part through the Triton kernels' operators.
 
 Why this shape: the depthwise convolution dominates ConvMixer's time on GPUs (docs/performance.md), and the
 kernels can also absorb what surrounds it. The model's modules are not replaced, only how a block is
 evaluated, so parameters, buffers and `state_dict` keys stay exactly timm's and a checkpoint written with the
 fast path on loads with it off and vice versa.
 
-Per block, `Residual(dw conv, act, BN) -> 1x1 conv -> act -> BN`:
+Per block (a `model.Block`: `dw`, `dw_act`, `dw_bn` inside the residual, then `pw`, `pw_act`, `pw_bn`):
 - training (or whenever autograd needs gradients): one kernel computes act(dw(x) + b) and keeps the
   pre-activation; BatchNorm (batch statistics, running-stat updates) and the residual add run through the
-  block's own modules. With `fused_batchnorm` the residual branch x + BN(act(dw(x) + b)) is one function
-  (`kernels.residual`: the depthwise kernel adds the bias only, `kernels.batchnorm` computes BN(act(.)) + x in
-  two passes each way, and the input-gradient kernel adds the skip's gradient), and BN(act(.)) after the 1x1
-  convolution is fused the same way.
+  block's own modules. With `fused_batchnorm` the residual branch x + BN(act(dw(x) + b)) is one operator
+  (`ops.residual_dw_batch_norm`: the depthwise kernel adds the bias only, the BatchNorm kernels compute
+  BN(act(.)) + x in two passes each way, and the input-gradient kernel adds the skip's gradient), and
+  BN(act(.)) after the 1x1 convolution is fused the same way.
 - inference (BN in eval mode and no gradient needed): one kernel computes x + BN(act(dw(x) + b)) with BN
   folded to a per-channel scale and shift; with `fused_batchnorm` the pointwise branch's activation and BN
   are one pass as well.
 The 1x1 convolution always runs through the block's own module.
 
-Anything the kernels do not cover (other layouts, dtypes, activations, strides, torch.compile tracing, a
-missing Triton) falls back to the plain modules for that block.
+The kernels run as custom operators (`fast.ops`), so torch.compile traces this function and keeps them as
+nodes of its graph. Anything they do not cover (other layouts, dtypes, activations, strides, a missing
+Triton) runs the block's plain modules, and so do torch.export (hence ONNX) and torch.jit.trace, whose graphs
+are meant for other runtimes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -32,16 +33,14 @@ from torch import nn
 from ..variants import ACTIVATIONS, activation_of
 from .settings import FastOptions
 
-BlockFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 
-
-def _kernels() -> ModuleType | None:
-    """The kernel package, or None where Triton (an optional dependency) is not installed."""
+def _ops() -> ModuleType | None:
+    """The operators (they import Triton, an optional dependency), or None where Triton is not installed."""
     try:
-        from . import kernels
+        from . import ops
     except ImportError:
         return None
-    return kernels
+    return ops
 
 
 def kernel_activation(module: nn.Module) -> str | None:
@@ -64,20 +63,60 @@ def conv_supported(conv: nn.Module) -> bool:
         and _same_padding(conv)
 
 
-def block_fn(options: FastOptions, x: torch.Tensor) -> BlockFn:
-    """How to evaluate the blocks for input `x`: the fused path or each block's own modules."""
+def kernels_for(options: FastOptions, x: torch.Tensor) -> ModuleType | None:
+    """The operators module if the kernels are to run for input `x`, else None (the plain modules)."""
     if options.enabled is False or (options.enabled is None and not x.is_cuda):
-        return run_plain
-    if torch.compiler.is_compiling() or torch.jit.is_scripting():
-        return run_plain
-    kernels = _kernels()
-    if kernels is None or not kernels.depthwise.kernels_can_run(x):
-        return run_plain
-    return lambda block, t: run_fused(block, t, options)
+        return None
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        return None
+    ops = _ops()
+    if ops is None or not ops.depthwise.kernels_can_run(x):
+        return None
+    return ops
 
 
-def run_plain(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return block(x)
+def run_block(block: nn.Module, x: torch.Tensor, options: FastOptions) -> torch.Tensor:
+    """One ConvMixer block (a `model.Block`) through the kernels where they cover it, else its own modules.
+
+    A leaf of torch.fx's symbolic traces (model.py wraps it): the choice depends on the input's device,
+    dtype and layout, which a symbolic trace does not know."""
+    ops = kernels_for(options, x)
+    if ops is None or not hasattr(block, "dw_bn"):
+        return block(x)
+    dw, act, bn = block.dw, block.dw_act, block.dw_bn
+    activation = kernel_activation(act)
+    if activation is None or not conv_supported(dw):
+        return block(x)
+    depthwise = ops.depthwise
+    if depthwise.unsupported_reason(x, dw.weight, depthwise.compute_dtype(x)) is not None:
+        return block(x)
+    if depthwise.layout(x) == "nhwc" and not options.channels_last:
+        return block(x)
+    kernel_set = options.kernel_set
+    params = (x, dw.weight, dw.bias, *bn.parameters())
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
+    fused_bn = options.fused_batchnorm
+    pointwise_act = kernel_activation(block.pw_act)
+    if _bn_is_eval_affine(bn) and not needs_grad:
+        scale, shift = _bn_affine(bn)
+        y = ops.depthwise_conv2d_affine_residual(x, dw.weight, dw.bias, scale, shift, activation, kernel_set)
+        p = block.pw(y)
+        pointwise_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (p, *block.pw_bn.parameters()))
+        if fused_bn and pointwise_act is not None and not pointwise_grad \
+                and ops.batchnorm.supports_eval(p, block.pw_bn):
+            return ops.eval_act_batch_norm(p, block.pw_bn, pointwise_act)
+        return block.pw_bn(block.pw_act(p))
+    if fused_bn and ops.residual.supports(x, dw, bn):
+        y = ops.residual_depthwise_batch_norm(x, dw, bn, activation, kernel_set)
+    elif fused_bn and ops.batchnorm.supports(x, bn):
+        y = ops.act_batch_norm(ops.depthwise_conv2d(x, dw.weight, dw.bias, kernel_set=kernel_set), bn, activation,
+                               skip=x)
+    else:
+        y = bn(ops.depthwise_conv2d(x, dw.weight, dw.bias, activation, kernel_set)) + x
+    p = block.pw(y)
+    if fused_bn and pointwise_act is not None and ops.batchnorm.supports(p, block.pw_bn):
+        return ops.act_batch_norm(p, block.pw_bn, pointwise_act)
+    return block.pw_bn(block.pw_act(p))
 
 
 def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,44 +132,3 @@ def _bn_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _bn_is_eval_affine(bn: nn.Module) -> bool:
     return isinstance(bn, nn.BatchNorm2d) and not bn.training and bn.running_mean is not None
-
-
-def run_fused(block: nn.Module, x: torch.Tensor, options: FastOptions) -> torch.Tensor:
-    """One ConvMixer block through the kernels; the plain modules where the kernels don't cover it."""
-    kernels = _kernels()
-    if kernels is None or len(block) != 4 or len(getattr(block[0], "fn", ())) != 3:
-        return block(x)
-    depthwise = kernels.depthwise
-    dw, act, bn = block[0].fn
-    activation = kernel_activation(act)
-    if activation is None or not conv_supported(dw):
-        return block(x)
-    if depthwise.unsupported_reason(x, dw.weight, depthwise.compute_dtype(x)) is not None:
-        return block(x)
-    if depthwise.layout(x) == "nhwc" and not options.channels_last:
-        return block(x)
-    kernel_set = options.kernel_set
-    params = (x, dw.weight, dw.bias, *bn.parameters())
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)
-    fused_bn, residual = (kernels.batchnorm, kernels.residual) if options.fused_batchnorm else (None, None)
-    pointwise_act = kernel_activation(block[2])
-    if _bn_is_eval_affine(bn) and not needs_grad:
-        scale, shift = _bn_affine(bn)
-        y = depthwise.depthwise_conv2d_affine_residual(x, dw.weight, dw.bias, scale, shift, activation, kernel_set)
-        p = block[1](y)
-        pointwise_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (p, *block[3].parameters()))
-        if fused_bn is not None and pointwise_act is not None and not pointwise_grad \
-                and fused_bn.supports_eval(p, block[3]):
-            return fused_bn.eval_act_batch_norm(p, block[3], pointwise_act)
-        return block[3](block[2](p))
-    if residual is not None and residual.supports(x, dw, bn):
-        y = residual.residual_depthwise_batch_norm(x, dw, bn, activation, kernel_set)
-    elif fused_bn is not None and fused_bn.supports(x, bn):
-        y = fused_bn.act_batch_norm(depthwise.depthwise_conv2d(x, dw.weight, dw.bias, kernel_set=kernel_set), bn,
-                                    activation, skip=x)
-    else:
-        y = bn(depthwise.depthwise_conv2d(x, dw.weight, dw.bias, activation, kernel_set)) + x
-    p = block[1](y)
-    if fused_bn is not None and pointwise_act is not None and fused_bn.supports(p, block[3]):
-        return fused_bn.act_batch_norm(p, block[3], pointwise_act)
-    return block[3](block[2](p))

@@ -43,6 +43,11 @@ class FastOptions:
     kernel_set: str = "direct"
 
     def __post_init__(self) -> None:
+        if self.enabled is not None and type(self.enabled) is not bool:
+            raise SettingError(f"enabled {self.enabled!r} is not one of None, True, False")
+        for name in ("channels_last", "fused_batchnorm"):
+            if type(getattr(self, name)) is not bool:
+                raise SettingError(f"{name} {getattr(self, name)!r} is not one of True, False")
         if self.kernel_set not in KERNEL_SETS:
             raise SettingError(f"kernel_set {self.kernel_set!r} is not one of {', '.join(map(repr, KERNEL_SETS))}")
 

@@ -247,10 +247,10 @@ def write_weights(weights: Weights, path: str | Path, layout: str | None = None)
     return len(full)
 
 
-def torch_model(weights: Weights, act: str | None = None) -> ConvMixer:
+def torch_model(weights: Weights, act: str | None = None, fast: bool | None = None) -> ConvMixer:
     """A float32 PyTorch model holding `weights` (any stored dtype), in eval mode; `act` replaces the
-    activation the weights imply."""
-    model = ConvMixer(**dict(weights.model_arch, **({"act": act} if act else {})))
+    activation the weights imply, `fast` is the model's fast-path switch."""
+    model = ConvMixer(**dict(weights.model_arch, **({"act": act} if act else {})), fast=fast)
     state = {k: v.float() if v.is_floating_point() else v for k, v in weights.state.items()}
     with about(weights.path):
         load_state_dict_strict(model, state)

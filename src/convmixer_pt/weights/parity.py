@@ -100,13 +100,7 @@ def torch_runner(model: ConvMixer) -> Runner:
 
     @torch.no_grad()
     def run(x: np.ndarray) -> list[np.ndarray]:
-        h = model.stem(torch.from_numpy(x))
-        outs = [h]
-        for block in model.blocks:
-            h = block(h)
-            outs.append(h)
-        outs.append(model.forward_head(h))
-        return [o.numpy() for o in outs]
+        return [o.numpy() for o in model.stages(torch.from_numpy(x))]
 
     return run
 

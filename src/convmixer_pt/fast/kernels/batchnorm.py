@@ -11,7 +11,9 @@ act(src) as well: one activation tensor less per BatchNorm.
 
 Semantics are nn.BatchNorm2d's in training mode: batch statistics (biased variance) normalise, the running
 mean and the unbiased running variance are updated with the module's momentum (or the cumulative average
-when momentum is None), num_batches_tracked counts, affine and track_running_stats may be off.
+when momentum is None), affine and track_running_stats may be off. The updated statistics are written to new
+tensors, which `fast.ops` copies into the module's buffers (where it also counts num_batches_tracked): its
+operators are functional, as PyTorch's autograd registration requires.
 
 Numerics: every pass computes in fp32. The statistics pass centres each tile on its own mean before summing
 squares, and tiles are merged with Chan's formula, so a channel whose mean is large against its spread keeps
@@ -70,10 +72,10 @@ def _stats_kernel(src_ptr, sum_ptr, m2_ptr, count_ptr, n_outer, C, n_inner, ACT:
 
 @triton.jit
 def _finalize_kernel(sum_ptr, m2_ptr, count_ptr, T, C, n, weight_ptr, bias_ptr, run_mean_ptr, run_var_ptr,
-                     mean_ptr, rstd_ptr, scale_ptr, shift_ptr, eps, factor, unbias,
+                     new_mean_ptr, new_var_ptr, mean_ptr, rstd_ptr, scale_ptr, shift_ptr, eps, factor, unbias,
                      AFFINE: tl.constexpr, UPDATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """Chan's merge of the tiles: batch mean and 1/std, the per-channel scale (gamma/std) and shift (beta)
-    that apply BN, and the running statistics' update."""
+    that apply BN, and the updated running statistics (written to new tensors: the operator is functional)."""
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     total = tl.full([BLOCK_C], 0.0, tl.float32)
@@ -104,8 +106,8 @@ def _finalize_kernel(sum_ptr, m2_ptr, count_ptr, T, C, n, weight_ptr, bias_ptr, 
     if UPDATE:
         rm = tl.load(run_mean_ptr + c, mask=c_ok, other=0.0)
         rv = tl.load(run_var_ptr + c, mask=c_ok, other=0.0)
-        tl.store(run_mean_ptr + c, (rm.to(tl.float32) * (1.0 - factor) + mean * factor).to(rm.dtype), mask=c_ok)
-        tl.store(run_var_ptr + c, (rv.to(tl.float32) * (1.0 - factor) + var * unbias * factor).to(rv.dtype),
+        tl.store(new_mean_ptr + c, (rm.to(tl.float32) * (1.0 - factor) + mean * factor).to(rm.dtype), mask=c_ok)
+        tl.store(new_var_ptr + c, (rv.to(tl.float32) * (1.0 - factor) + var * unbias * factor).to(rv.dtype),
                  mask=c_ok)
 
 
@@ -230,10 +232,19 @@ def supports_eval(x: torch.Tensor, bn: nn.Module) -> bool:
         and layout(x) is not None and x.shape[1] == bn.num_features
 
 
+def out_like(src: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    """The (uninitialised) output of `bn_forward`: src's shape and strides, in the dtype `bn(act(src)) + skip`
+    has in PyTorch (the skip may be wider than src)."""
+    return torch.empty_like(src, dtype=torch.result_type(src, skip) if skip is not None else src.dtype)
+
+
 def bn_forward(src: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tensor | None,
-               bias: torch.Tensor | None, bn: nn.BatchNorm2d, activation: str,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(bn(act(src)) [+ skip], batch mean, 1/std), updating bn's running statistics; no autograd."""
+               bias: torch.Tensor | None, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               factor: float, eps: float, activation: str,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(bn(act(src)) [+ skip], batch mean, 1/std, updated running mean, updated running variance) in training
+    mode; `factor` weighs the batch in the update (the momentum, or 1/batches for a cumulative average). The
+    running statistics given are read, not written (None: not tracked, and None comes back); no autograd."""
     o, c, i = _view(src)
     n = o * i
     tiles = _tiles(src)
@@ -242,26 +253,24 @@ def bn_forward(src: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tenso
     act_id = ACT_CODES[activation]
     _launch(_stats_kernel, src, src, sums, m2s, counts, ACT=act_id)
     mean, rstd, scale, shift = (torch.empty(c, **f32) for _ in range(4))
-    update = bn.track_running_stats and bn.running_mean is not None
-    factor = 0.0
-    if update:
-        bn.num_batches_tracked.add_(1)
-        factor = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+    update = running_mean is not None and running_var is not None
+    new_mean = torch.empty_like(running_mean) if update else None
+    new_var = torch.empty_like(running_var) if update else None
     affine = weight is not None
     dummy = mean
     with on_device_of(src):
         _finalize_kernel[(triton.cdiv(c, 128),)](
             sums, m2s, counts, tiles, c, float(n), weight if affine else dummy, bias if affine else dummy,
-            bn.running_mean if update else dummy, bn.running_var if update else dummy,
-            mean, rstd, scale, shift, bn.eps, factor, n / (n - 1),
+            running_mean if update else dummy, running_var if update else dummy,
+            new_mean if update else dummy, new_var if update else dummy,
+            mean, rstd, scale, shift, eps, factor if update else 0.0, n / (n - 1),
             AFFINE=affine, UPDATE=update, BLOCK_T=32, BLOCK_C=128, num_warps=4)
-    # The dtype `bn(act(src)) + skip` has in PyTorch (the skip may be wider than src).
-    out = torch.empty_like(src, dtype=torch.result_type(src, skip) if skip is not None else src.dtype)
+    out = out_like(src, skip)
     if skip is not None:
         skip = skip.contiguous(memory_format=MEMORY[layout(src)])
     _launch(_apply_kernel, src, src, skip if skip is not None else src, out, mean, scale, shift, ACT=act_id,
             HAS_SKIP=skip is not None)
-    return out, mean, rstd
+    return out, mean, rstd, new_mean, new_var
 
 
 def bn_backward(src: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor, rstd: torch.Tensor,
@@ -289,49 +298,15 @@ def bn_backward(src: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tens
     return d_src, d_weight.to(weight.dtype), d_bias.to(weight.dtype)
 
 
-class _ActBatchNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, src: torch.Tensor, skip: torch.Tensor | None, weight: torch.Tensor | None,  # type: ignore[override]
-                bias: torch.Tensor | None, bn: nn.BatchNorm2d, activation: str) -> torch.Tensor:
-        out, mean, rstd = bn_forward(src, skip, weight, bias, bn, activation)
-        ctx.save_for_backward(src, weight, mean, rstd)
-        ctx.activation, ctx.has_skip = activation, skip is not None
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        src, weight, mean, rstd = ctx.saved_tensors
-        d_src, d_weight, d_bias = bn_backward(src, weight, mean, rstd, ctx.activation, grad)
-        return d_src, grad if ctx.has_skip else None, d_weight, d_bias, None, None
-
-
-def act_batch_norm(src: torch.Tensor, bn: nn.BatchNorm2d, activation: str = "none",
-                   skip: torch.Tensor | None = None) -> torch.Tensor:
-    """`bn(act(src)) [+ skip]` with `bn` in training mode (check `supports` first), in two passes forward and
-    two backward."""
-    if activation not in ACT_CODES:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACT_CODES)}")
-    if not supports(src, bn):
-        raise ValueError("act_batch_norm needs a training-mode nn.BatchNorm2d and a contiguous NCHW or "
-                         f"channels_last input with more than one value per channel, got {tuple(src.shape)}")
-    return _ActBatchNorm.apply(src, skip, bn.weight, bn.bias, bn, activation)
-
-
-@torch.no_grad()
-def eval_act_batch_norm(src: torch.Tensor, bn: nn.BatchNorm2d, activation: str) -> torch.Tensor:
-    """`bn(act(src))` with `bn` in eval mode (running statistics), in one pass; inference only, no autograd."""
-    if activation not in ACT_CODES:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACT_CODES)}")
-    if not supports_eval(src, bn):
-        raise ValueError("eval_act_batch_norm needs an eval-mode nn.BatchNorm2d with running statistics and a "
-                         f"contiguous NCHW or channels_last input, got {tuple(src.shape)}")
-    mean = bn.running_mean.float().contiguous()
-    scale = torch.rsqrt(bn.running_var.float() + bn.eps)
+def eval_forward(src: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                 weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, activation: str) -> torch.Tensor:
+    """bn(act(src)) with the running statistics (eval mode), in one pass; no autograd."""
+    mean = running_mean.float().contiguous()
+    scale = torch.rsqrt(running_var.float() + eps)
     shift = torch.zeros_like(scale)
-    if bn.weight is not None:
-        scale = scale * bn.weight.float()
-        shift = bn.bias.float().contiguous()
+    if weight is not None:
+        scale = scale * weight.float()
+        shift = bias.float().contiguous()
     out = torch.empty_like(src)
     _launch(_apply_kernel, src, src, src, out, mean, scale.contiguous(), shift, ACT=ACT_CODES[activation],
             HAS_SKIP=False)

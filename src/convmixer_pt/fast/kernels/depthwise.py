@@ -6,11 +6,11 @@ is one pass over each tensor, but with K*K taps per element the instructions iss
 on a GPU (docs/performance.md), so every tap here is a load, a bounds check, a convert and an FMA.
 
 Layouts: contiguous NCHW here; channels_last tensors go to `depthwise_nhwc` (same function, same tests), and
-this module's entry points (`depthwise_conv2d`, the inference function, the autograd backward) dispatch on
-the input's layout. In NCHW each channel plane (H*W elements) is flattened, so a 32x32 plane is one block of
-1024 lanes with no padding lanes; a tap (dh, dw) of the filter is the same block loaded at offset dh*W + dw,
-masked where the row or column leaves the plane (zero padding). The K*K shifted loads of one plane hit L1,
-so device memory sees each input element about once; the K*K weights of the channel are scalars.
+this module's entry points (`conv`, `weight_grad`, `conv_backward`) dispatch on the input's layout. In NCHW
+each channel plane (H*W elements) is flattened, so a 32x32 plane is one block of 1024 lanes with no padding
+lanes; a tap (dh, dw) of the filter is the same block loaded at offset dh*W + dw, masked where the row or
+column leaves the plane (zero padding). The K*K shifted loads of one plane hit L1, so device memory sees each
+input element about once; the K*K weights of the channel are scalars.
 'same' padding follows PyTorch exactly, also for even kernels: the top/left pad is (K-1)//2.
 
 Two kernel sets compute the same function; `kernel_set` ('direct' or 'mma') picks one for fp16/bf16 (the
@@ -38,8 +38,8 @@ Kernels (all accumulate in fp32; inputs and outputs are fp32, fp16 or bf16):
   is a compile-time offset: a load, a bounds check and an FMA, one reduction per program at the end.
   Each split writes its own partial sums, summed afterwards in PyTorch: deterministic, no atomics.
 
-BatchNorm in training (batch statistics) and the residual add stay in PyTorch; `convmixer_pt.fast` wires
-these kernels into the model.
+These are launch functions without autograd: `convmixer_pt.fast.ops` makes them PyTorch custom operators
+(with autograd, fake tensors for torch.compile), and `convmixer_pt.fast.dispatch` wires those into the model.
 """
 
 from __future__ import annotations
@@ -362,8 +362,8 @@ def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, *, si
                               shift=shift, add=add)
     n, c, h, w = x.shape
     kh, kw = weight.shape[2:]
-    out = torch.empty_like(x)
-    pre = torch.empty_like(x) if save_pre else None
+    out = out_like(x)
+    pre = out_like(x) if save_pre else None
     affine = scale is not None
     mma = _mma_config(x, kw, kernel_set, force_mma)
     if mma is not None:
@@ -449,30 +449,21 @@ def _wgrad_tuned(num_warps: int) -> triton.runtime.Autotuner:
     return _WGRAD_TUNED[num_warps]
 
 
-class _DepthwiseConvAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,  # type: ignore[override]
-                act: str, kernel_set: str) -> torch.Tensor:
-        # ReLU's derivative is readable from its output (the tensor BatchNorm saves anyway), so only the
-        # smooth activations keep a pre-activation copy.
-        save_pre = act not in ("none", "relu") and any(ctx.needs_input_grad[:3])
-        out, pre = conv(x, weight, bias, sign=1, act=act, save_pre=save_pre, kernel_set=kernel_set)
-        ctx.save_for_backward(x, weight, out if act == "relu" else pre)
-        ctx.act, ctx.has_bias, ctx.kernel_set = act, bias is not None, kernel_set
-        return out
+def out_like(x: torch.Tensor) -> torch.Tensor:
+    """The (uninitialised) tensor the conv kernels write for input x: its shape and dtype, in its layout."""
+    return torch.empty_like(x, memory_format=torch.channels_last) if layout(x) == "nhwc" else torch.empty_like(x)
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable  # the kernels' gradients carry no autograd history
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        x, weight, pre = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gy, dw, db = weight_grad(x, grad.contiguous(memory_format=MEMORY[layout(x)]), pre,
-                                 tuple(weight.shape[2:]), ctx.act, need_w, kernel_set=ctx.kernel_set)
-        gx = conv(gy, weight, None, sign=-1, act="none", save_pre=False, kernel_set=ctx.kernel_set)[0] \
-            if need_x else None
-        gw = dw.view(weight.shape).to(weight.dtype) if need_w else None
-        gb = db.to(weight.dtype) if need_b and ctx.has_bias else None
-        return gx, gw, gb, None, None
+
+def conv_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, saved: torch.Tensor | None, act: str,
+                  need_x: bool, need_w: bool, kernel_set: str = "direct",
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Gradients of act(conv(x, weight) + b): of x (None unless `need_x`), of the weight (None unless `need_w`)
+    and of the bias, the weight's dtype. `saved` is what the activation's derivative reads: the pre-activation
+    (GELU, SiLU), the output (ReLU) or None ("none")."""
+    gy, dw, db = weight_grad(x, grad.contiguous(memory_format=MEMORY[layout(x)]), saved, tuple(weight.shape[2:]),
+                             act, need_w, kernel_set=kernel_set)
+    gx = conv(gy, weight, None, sign=-1, act="none", save_pre=False, kernel_set=kernel_set)[0] if need_x else None
+    return gx, dw.view(weight.shape).to(weight.dtype) if need_w else None, db.to(weight.dtype)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -480,48 +471,6 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
-
-
-def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                     activation: str = "none", kernel_set: str = "direct") -> torch.Tensor:
-    """`act(conv2d(x, weight, bias, padding='same', groups=C))` with autograd; weight is [C, 1, KH, KW].
-    `kernel_set`: 'direct' or 'mma' (tensor cores, for fp16/bf16 NCHW where the plane fits)."""
-    if activation not in ACT_CODES:
-        raise ValueError(f"unknown activation {activation!r}; choose one of {sorted(ACT_CODES)}")
-    reason = unsupported_reason(x, weight, compute_dtype(x))
-    if reason is not None:
-        raise ValueError(f"depthwise kernel cannot run: {reason}")
-    return _DepthwiseConvAct.apply(x.to(compute_dtype(x)), weight, bias, activation, kernel_set)
-
-
-@torch.no_grad()
-def depthwise_conv2d_affine_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                     scale: torch.Tensor, shift: torch.Tensor, activation: str,
-                                     kernel_set: str = "direct") -> torch.Tensor:
-    """`x + act(conv2d(x, weight, bias, 'same')) * scale + shift` per channel, in one pass (inference only)."""
-    reason = unsupported_reason(x, weight, compute_dtype(x))
-    if reason is not None:
-        raise ValueError(f"depthwise kernel cannot run: {reason}")
-    x = x.to(compute_dtype(x))
-    scale = scale.to(torch.float32).contiguous()
-    shift = shift.to(torch.float32).contiguous()
-    return conv(x, weight, bias, sign=1, act=activation, save_pre=False, scale=scale, shift=shift,
-                kernel_set=kernel_set)[0]
-
-
-class DepthwiseConv2d(torch.nn.Conv2d):
-    """A drop-in `nn.Conv2d(C, C, k, groups=C, padding='same')` (same parameters and state_dict keys) that
-    runs the Triton kernels where they can run and `nn.Conv2d` elsewhere."""
-
-    def __init__(self, channels: int, kernel_size: int | tuple[int, int], bias: bool = True,
-                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
-        super().__init__(channels, channels, kernel_size, groups=channels, padding="same", bias=bias,
-                         device=device, dtype=dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels_can_run(x) and unsupported_reason(x, self.weight, compute_dtype(x)) is None:
-            return depthwise_conv2d(x, self.weight, self.bias)
-        return super().forward(x)
 
 
 def kernels_can_run(x: torch.Tensor) -> bool:

@@ -121,7 +121,12 @@ def test_refusals_are_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == "error: image size 5 is smaller than the model's patch size 7\n"
     assert cli.main([str(tmp_path / "missing.pth"), str(tmp_path / "b.onnx")]) == 1
     assert capsys.readouterr().err == f"error: {tmp_path / 'missing.pth'}: no such file\n"
+    assert cli.main([str(checkpoint), str(tmp_path / "model.pth")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'model.pth'}: an ONNX file's name ends in .onnx\n"
+    (tmp_path / "folder.onnx").mkdir()
+    assert cli.main([str(checkpoint), str(tmp_path / "folder.onnx"), "--force"]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'folder.onnx'}: is a folder, not a file\n"
     monkeypatch.setattr(export, "NEEDED", ("onnx", "not_a_package_here"))
     assert cli.main([str(checkpoint), str(tmp_path / "c.onnx")]) == 1
     assert capsys.readouterr().err == "error: ONNX export needs not_a_package_here: pip install 'convmixer_pt[onnx]'\n"
-    assert not list(tmp_path.glob("*.onnx"))
+    assert not [p for p in tmp_path.glob("*.onnx") if p.is_file()]

@@ -17,16 +17,16 @@ import sys
 
 from ..export import OnnxVerificationError, export_checkpoint
 from ..variants import ACTIVATIONS
-from .common import run
+from .common import Parser, run
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def parser() -> Parser:
     summary, details = __doc__.split("\n\n", 1)
-    p = argparse.ArgumentParser(prog="export_onnx.py", description=summary, epilog=details,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint to export")
     p.add_argument("output", help="the .onnx file to write")
-    p.add_argument("--img-size", type=int, default=224, help="input height and width (default: 224)")
+    p.add_argument("--img-size", "--image-size", type=int, default=224,
+                   help="input height and width (default: 224)")
     p.add_argument("--act", choices=sorted(ACTIVATIONS),
                    help="activation the weights were trained with; default: the file's record, else the "
                         "registered variant with these shapes (768/32 is ReLU, the others GELU)")
@@ -36,11 +36,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--verify", action="store_true",
                    help="compare onnxruntime's logits with PyTorch's on one random batch first; fail above 1e-5 "
                         "relative difference (OUT is then not written)")
-    return p.parse_args(argv)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args = parser().parse_args(argv)
 
     def body() -> int:
         try:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
               f"N x {weights.arch['in_chans']} x {args.img_size} x {args.img_size}")
         return 0
 
-    return run(body, interrupted="interrupted; no output written")
+    return run(body, hint="; no output written")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ from sklearn.datasets import load_digits
 
 from convmixer_pt.data import (
     GlobalBatchSampler,
-    ShardSampler,
+    RankSampler,
+    SampleKey,
+    Seeded,
     SyntheticImages,
     load_image,
     write_digits_imagefolder,
@@ -79,11 +81,35 @@ def test_global_batches_do_not_depend_on_the_process_layout() -> None:
     first = list(one)
     one.set_epoch(1)
     assert list(one) != first  # reshuffled every epoch
+    one.set_epoch(0, start_step=4)  # resumed after 4 steps: the rest of the same epoch
+    assert list(one) == first[4 * 8:] and len(one) == 16
+    assert [key.index for key in first] != [key.seed for key in first]
+
+
+def test_a_seeded_sample_is_augmented_alike_wherever_it_is_decoded() -> None:
+    """The same key gives the same augmentation before and after other draws and leaves the caller's
+    generators as they were."""
+    import random
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> tuple[float, float, float]:
+            return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    data = Seeded(Draws())
+    first = data[SampleKey(1, 77)]
+    random.random(), np.random.rand(3), torch.rand(5)
+    state = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    assert data[SampleKey(1, 77)] == first and data[SampleKey(1, 78)] != first
+    assert random.getstate() == state[0] and (np.random.get_state()[1] == state[1]).all()
+    assert torch.equal(torch.get_rng_state(), state[2])
 
 
 @pytest.mark.parametrize("size, world", [(10, 3), (7, 2), (1, 4)])
 def test_shard_sampler_covers_each_index_once(size: int, world: int) -> None:
-    shards = [list(ShardSampler(size, env(r, world))) for r in range(world)]
+    shards = [list(RankSampler(size, env(r, world))) for r in range(world)]
     assert sorted(i for shard in shards for i in shard) == list(range(size))
 
 

@@ -44,8 +44,10 @@ def bases(f: dict[str, Path], out: Path) -> dict[str, tuple[object, list[str]]]:
         "convert": (convert, [str(f["ckpt"]), str(out / "converted.pth"), "--force"]),
         "validate": (validate, ["--checkpoint", str(f["ckpt"]), "--data-dir", str(out / "no-data"), "--workers", "0",
                                 "--device", "cpu", "--no-progress"]),
+        # --no-fast: after the kernel tests this process may run the kernels interpreted, far too slowly to sweep
         "benchmark": (benchmark, ["--device", "cpu", "--model", "convmixer_128_4", "--img-size", "8", "--batch-size",
-                                  "2", "--infer-batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0"]),
+                                  "2", "--infer-batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
+                                  "--no-fast"]),
         # On a CPU, "cuda" ends every run that gets past the arguments' checks (the fast path's kernels may run
         # interpreted in this process after the kernel tests, far too slowly for a sweep).
         "check_fast_training": (check_fast_training, ["--device", "cuda", "--model", "convmixer_128_4", "--img-size",

@@ -16,6 +16,7 @@ from convmixer_pt.cli import (
     check_fast_training,
     convert,
     export_mindir,
+    make_shards,
     parity,
     prepare_imagenet_val,
     train,
@@ -54,6 +55,7 @@ def bases(f: dict[str, Path], out: Path) -> dict[str, tuple[object, list[str]]]:
                                                       "8", "--steps", "1", "--batch-size", "2", "--num-batches", "1"]),
         "prepare_imagenet_val": (prepare_imagenet_val, ["--images", str(out / "no-images"), "--labels",
                                                         str(f["labels"]), "--out", str(out / "prepared")]),
+        "make_shards": (make_shards, ["--src", str(f["folder"]), "--out", str(out / "shards"), "--splits", "val"]),
     }
 
 
@@ -90,7 +92,7 @@ def sweep(module, base: list[str], folder: Path, capsys) -> list[tuple[list[str]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["train", "convert", "validate", "benchmark", "check_fast_training",
-                                  "prepare_imagenet_val"])
+                                  "prepare_imagenet_val", "make_shards"])
 def test_every_flag_with_bad_values_is_one_line(name, files, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # values such as "abc" are valid output names: write them here
     module, base = bases(files, tmp_path)[name]

@@ -19,6 +19,7 @@ from trainutil import ROOT, TINY, cli_args
 from convmixer_pt.cli import make_shards
 from convmixer_pt.cli import train as train_cli
 from convmixer_pt.cli import validate as validate_cli
+from convmixer_pt.data import write_digits_imagefolder
 
 # The whole recipe's randomness on (RandAugment, crops, flips, erasing, mixup) and EMA, one intra-op thread in
 # every process (in-process runs and subprocesses must sum in the same order), 6 steps per epoch.
@@ -195,29 +196,45 @@ def shards(data, tmp_path_factory) -> Path:
 
 
 def test_shards_hold_the_folders_samples(data, shards) -> None:
+    """Every file's bytes once, the training split in a seeded random order, val in the folder's."""
+    import webdataset
+
     index = json.loads((shards / "train.json").read_text())
     assert index["classes"] == ["c0", "c1", "c2"] and [s["nsamples"] for s in index["shardlist"]] == [5] * 4 + [4]
     assert sorted(p.name for p in shards.glob("train-*.tar")) == [f"train-{i:06d}.tar" for i in range(5)]
+    files = sorted(p for p in (data / "train").rglob("*") if p.is_file())
+    for split, shuffled in (("train", True), ("val", False)):
+        tars = sorted(str(p) for p in shards.glob(f"{split}-*.tar"))
+        samples = list(webdataset.WebDataset(tars, shardshuffle=False))
+        keys = [int(s["__key__"]) for s in samples]
+        assert sorted(keys) == list(range(len(keys))) and (keys != sorted(keys)) == shuffled
+    samples = {int(s["__key__"]): s for s in webdataset.WebDataset(sorted(str(p) for p in shards.glob("train-*.tar")),
+                                                                   shardshuffle=False)}
+    for key, path in enumerate(files):
+        assert samples[key][path.suffix.lstrip(".")] == path.read_bytes()
+        assert int(samples[key]["cls"]) == int(path.parent.name[1:])
 
 
-def test_training_from_shards_is_training_from_the_folders(data, shards, clean_one, tmp_path) -> None:
-    """The same images in the same order and the same augmentation: the same weights, bit for bit."""
-    values = dict(RECIPE, dataset="shards", data_dir=str(shards), output=str(tmp_path / "run"))
+@pytest.fixture(scope="module")
+def clean_shards(shards, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("clean_shards") / "run"
+    values = dict(RECIPE, dataset="shards", data_dir=str(shards), output=str(out))
     assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 0
-    assert_same_end(load(tmp_path / "run" / "last.pth"), clean_one)
+    return load(out / "last.pth")
 
 
 @pytest.mark.slow
-def test_a_kill_within_an_epoch_resumes_bit_exactly_from_shards(shards, clean_one, tmp_path) -> None:
+def test_a_kill_within_an_epoch_resumes_bit_exactly_from_shards(shards, clean_shards, tmp_path) -> None:
     values = dict(RECIPE, dataset="shards", data_dir=str(shards), output=str(tmp_path / "run"), workers=1,
                   checkpoint_every="2")
     assert disturbed("kill", 9, 0, values, tmp_path).returncode == 1
     assert load(tmp_path / "run" / "last.pth")["step"] == 8
     assert train_cli.main(["--device", "cpu", *cli_args(dict(values, resume="auto"))]) == 0
-    assert_same_end(load(tmp_path / "run" / "last.pth"), clean_one)
+    assert_same_end(load(tmp_path / "run" / "last.pth"), clean_shards)
 
 
 def test_validate_reads_shards_as_it_reads_the_folder(data, shards, clean_one, tmp_path, capsys) -> None:
+    """The same predictions for the same images, in the same order (val keeps the folder's)."""
     torch.save(clean_one["model"], tmp_path / "m.pth")
     reports = []
     for source in (data / "val", shards / "val.json"):
@@ -263,3 +280,18 @@ def test_tensorboard_scalars_are_the_summarys(data, tmp_path) -> None:
                                                                                        for r in rows])
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
     assert {"epoch/img_per_s", "epoch/lr", "epoch/ema_val_top1", "train/lr"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_the_digits_main_job_from_shards_learns_as_from_the_folders(tmp_path) -> None:
+    """scikit-learn's digits decoded from PNGs in tar shards, read a few shards at a time: the accuracy the
+    main job reaches from the folders, after the same 3 epochs."""
+    folder = tmp_path / "digits"
+    write_digits_imagefolder(folder)
+    assert make_shards.main(["--src", str(folder), "--out", str(tmp_path / "shards"), "--shard-size", "100"]) == 0
+    common = ["--config", str(ROOT / "configs" / "digits.yaml"), "--device", "cpu", "--epochs", "3", "--no-progress"]
+    assert train_cli.main([*common, "--data-dir", str(folder), "--output", str(tmp_path / "a")]) == 0
+    assert train_cli.main([*common, "--dataset", "shards", "--data-dir", str(tmp_path / "shards"), "--output",
+                           str(tmp_path / "b")]) == 0
+    top1 = [load(tmp_path / run / "last.pth")["history"][-1]["val_top1"] for run in ("a", "b")]
+    assert min(top1) > 90 and abs(top1[0] - top1[1]) < 3, top1

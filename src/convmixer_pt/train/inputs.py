@@ -134,7 +134,8 @@ def shelter_from_stop_signals(worker_id: int) -> None:
 def build_loaders(cfg: TrainConfig, train: Seeded, val: Dataset, env: DistEnv
                   ) -> tuple[DataLoader, DataLoader, GlobalBatchSampler]:
     """The train loader (its sampler, returned too, is set to each epoch and its first step), the val loader."""
-    sampler = GlobalBatchSampler(len(train), cfg.batch_size, cfg.grad_accum, env, cfg.seed)
+    shards = train.dataset.shard_sizes if isinstance(train.dataset, ShardDataset) else None
+    sampler = GlobalBatchSampler(len(train), cfg.batch_size, cfg.grad_accum, env, cfg.seed, shards=shards)
     if sampler.steps == 0:
         raise DataError(f"the training set has {len(train)} images, fewer than one global batch of "
                         f"{sampler.global_batch} (batch_size x grad_accum x processes)")

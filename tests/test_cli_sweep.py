@@ -17,6 +17,7 @@ from convmixer_pt.cli import (
     convert,
     export_mindir,
     export_onnx,
+    make_shards,
     parity,
     prepare_imagenet_val,
     train,
@@ -56,6 +57,7 @@ def bases(f: dict[str, Path], out: Path) -> dict[str, tuple[object, list[str]]]:
         "prepare_imagenet_val": (prepare_imagenet_val, ["--images", str(out / "no-images"), "--labels",
                                                         str(f["labels"]), "--out", str(out / "prepared")]),
         "export_onnx": (export_onnx, [str(f["ckpt"]), str(out / "m.onnx"), "--force", "--img-size", "8"]),
+        "make_shards": (make_shards, ["--src", str(f["folder"]), "--out", str(out / "shards"), "--splits", "val"]),
     }
 
 
@@ -92,7 +94,7 @@ def sweep(module, base: list[str], folder: Path, capsys) -> list[tuple[list[str]
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["train", "convert", "validate", "benchmark", "check_fast_training",
-                                  "prepare_imagenet_val", "export_onnx"])
+                                  "prepare_imagenet_val", "export_onnx", "make_shards"])
 def test_every_flag_with_bad_values_is_one_line(name, files, tmp_path, capsys, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)  # values such as "abc" are valid output names: write them here
     module, base = bases(files, tmp_path)[name]

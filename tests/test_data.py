@@ -13,9 +13,13 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from convmixer_pt.data import (
+    SHARDS_PER_CHUNK,
     GlobalBatchSampler,
-    ShardSampler,
+    RankSampler,
+    SampleKey,
+    Seeded,
     SyntheticImages,
+    chunked_order,
     load_image,
     write_digits_imagefolder,
 )
@@ -79,11 +83,66 @@ def test_global_batches_do_not_depend_on_the_process_layout() -> None:
     first = list(one)
     one.set_epoch(1)
     assert list(one) != first  # reshuffled every epoch
+    one.set_epoch(0, start_step=4)  # resumed after 4 steps: the rest of the same epoch
+    assert list(one) == first[4 * 8:] and len(one) == 16
+    assert [key.index for key in first] != [key.seed for key in first]
+
+
+def test_an_epoch_from_shards_reads_a_few_shards_at_a_time() -> None:
+    """Every sample once per epoch; each global batch from at most two runs of shards; a new order each
+    epoch, the same on one process and on two."""
+    sizes = [7] * 30 + [3]  # 213 samples, the last shard short
+    starts = np.cumsum([0, *sizes])
+    shard_of = {i: int(np.searchsorted(starts, i, side="right")) - 1 for i in range(sum(sizes))}
+    orders = []
+    for epoch in range(2):
+        one = GlobalBatchSampler(sum(sizes), 8, 1, env(0, 1), seed=5, shards=sizes)
+        one.set_epoch(epoch)
+        keys = [k.index for k in one]
+        two = []
+        for r in range(2):
+            half = GlobalBatchSampler(sum(sizes), 4, 1, env(r, 2), seed=5, shards=sizes)
+            half.set_epoch(epoch)
+            two.append([k.index for k in half])
+        assert [i for b in range(len(keys) // 8) for r in range(2) for i in two[r][4 * b:4 * b + 4]] == keys
+        full = chunked_order(sizes, SHARDS_PER_CHUNK, torch.Generator().manual_seed(epoch))
+        assert sorted(full) == list(range(sum(sizes)))
+        for b in range(0, len(keys), 8):
+            assert len({shard_of[i] for i in keys[b:b + 8]}) <= 2 * SHARDS_PER_CHUNK
+        places: dict[int, list[int]] = {}
+        for place, i in enumerate(full):
+            places.setdefault(shard_of[i], []).append(place)
+        # a shard is read within its run of shards: its samples lie within that run's places
+        assert max(p[-1] - p[0] for p in places.values()) < 7 * SHARDS_PER_CHUNK
+        assert max(p[-1] - p[0] for p in places.values()) > 7 * 4  # and are shuffled across the run
+        orders.append(keys)
+    assert orders[0] != orders[1]
+
+
+def test_a_seeded_sample_is_augmented_alike_wherever_it_is_decoded() -> None:
+    """The same key gives the same augmentation before and after other draws and leaves the caller's
+    generators as they were."""
+    import random
+
+    class Draws(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 3
+
+        def __getitem__(self, i: int) -> tuple[float, float, float]:
+            return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    data = Seeded(Draws())
+    first = data[SampleKey(1, 77)]
+    random.random(), np.random.rand(3), torch.rand(5)
+    state = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    assert data[SampleKey(1, 77)] == first and data[SampleKey(1, 78)] != first
+    assert random.getstate() == state[0] and (np.random.get_state()[1] == state[1]).all()
+    assert torch.equal(torch.get_rng_state(), state[2])
 
 
 @pytest.mark.parametrize("size, world", [(10, 3), (7, 2), (1, 4)])
 def test_shard_sampler_covers_each_index_once(size: int, world: int) -> None:
-    shards = [list(ShardSampler(size, env(r, world))) for r in range(world)]
+    shards = [list(RankSampler(size, env(r, world))) for r in range(world)]
     assert sorted(i for shard in shards for i in shard) == list(range(size))
 
 

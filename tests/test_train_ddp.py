@@ -62,7 +62,7 @@ EVAL_SCRIPT = textwrap.dedent("""
     train, val, n = build_datasets(cfg, env)
     torch.manual_seed(0)
     model = build_model(cfg, n)
-    _, val_loader, _, _ = build_loaders(cfg, train, val, env)
+    _, val_loader, _ = build_loaders(cfg, train, val, env)
     (result,) = evaluate_models([model], val_loader, env, "none")
     if env.is_main:
         with open(sys.argv[2], "w") as f:
@@ -88,7 +88,7 @@ def test_distributed_evaluation_counts_every_image_once(tmp_path: Path) -> None:
     cfg = config.apply(config.TrainConfig(), values)
     env = init_distributed("cpu")
     train, val, n = build_datasets(cfg, env)
-    _, val_loader, _, _ = build_loaders(cfg, train, val, env)
+    _, val_loader, _ = build_loaders(cfg, train, val, env)
     torch.manual_seed(0)
     (one,) = evaluate_models([build_model(cfg, n)], val_loader, env, "none")
     assert dist_metrics["count"] == one.count == 20
@@ -103,7 +103,7 @@ def test_several_models_are_evaluated_in_one_pass_over_the_loader(tmp_path: Path
     cfg = config.apply(config.TrainConfig(), dict(TINY, data_dir=str(data), batch_size=3, device="cpu"))
     env = init_distributed("cpu")
     train, val, n = build_datasets(cfg, env)
-    _, val_loader, _, _ = build_loaders(cfg, train, val, env)
+    _, val_loader, _ = build_loaders(cfg, train, val, env)
     torch.manual_seed(0)
     models = [build_model(cfg, n), build_model(cfg, n)]
     passes = []

@@ -63,7 +63,7 @@ def test_split_class_mismatch(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     data = make_train_val(tmp_path / "data")
     shutil.rmtree(data / "val" / "c2")
     rc, err = run_cli(capsys, dict(TINY, data_dir=str(data), output=str(tmp_path / "o")))
-    assert_one_line(rc, err, "the class folders of train/ (3) and val/ (2) differ")
+    assert_one_line(rc, err, "the classes of train (3) and val (2) differ")
 
 
 @pytest.mark.parametrize("workers", [0, 1])

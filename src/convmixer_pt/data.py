@@ -1,14 +1,29 @@
-"""Images and datasets shared by training and evaluation: decoding, the ImageFolder layout, the embedded
-digits tree, generated images, and the samplers that make runs reproducible across process counts."""
+"""Images and datasets shared by training and evaluation: decoding, the ImageFolder layout, tar shards, the
+embedded digits tree, generated images, and the samplers that make runs reproducible across process counts.
+
+Shards are WebDataset tars (one sample = `<key>.<image extension>` + `<key>.cls`, the class index as text) with
+an index, `<split>.json`, in the format of the webdataset project's indexed reader (`wids`), which reads them
+with random access: a shard dataset is a map-style dataset like an ImageFolder, and a run resumes from shards
+exactly, at any step, as from folders. Opening a shard costs its reader a pass over the tar's headers (17 ms for
+1,000 ImageNet-size samples), so a training epoch visits the shards `SHARDS_PER_CHUNK` at a time (shards in a
+random order, samples shuffled within each run of them) rather than in one global shuffle, which would open a
+shard per sample; the training split is written in a seeded random order, so that a run of shards is a random
+sample of the classes.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import random
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,6 +31,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from .errors import DataError
+from .files import write_text
 from .runtime import DistEnv
 
 CACHE = Path.home() / ".cache" / "convmixer_pt"
@@ -30,15 +46,26 @@ def derive_seed(*parts: int) -> int:
     return int(state[0]) << 31 ^ int(state[1])
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """PIL decode to RGB; a file PIL cannot read, or one that would decompress to more pixels than PIL's
-    limit (a decompression bomb), becomes one DataError naming it."""
+@dataclass(frozen=True)
+class Encoded:
+    """An image's encoded bytes and the name errors give it (a shard sample: `shard.tar:key`)."""
+
+    name: str
+    data: bytes
+
+    def __str__(self) -> str:
+        return self.name
+
+
+def load_image(source: str | Path | Encoded) -> Image.Image:
+    """PIL decode of a file or of encoded bytes to RGB; an image PIL cannot read, or one that would decompress
+    to more pixels than PIL's limit (a decompression bomb), becomes one DataError naming it."""
     try:
-        with open(path, "rb") as f:
+        with io.BytesIO(source.data) if isinstance(source, Encoded) else open(source, "rb") as f:
             img = Image.open(f)
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot read the image ({e})") from None
+        raise DataError(f"{source}: cannot read the image ({e})") from None
 
 
 class Decoded:
@@ -47,8 +74,8 @@ class Decoded:
     def __init__(self, transform: Callable[[Image.Image], Any]) -> None:
         self.transform = transform
 
-    def __call__(self, path: str | Path) -> Any:
-        return self.transform(load_image(path))
+    def __call__(self, source: str | Path | Encoded) -> Any:
+        return self.transform(load_image(source))
 
 
 class ImageFolder(Dataset):
@@ -78,6 +105,102 @@ class ImageFolder(Dataset):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
         return self.transform(path), label
+
+    def sample_name(self, index: int) -> str:
+        """Where sample `index` comes from, relative to the root."""
+        return os.path.relpath(self.samples[index][0], self.root)
+
+
+IMAGE_FIELDS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm")
+SHARD_INDEX_KIND = "wids-shard-index-v1"
+SHARDS_PER_CHUNK = 8  # shards a training epoch reads at a time; each loader worker keeps two runs of them open
+
+
+class ShardDataset(Dataset):
+    """The samples of a shard index (`<split>.json`, see the module's docstring), read in place through the
+    webdataset project's indexed reader; items are (transform(Encoded image), label), as an ImageFolder's."""
+
+    def __init__(self, index: str | Path, transform: Callable[[Encoded], Any]) -> None:
+        import wids
+
+        index = Path(index)
+        try:
+            spec = json.loads(index.read_text())
+            shards = [dict(url=str((index.parent / s["url"]).resolve()), nsamples=int(s["nsamples"]))
+                      for s in spec["shardlist"]]
+            self.classes = [str(c) for c in spec["classes"]]
+        except FileNotFoundError:
+            raise DataError(f"{index}: no shard index here (write one with convmixer-make-shards)") from None
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{index}: not a shard index ({type(e).__name__}: {e})") from None
+        missing = [s["url"] for s in shards if not Path(s["url"]).is_file()]
+        if missing:
+            raise DataError(f"{index}: its shard {missing[0]} is missing")
+        if not shards or sum(s["nsamples"] for s in shards) == 0:
+            raise DataError(f"{index}: lists no samples")
+        # Read in place, never copied into wids' cache; wids prints a summary of every dataset it opens.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            self.reader = wids.ShardListDataset(shards, localname=lambda url: url, transformations=[],
+                                                lru_size=2 * SHARDS_PER_CHUNK)
+        # wids prints a warning on stdout when many reads open a shard; validation and small shards do, by design.
+        self.reader.check_cache_misses = lambda: None
+        self.shards = shards
+        self.shard_sizes = [s["nsamples"] for s in shards]
+        self.starts = np.cumsum([0] + [s["nsamples"] for s in shards])
+        self.root, self.transform = index, transform
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def sample_name(self, index: int) -> str:
+        shard = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return f"{Path(self.shards[shard]['url']).name}:{index - self.starts[shard]}"
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        sample = self.reader[index]
+        name = self.sample_name(index)
+        image = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
+        try:
+            label = int(sample[".cls"].read())
+        except (KeyError, ValueError):
+            raise DataError(f"{name}: the sample has no class (.cls) a number can be read from") from None
+        if image is None:
+            raise DataError(f"{name}: the sample has no image ({', '.join(IMAGE_FIELDS)})")
+        if not 0 <= label < len(self.classes):
+            raise DataError(f"{name}: class {label} is not one of the index's {len(self.classes)}")
+        return self.transform(Encoded(name, image.read())), label
+
+
+def write_shards(folder: str | Path, out: str | Path, name: str, shard_size: int = 1000,
+                 shuffle_seed: int | None = None) -> Path:
+    """The ImageFolder `folder` as WebDataset tar shards `out/<name>-NNNNNN.tar` of `shard_size` samples (the
+    files' bytes as they are; in the ImageFolder's order, or in a random order drawn from `shuffle_seed`) and
+    their index `out/<name>.json`, written last: a split without its index is not a dataset. A sample's key is
+    its place in the ImageFolder's order."""
+    import webdataset
+
+    tree = ImageFolder(folder, transform=lambda path: path)
+    order = np.arange(len(tree)) if shuffle_seed is None else \
+        np.random.default_rng(shuffle_seed).permutation(len(tree))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(f"{name}-*.tar"):
+        stale.unlink()
+    counts: list[int] = []
+    with contextlib.redirect_stderr(io.StringIO()), webdataset.ShardWriter(
+            str(out / f"{name}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+        for i, source in enumerate(order.tolist()):
+            path, label = tree.samples[source]
+            if i % shard_size == 0:
+                counts.append(0)
+            sink.write({"__key__": f"{source:08d}", Path(path).suffix.lower().lstrip("."): Path(path).read_bytes(),
+                        "cls": str(label).encode()})
+            counts[-1] += 1
+    index = dict(__kind__=SHARD_INDEX_KIND, wids_version=1, name=name, classes=tree.classes,
+                 shuffle_seed=shuffle_seed,
+                 shardlist=[dict(url=f"{name}-{k:06d}.tar", nsamples=n) for k, n in enumerate(counts)])
+    write_text(out / f"{name}.json", json.dumps(index, indent=1) + "\n")
+    return out / f"{name}.json"
 
 
 def write_digits_imagefolder(root: str | Path) -> Path:
@@ -157,41 +280,99 @@ class SyntheticImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         g = torch.Generator().manual_seed(derive_seed(self.seed, i))
         return torch.randn(3, self.input_size, self.input_size, generator=g), i % self.num_classes
-class GlobalBatchSampler(Sampler[int]):
-    """Per-epoch shuffled training indices, this process's share of every global batch.
+class SampleKey(NamedTuple):
+    """What a training loader asks a `Seeded` dataset for: an index and the seed of that sample's augmentation."""
+
+    index: int
+    seed: int
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """Python's, NumPy's and torch's global generators seeded from `seed` inside the block and restored after
+    it, so that what runs inside draws the same numbers wherever and whenever it runs."""
+    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+
+
+class Seeded(Dataset):
+    """A dataset whose item for `SampleKey(i, seed)` is item i with its transform's randomness (timm's draw from
+    the three global generators) seeded from `seed`: a sample's augmentation depends on the run's seed, the
+    epoch and its place in the epoch, not on which loader worker or process decodes it, nor on what ran before.
+    That is what lets a run resume at any step exactly."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: SampleKey) -> Any:
+        with seeded_rngs(key.seed):
+            return self.dataset[key.index]
+
+
+class GlobalBatchSampler(Sampler[SampleKey]):
+    """Per-epoch shuffled training samples, this process's share of every global batch, as `SampleKey`s.
 
     A global batch (batch_size x world_size x grad_accum images) is the same set of images whatever the
     process count: process r takes chunks r*accum .. r*accum+accum-1 of it. So 10 GPUs x 64, 8 GPUs x 80,
-    and 8 GPUs x 40 x 2 accumulation steps see the same batches. The incomplete last global batch is dropped.
+    and 8 GPUs x 40 x 2 accumulation steps see the same batches, and each sample's augmentation seed follows
+    its place in the epoch, so they are augmented alike too. The incomplete last global batch is dropped.
+    `set_epoch(epoch, start_step)` starts an epoch part-way, as a run resumed mid-epoch does. With `shards`
+    (the samples per shard, in index order) the epoch's order is `chunked_order`'s.
     """
 
     def __init__(self, size: int, batch_size: int, grad_accum: int, env: DistEnv, seed: int,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, shards: list[int] | None = None) -> None:
+        self.shards = shards
         self.size, self.batch_size, self.grad_accum = size, batch_size, grad_accum
         self.rank, self.world_size, self.seed, self.shuffle = env.rank, env.world_size, seed, shuffle
         self.global_batch = batch_size * grad_accum * env.world_size
         self.steps = size // self.global_batch
-        self.epoch = 0
+        self.epoch, self.start_step = 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self) -> int:
-        return self.steps * self.batch_size * self.grad_accum
+        return (self.steps - self.start_step) * self.batch_size * self.grad_accum
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[SampleKey]:
         if self.shuffle:
             g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-            order = torch.randperm(self.size, generator=g)
+            order = torch.randperm(self.size, generator=g).tolist() if self.shards is None else \
+                chunked_order(self.shards, SHARDS_PER_CHUNK, g)
         else:
-            order = torch.arange(self.size)
+            order = list(range(self.size))
         share = self.batch_size * self.grad_accum
-        for step in range(self.steps):
+        for step in range(self.start_step, self.steps):
             start = step * self.global_batch + self.rank * share
-            yield from order[start:start + share].tolist()
+            for place in range(start, start + share):
+                yield SampleKey(order[place], derive_seed(self.seed, self.epoch, place))
 
 
-class ShardSampler(Sampler[int]):
+def chunked_order(sizes: list[int], chunk: int, generator: torch.Generator) -> list[int]:
+    """A random order of the samples of consecutive groups of `sizes` (shards) that reads `chunk` groups at a
+    time: the groups in a random order, and the samples of each run of `chunk` of them shuffled together."""
+    starts = np.cumsum([0, *sizes]).tolist()
+    groups = torch.randperm(len(sizes), generator=generator).tolist()
+    order: list[int] = []
+    for first in range(0, len(groups), chunk):
+        members = torch.cat([torch.arange(starts[k], starts[k + 1]) for k in groups[first:first + chunk]])
+        order += members[torch.randperm(len(members), generator=generator)].tolist()
+    return order
+
+
+class RankSampler(Sampler[int]):
     """Indices rank, rank + world_size, ...: every image on exactly one process, no padding duplicates."""
 
     def __init__(self, size: int, env: DistEnv) -> None:

@@ -23,6 +23,15 @@ class DataError(UserError):
     """Images or a data folder that cannot be used."""
 
 
+class Stopped(Exception):
+    """A run that stopped when asked to (a signal from a scheduler) after saving what it needs to continue: not
+    a failure of its input. The CLI prints the message and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 @contextlib.contextmanager
 def about(subject: object) -> Iterator[None]:
     """Name `subject` (a file, where a config came from) at the front of a UserError raised in the block, so

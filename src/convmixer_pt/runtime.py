@@ -109,7 +109,12 @@ def init_distributed(device: str) -> DistEnv:
     if under_torchrun and not dist.is_initialized():
         # `device_id` binds NCCL's communicator to this GPU eagerly (and silences its warning).
         extra = dict(device_id=dev) if device == "cuda" else {}
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", **extra)
+        store, _, _ = next(dist.rendezvous("env://"))
+        # torchrun keeps one store across restarts of its workers, so a restarted worker may read the
+        # addresses a dead attempt published and fail to connect; each attempt gets its own key prefix.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size,
+                                store=dist.PrefixStore(f"convmixer_pt/attempt_{attempt}", store), **extra)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev,
                    has_group=under_torchrun)
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from ..errors import UserError, error_line
+from ..errors import Stopped, UserError, error_line
 
 
 class Terminated(BaseException):
@@ -34,6 +34,9 @@ def run(body: Callable[[], int], hint: str = "") -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return body()
+    except Stopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except (UserError, OSError) as e:
         print(f"error: {error_line(e)}", file=sys.stderr)
         return 1

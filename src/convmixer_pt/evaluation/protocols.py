@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data import Decoded
+from ..data import Decoded, Encoded
 from ..errors import DataError, UserError, error_line
 from ..runtime import require_mindspore
 from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, IMAGENET_MEAN, IMAGENET_STD
@@ -29,7 +29,7 @@ from ..variants import EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, IMAGE
 PROTOCOLS = ("timm", "mindcv")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest", "lanczos", "box", "hamming")  # PIL's resize filters
 
-Transform = Callable[[str | Path], np.ndarray]
+Transform = Callable[[str | Path | Encoded], np.ndarray]  # an image file, or a shard sample's bytes
 
 
 def resize_size(img_size: int, crop_pct: float) -> int:
@@ -82,13 +82,13 @@ def mindcv_transform(img_size: int = EVAL_INPUT_SIZE, crop_pct: float = EVAL_CRO
                      mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Transform:
     ops = mindcv_ops(img_size, crop_pct, mean, std)
 
-    def apply(path: str | Path) -> np.ndarray:
-        x = np.fromfile(path, dtype=np.uint8)
+    def apply(source: str | Path | Encoded) -> np.ndarray:
+        x = np.frombuffer(source.data, np.uint8) if isinstance(source, Encoded) else np.fromfile(source, np.uint8)
         try:
             for op in ops:  # MindSpore's dataset ops run eagerly on numpy arrays, one image at a time
                 x = op(x)
         except (RuntimeError, ValueError, TypeError) as e:
-            raise DataError(f"{path}: cannot read the image ({mindspore_reason(e)})") from None
+            raise DataError(f"{source}: cannot read the image ({mindspore_reason(e)})") from None
         return np.ascontiguousarray(x, dtype=np.float32)
 
     return apply

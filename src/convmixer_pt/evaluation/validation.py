@@ -12,7 +12,6 @@ import contextlib
 import csv
 import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import ImageFolder, ShardSampler
+from ..data import ImageFolder, RankSampler, ShardDataset
 from ..errors import UserError, error_line
 from ..files import atomic_path, write_text, writing
 from ..runtime import autocast, barrier, init_distributed, require_mindspore, resolve_device, shutdown
@@ -153,6 +152,13 @@ def preprocessing(weights: Weights, img_size: int | None = None, crop_pct: float
     return settings
 
 
+def open_dataset(data_dir: str | Path, transform: Any) -> ImageFolder | ShardDataset:
+    """An ImageFolder tree, or tar shards by their index (`<split>.json`)."""
+    if str(data_dir).endswith(".json"):
+        return ShardDataset(data_dir, transform)
+    return ImageFolder(data_dir, transform)
+
+
 def model_name(weights: Weights) -> str:
     """The registered variant the weights are, or a name that says their shapes."""
     a = weights.arch
@@ -210,8 +216,9 @@ def validate(
         torch_device = env.device if env.distributed else torch.device(device)
         if framework == "mindspore":
             set_mindspore_device(torch_device)
-        dataset = ImageFolder(data_dir, build_transform(protocol, settings.img_size, settings.crop_pct,
-                                                        settings.interpolation, settings.mean, settings.std))
+        transform = build_transform(protocol, settings.img_size, settings.crop_pct, settings.interpolation,
+                                    settings.mean, settings.std)
+        dataset = open_dataset(data_dir, transform)
         if model is not None:
             check_fit(model, checkpoint, weights.arch)
         if weights.arch["num_classes"] != len(dataset.classes):
@@ -223,7 +230,7 @@ def validate(
         else:
             net = ms_model(weights)
             predict = mindspore_predictor(net)
-        sampler = ShardSampler(len(dataset), env)
+        sampler = RankSampler(len(dataset), env)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                             pin_memory=torch_device.type == "cuda")
         eval_device = torch_device if framework == "torch" else torch.device("cpu")
@@ -239,8 +246,8 @@ def validate(
                   mean=list(settings.mean), std=list(settings.std), preprocessing_from=settings.source,
                   top1=round(result.top1, 4), top5=round(result.top5, 4), count=result.count,
                   img_per_s=round(result.img_per_s, 2), world_size=env.world_size)
-    rows = [dict(path=os.path.relpath(dataset.samples[i][0], dataset.root), label=label, pred=topk[0],
-                 top5=" ".join(map(str, topk))) for i, label, topk in result.rows]
+    rows = [dict(path=dataset.sample_name(i), label=label, pred=topk[0], top5=" ".join(map(str, topk)))
+            for i, label, topk in result.rows]
     return report, rows
 
 

@@ -34,7 +34,7 @@ from ..variants import (
 # Constructor arguments of `ConvMixer` that a config may override on top of a registered variant.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model": tuple(list_models()),
-    "dataset": ("imagefolder", "digits", "generated", "synthetic"),
+    "dataset": ("imagefolder", "shards", "digits", "generated", "synthetic"),
     "device": ("auto", "cpu", "cuda"),
     "amp": ("auto", "bf16", "fp16", "none"),
     "mixup_mode": ("batch", "pair", "elem"),
@@ -46,6 +46,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 class ConfigError(UserError):
     """A configuration key or value that cannot be used."""
+
+
+def checkpoint_interval(value: str) -> tuple[int | None, float | None] | None:
+    """`checkpoint_every` as (steps, None) or (None, minutes); None where it is neither."""
+    text = value.strip().lower()
+    try:
+        if text.endswith(("min", "m")):
+            minutes = float(text.removesuffix("min").removesuffix("m"))
+            return (None, minutes) if math.isfinite(minutes) and minutes > 0 else None
+        steps = int(text)
+    except ValueError:
+        return None
+    return (steps, None) if steps > 0 else None
 
 
 def _finite(v: Any) -> bool:
@@ -70,7 +83,9 @@ _PROBABILITY = (_between(0, 1), "a probability in [0, 1]")
 # The values each key may take beyond its type (None, where the type allows it, always passes).
 DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
     **dict.fromkeys(("input_size", "batch_size", "grad_accum", "epochs", "synthetic_train_size",
-                     "synthetic_val_size", "num_classes", "stop_epoch", "cpu_threads"), _POSITIVE_INT),
+                     "synthetic_val_size", "num_classes", "stop_epoch", "cpu_threads", "log_every"), _POSITIVE_INT),
+    "checkpoint_every": (lambda v: checkpoint_interval(v) is not None,
+                         "a number of optimizer steps (500) or of minutes (30m), above 0"),
     **dict.fromkeys(("workers", "re_count", "seed"), _COUNT),
     **dict.fromkeys(("lr", "opt_eps", "clip_grad"), _POSITIVE),
     **dict.fromkeys(("weight_decay", "mixup", "cutmix", "color_jitter"), _NON_NEGATIVE),
@@ -100,8 +115,9 @@ MODEL_ARG_DOMAINS: dict[str, tuple[type, Callable[[Any], bool], str]] = {
 @dataclass
 class TrainConfig:
     # data
-    # imagefolder (data_dir/train, data_dir/val); digits (scikit-learn's, as PNGs); generated (JPEGs made up on
-    # first use, decoded and augmented as ImageNet is); synthetic (random tensors: no decoding, no augmentation)
+    # imagefolder (data_dir/train, data_dir/val); shards (tar shards with their indexes data_dir/train.json and
+    # data_dir/val.json, from convmixer-make-shards); digits (scikit-learn's, as PNGs); generated (JPEGs made up
+    # on first use, decoded and augmented as ImageNet is); synthetic (random tensors: no decoding, no augmentation)
     dataset: str = "imagefolder"
     data_dir: str | None = None  # digits/generated: where the tree is written (default ~/.cache/convmixer_pt/...)
     train_split: str = "train"
@@ -158,6 +174,9 @@ class TrainConfig:
     seed: int = 0
     output: str = "runs/train"
     resume: str | None = None  # a last.pth, or "auto" for OUTPUT/last.pth if it exists
+    checkpoint_every: str | None = None  # also within epochs: every N optimizer steps ("500") or minutes ("30m")
+    tensorboard: bool = False  # TensorBoard scalars in OUTPUT/tensorboard beside summary.csv
+    log_every: int = 50  # optimizer steps between TensorBoard's training-loss points
     overwrite: bool = False  # start over in an output folder that already holds a run (replacing it)
     progress: bool = True
 

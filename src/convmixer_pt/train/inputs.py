@@ -7,10 +7,11 @@ decoding (random tensors of the configured size) so a GPU can be exercised witho
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
 from torch.utils.data import DataLoader, Dataset
@@ -21,7 +22,9 @@ from ..data import (
     Decoded,
     GlobalBatchSampler,
     ImageFolder,
-    ShardSampler,
+    RankSampler,
+    Seeded,
+    ShardDataset,
     SyntheticImages,
     derive_seed,
     write_digits_imagefolder,
@@ -86,46 +89,59 @@ def data_root(cfg: TrainConfig, env: DistEnv) -> Path:
         barrier(env)
         return root
     if not cfg.data_dir:
-        raise DataError("no data folder given: pass --data-dir DIR (with DIR/train and DIR/val), or use "
-                        "--dataset digits or --dataset synthetic")
+        raise DataError("no data folder given: pass --data-dir DIR (with DIR/train and DIR/val, or with shards "
+                        "DIR/train.json and DIR/val.json), or use --dataset digits, generated or synthetic")
     root = Path(cfg.data_dir).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: data folder not found")
     return root
 
 
-def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Dataset, Dataset, int]:
-    """(train, val, number of classes); the class lists of both splits and the config must agree."""
+def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Seeded, Dataset, int]:
+    """(train, val, number of classes); the class lists of both splits and the config must agree. The train
+    set is `Seeded`: its loader asks for samples with their augmentation seeds."""
     if cfg.dataset == "synthetic":
         n = cfg.num_classes or 1000
-        return (SyntheticImages(cfg.synthetic_train_size, cfg.input_size, n, derive_seed(cfg.seed, 1)),
+        return (Seeded(SyntheticImages(cfg.synthetic_train_size, cfg.input_size, n, derive_seed(cfg.seed, 1))),
                 SyntheticImages(cfg.synthetic_val_size, cfg.input_size, n, derive_seed(cfg.seed, 2)), n)
     root = data_root(cfg, env)
     train_tf, eval_tf = build_transforms(cfg)
-    train = ImageFolder(root / cfg.train_split, Decoded(train_tf))
-    val = ImageFolder(root / cfg.val_split, Decoded(eval_tf))
+    if cfg.dataset == "shards":
+        train = ShardDataset(root / f"{cfg.train_split}.json", Decoded(train_tf))
+        val = ShardDataset(root / f"{cfg.val_split}.json", Decoded(eval_tf))
+    else:
+        train = ImageFolder(root / cfg.train_split, Decoded(train_tf))
+        val = ImageFolder(root / cfg.val_split, Decoded(eval_tf))
     if train.classes != val.classes:
-        raise DataError(f"{root}: the class folders of {cfg.train_split}/ ({len(train.classes)}) and "
-                        f"{cfg.val_split}/ ({len(val.classes)}) differ")
+        raise DataError(f"{root}: the classes of {cfg.train_split} ({len(train.classes)}) and "
+                        f"{cfg.val_split} ({len(val.classes)}) differ")
     n = len(train.classes)
     if cfg.num_classes is not None and cfg.num_classes != n:
         raise DataError(f"{root}: has {n} classes but the model is configured for num_classes="
                         f"{cfg.num_classes}")
-    return train, val, n
+    return Seeded(train), val, n
 
 
-def build_loaders(cfg: TrainConfig, train: Dataset, val: Dataset, env: DistEnv
-                  ) -> tuple[DataLoader, DataLoader, GlobalBatchSampler, torch.Generator]:
-    """Loaders plus the train sampler and the generator that seeds the train workers (reseed per epoch)."""
-    sampler = GlobalBatchSampler(len(train), cfg.batch_size, cfg.grad_accum, env, cfg.seed)
+def shelter_from_stop_signals(worker_id: int) -> None:
+    """In a loader worker: a stop signal is for the training process, which finishes its step and checkpoints,
+    and a worker it killed would fail that step. Workers ignore SIGUSR1 and leave the training process's
+    process group, so that signals sent to the group (a terminal's Ctrl-C, a scheduler's) pass them by. They
+    keep SIGTERM's default, with which the loader shuts them down."""
+    os.setpgrp()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def build_loaders(cfg: TrainConfig, train: Seeded, val: Dataset, env: DistEnv
+                  ) -> tuple[DataLoader, DataLoader, GlobalBatchSampler]:
+    """The train loader (its sampler, returned too, is set to each epoch and its first step), the val loader."""
+    shards = train.dataset.shard_sizes if isinstance(train.dataset, ShardDataset) else None
+    sampler = GlobalBatchSampler(len(train), cfg.batch_size, cfg.grad_accum, env, cfg.seed, shards=shards)
     if sampler.steps == 0:
         raise DataError(f"the training set has {len(train)} images, fewer than one global batch of "
                         f"{sampler.global_batch} (batch_size x grad_accum x processes)")
     pin = env.device.type == "cuda"
-    workers_gen = torch.Generator()
     train_loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                              pin_memory=pin, drop_last=True, generator=workers_gen,
-                              persistent_workers=False)
-    val_loader = DataLoader(val, batch_size=cfg.batch_size, sampler=ShardSampler(len(val), env),
-                            num_workers=cfg.workers, pin_memory=pin, generator=torch.Generator())
-    return train_loader, val_loader, sampler, workers_gen
+                              pin_memory=pin, drop_last=True, worker_init_fn=shelter_from_stop_signals)
+    val_loader = DataLoader(val, batch_size=cfg.batch_size, sampler=RankSampler(len(val), env),
+                            num_workers=cfg.workers, pin_memory=pin, worker_init_fn=shelter_from_stop_signals)
+    return train_loader, val_loader, sampler

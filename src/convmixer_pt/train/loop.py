@@ -1,13 +1,15 @@
 """The training loop: the official recipe under DDP/AMP, evaluation after every epoch, and checkpoints that
-resume exactly (`state`)."""
+resume exactly (`state`), at epoch ends and, where asked or signalled, within epochs (`interrupts`)."""
 
 from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,21 +17,22 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import derive_seed
-from ..errors import UserError
+from ..errors import Stopped, UserError
 from ..evaluation.loop import EvalResult, evaluate
 from ..runtime import DistEnv, all_gather_objects, all_reduce_sum, autocast, average_bn_stats, barrier, resolve_amp
 from ..weights.torch_io import save_torch
 from .config import ConfigError, TrainConfig, check, save_yaml
 from .inputs import build_datasets, build_loaders
+from .interrupts import Interrupts
 from .parts import Parts, build_parts
-from .report import epoch_line, plot_summary, run_line, write_summary
+from .report import TensorBoard, epoch_line, plot_summary, run_line, write_summary
 from .schedule import lr_at_step, set_lr
 from .state import (
     RUN_FILES,
     Progress,
     best_checkpoint,
-    capture_rng,
     load_training_checkpoint,
+    process_state,
     recorded_epoch,
     resume_path,
     seed_globals,
@@ -41,21 +44,36 @@ class TrainingDiverged(UserError):
     """The loss stopped being finite (a learning rate too high, bad data); the run stops before the update."""
 
 
-def train_one_epoch(parts: Parts, loader: Iterable, steps: int, epoch: int, progress: Progress, cfg: TrainConfig,
-                    env: DistEnv, amp: str) -> dict[str, float]:
-    """One epoch of `steps` optimizer steps; the learning rate is set before every step."""
+@dataclass
+class Session:
+    """What every step of a run needs besides its data: config, processes, AMP, the run's objects, when to
+    checkpoint and stop, where scalars go."""
+
+    cfg: TrainConfig
+    env: DistEnv
+    amp: str
+    parts: Parts
+    interrupts: Interrupts
+    board: TensorBoard | None = None
+
+
+def train_one_epoch(run: Session, loader: Iterable, steps: int, epoch: int, progress: Progress) -> dict[str, float]:
+    """The epoch's optimizer steps from `progress.batch` on (0 unless resumed within it); the learning rate is
+    set before every step. Writes last.pth within the epoch where `run.interrupts` says so, and raises Stopped
+    after doing so for a stop signal."""
+    cfg, env, parts = run.cfg, run.env, run.parts
     parts.forward.train()
     global_batch = cfg.batch_size * cfg.grad_accum * env.world_size
     batches = iter(loader)
-    loss_total, lr = 0.0, 0.0
+    first, lr = progress.batch, 0.0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
+    bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                disable=not (env.is_main and cfg.progress), file=sys.stderr)
-    for step in range(steps):
+    for step in range(first, steps):
         lr = lr_at_step(epoch, step, steps, cfg.epochs, cfg.lr)
         set_lr(parts.optimizer, lr)
         parts.optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=env.device)
+        step_loss = torch.zeros(1, device=env.device)
         for micro in range(cfg.grad_accum):
             images, targets = next(batches)
             images = images.to(env.device, non_blocking=True)
@@ -66,12 +84,15 @@ def train_one_epoch(parts: Parts, loader: Iterable, steps: int, epoch: int, prog
                 images = images.contiguous(memory_format=torch.channels_last)
             inner = parts.ddp is not None and micro < cfg.grad_accum - 1
             with parts.ddp.no_sync() if inner else contextlib.nullcontext():
-                with autocast(env.device, amp):
+                with autocast(env.device, amp=run.amp):
                     loss = parts.loss_fn(parts.forward(images), targets)
                 parts.scaler.scale(loss / cfg.grad_accum).backward()
             step_loss += loss.detach().float() / cfg.grad_accum
-        # Every process sees the same mean loss, so all of them stop together before a bad update.
-        mean_loss = all_reduce_sum(step_loss, env).item() / env.world_size
+        # One reduction carries the loss and every process's votes, so all of them stop before a bad update,
+        # and all checkpoint or stop at the same step.
+        totals = all_reduce_sum(torch.cat([step_loss, run.interrupts.votes(progress.step + 1, env.device)]),
+                                env).tolist()
+        mean_loss, checkpoint_due, stop = totals[0] / env.world_size, totals[1] > 0, totals[2:]
         if not math.isfinite(mean_loss):
             bar.close()
             raise TrainingDiverged(f"the training loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}; "
@@ -83,17 +104,43 @@ def train_one_epoch(parts: Parts, loader: Iterable, steps: int, epoch: int, prog
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
         progress.step += 1
+        progress.batch, progress.epoch_loss = step + 1, progress.epoch_loss + mean_loss
         # fp16: the scaler skips a step with inf/NaN gradients (and lowers its scale); the EMA skips it too.
         stepped = scale is None or parts.scaler.get_scale() >= scale
         if parts.ema is not None and stepped:
             parts.ema.update(parts.model, step=progress.step)
-        loss_total += mean_loss
-        rate = (step + 1) * global_batch / (time.perf_counter() - start)
-        bar.set_postfix(loss=f"{loss_total / (step + 1):.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}", refresh=False)
+        if run.board is not None and progress.step % cfg.log_every == 0:
+            run.board.step(progress.step, mean_loss, lr)
+        rate = (step + 1 - first) * global_batch / (time.perf_counter() - start)
+        bar.set_postfix(loss=f"{progress.epoch_loss / (step + 1):.4f}", lr=f"{lr:.2e}", img_s=f"{rate:.0f}",
+                        refresh=False)
         bar.update()
+        if any(stop):
+            run.interrupts.stopping = signal.SIGUSR1 if stop[1] > 0 else signal.SIGTERM
+        if (checkpoint_due or any(stop)) and progress.batch < steps:  # an epoch's end checkpoints anyway
+            save_last(run, progress)
+        if any(stop) and progress.batch < steps:
+            bar.close()
+            raise stopped(run, progress, steps)
     bar.close()
     elapsed = time.perf_counter() - start
-    return dict(train_loss=loss_total / steps, lr=lr, img_per_s=steps * global_batch / elapsed)
+    return dict(train_loss=progress.epoch_loss / steps, lr=lr, img_per_s=(steps - first) * global_batch / elapsed)
+
+
+def save_last(run: Session, progress: Progress) -> None:
+    """last.pth as things stand (within an epoch: with the place in it), written by the first process."""
+    processes = all_gather_objects(process_state(run.parts, run.env.device), run.env)
+    if run.env.is_main:
+        save_torch(training_checkpoint(run.parts, progress, run.cfg, processes), Path(run.cfg.output) / "last.pth")
+    run.interrupts.saved()
+
+
+def stopped(run: Session, progress: Progress, steps: int) -> Stopped:
+    name = signal.Signals(run.interrupts.stopping).name
+    where = f"step {progress.batch} of {steps} in epoch {progress.epoch + 1}" if progress.batch else \
+        f"epoch {progress.epoch}"
+    return Stopped(f"{name} after {where}; {Path(run.cfg.output) / 'last.pth'} holds it: continue with "
+                   f"--resume auto", 128 + run.interrupts.stopping)
 
 
 def evaluate_models(models: list[nn.Module], loader: Iterable, env: DistEnv, amp: str,
@@ -116,17 +163,19 @@ def log(env: DistEnv, message: str) -> None:
         print(message, flush=True)
 
 
-def run_epoch(parts: Parts, loaders: tuple[Iterable, Iterable], steps: int, epoch: int, progress: Progress,
-              cfg: TrainConfig, env: DistEnv, amp: str) -> dict[str, float]:
-    """Train one epoch, average BatchNorm statistics across processes, evaluate; the epoch's summary row."""
+def run_epoch(run: Session, loaders: tuple[Iterable, Iterable], steps: int, epoch: int,
+              progress: Progress) -> dict[str, float]:
+    """Train (the rest of) one epoch, average BatchNorm statistics across processes, evaluate; the epoch's
+    summary row."""
+    cfg, env, parts = run.cfg, run.env, run.parts
     start = time.perf_counter()
-    train = train_one_epoch(parts, loaders[0], steps, epoch, progress, cfg, env, amp)
+    train = train_one_epoch(run, loaders[0], steps, epoch, progress)
     if cfg.bn_average:
         average_bn_stats(parts.model, env)
         if parts.ema is not None:
             average_bn_stats(parts.ema.module, env)
     models = [parts.model] if parts.ema is None else [parts.model, parts.ema.module]
-    val, *ema = evaluate_models(models, loaders[1], env, amp, cfg.channels_last)
+    val, *ema = evaluate_models(models, loaders[1], env, run.amp, cfg.channels_last)
     row = dict(epoch=epoch + 1, train_loss=train["train_loss"], val_loss=val.loss, val_top1=val.top1,
                val_top5=val.top5, lr=train["lr"], img_per_s=train["img_per_s"])
     if ema:
@@ -135,25 +184,26 @@ def run_epoch(parts: Parts, loaders: tuple[Iterable, Iterable], steps: int, epoc
     return row
 
 
-def record_epoch(row: dict[str, float], parts: Parts, progress: Progress, cfg: TrainConfig, env: DistEnv) -> None:
+def record_epoch(row: dict[str, float], run: Session, progress: Progress) -> None:
     """Advance `progress` by the epoch of `row` and write last.pth, then best.pth (if it improved), then the
     summary. last.pth is the record: a kill between these writes leaves best.pth or the summary one epoch
     behind it, and `restore_outputs` brings them in line on resume (last.pth holds the weights best.pth
     lacks, since an epoch that improved is last.pth's own)."""
-    out = Path(cfg.output)
+    out = Path(run.cfg.output)
     score = row.get("ema_val_top1", row["val_top1"])  # the EMA's score where there is an EMA
-    progress.epoch = int(row["epoch"])
+    progress.epoch, progress.batch, progress.epoch_loss = int(row["epoch"]), 0, 0.0
     progress.history.append(row)
     improved = score > progress.best_score
     if improved:
         progress.best_score, progress.best_epoch = score, progress.epoch
-    rng = all_gather_objects(capture_rng(env.device), env)
-    if env.is_main:
-        save_torch(training_checkpoint(parts, progress, cfg, rng), out / "last.pth")
+    save_last(run, progress)
+    if run.env.is_main:
         if improved:
-            save_torch(best_checkpoint(parts, progress, cfg), out / "best.pth")
+            save_torch(best_checkpoint(run.parts, progress, run.cfg), out / "best.pth")
         write_summary(progress.history, out / "summary.csv")
         plot_summary(progress.history, out / "summary.png")
+        if run.board is not None:
+            run.board.epoch(row, progress.step)
 
 
 def prepare_output(cfg: TrainConfig, resuming: bool, env: DistEnv) -> None:
@@ -176,10 +226,12 @@ def prepare_output(cfg: TrainConfig, resuming: bool, env: DistEnv) -> None:
 
 
 def restore_outputs(parts: Parts, progress: Progress, cfg: TrainConfig) -> None:
-    """After resuming: best.pth and the summary as last.pth records them (see `record_epoch`)."""
+    """After resuming at an epoch's end: best.pth and the summary as last.pth records them (see
+    `record_epoch`). A last.pth from within an epoch follows an epoch end whose writes had completed."""
     out = Path(cfg.output)
     best = out / "best.pth"
-    if progress.best_epoch == progress.epoch and progress.epoch > 0 and recorded_epoch(best) != progress.epoch:
+    at_epoch_end = progress.batch == 0 and progress.epoch > 0
+    if at_epoch_end and progress.best_epoch == progress.epoch and recorded_epoch(best) != progress.epoch:
         save_torch(best_checkpoint(parts, progress, cfg), best)  # the resumed weights are the best ones
     if progress.history:
         write_summary(progress.history, out / "summary.csv")
@@ -199,26 +251,33 @@ def run(cfg: TrainConfig, env: DistEnv) -> Progress:
     else:
         progress = Progress()
         seed_globals(derive_seed(cfg.seed, env.rank))
-    train_loader, val_loader, sampler, workers_gen = build_loaders(cfg, train_set, val_set, env)
+    train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set, env)
     stop = cfg.stop_epoch or cfg.epochs
     prepare_output(cfg, resume is not None, env)
     if resume is not None and env.is_main:
         restore_outputs(parts, progress, cfg)
+    where = f"epoch {progress.epoch}" + (f", step {progress.batch}" if progress.batch else "")
     log(env, run_line(cfg, parts.model, len(train_set), len(val_set), num_classes, env.world_size,
                       sampler.global_batch, sampler.steps, env.device.type, amp)
-        + (f" | resumed from {resume} after epoch {progress.epoch}" if resume is not None else ""))
-    for epoch in range(progress.epoch, stop):
-        sampler.set_epoch(epoch)
-        workers_gen.manual_seed(derive_seed(cfg.seed, epoch, env.rank))
-        try:
-            row = run_epoch(parts, (train_loader, val_loader), sampler.steps, epoch, progress, cfg, env, amp)
-        except TrainingDiverged as e:
-            last = out / "last.pth"
-            kept = (f"{last} (after epoch {progress.epoch}) is the last good checkpoint" if last.exists()
-                    else "no checkpoint had been written yet")
-            raise TrainingDiverged(f"{e}, {kept}") from None
-        record_epoch(row, parts, progress, cfg, env)
-        log(env, epoch_line(row, cfg.epochs))
+        + (f" | resumed from {resume} after {where}" if resume is not None else ""))
+    board = TensorBoard(out / "tensorboard", purge_step=progress.step) if cfg.tensorboard and env.is_main else None
+    with Interrupts(cfg, env.is_main) as interrupts, contextlib.ExitStack() as closing:
+        if board is not None:
+            closing.callback(board.close)
+        session = Session(cfg, env, amp, parts, interrupts, board)
+        for epoch in range(progress.epoch, stop):
+            sampler.set_epoch(epoch, progress.batch)
+            try:
+                row = run_epoch(session, (train_loader, val_loader), sampler.steps, epoch, progress)
+            except TrainingDiverged as e:
+                last = out / "last.pth"
+                kept = (f"{last} (after epoch {recorded_epoch(last)}) is the last good checkpoint" if last.exists()
+                        else "no checkpoint had been written yet")
+                raise TrainingDiverged(f"{e}, {kept}") from None
+            record_epoch(row, session, progress)
+            log(env, epoch_line(row, cfg.epochs))
+            if interrupts.stopping is not None and epoch + 1 < stop:
+                raise stopped(session, progress, sampler.steps)
     barrier(env)
     if stop < cfg.epochs:
         log(env, f"stopped after epoch {stop} of {cfg.epochs}; continue with --resume auto --output {out}")

@@ -1,4 +1,4 @@
-"""What a run reports: `summary.csv`, `summary.png` and the one log line per epoch."""
+"""What a run reports: `summary.csv`, `summary.png`, the one log line per epoch, and TensorBoard scalars."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import csv
 import io
 from pathlib import Path
 
+from ..errors import UserError
 from ..files import atomic_path, write_text, writing
 from ..model import ConvMixer
 from .config import TrainConfig
@@ -64,3 +65,29 @@ def run_line(cfg: TrainConfig, model: ConvMixer, train_images: int, val_images: 
             f"({params / 1e6:.2f}M params) on {cfg.dataset}: {train_images} train / {val_images} val images, "
             f"{classes} classes | {processes} process(es) x {cfg.batch_size} x {cfg.grad_accum} accum = "
             f"global batch {global_batch}, {steps} steps/epoch | {device}, amp {amp}")
+
+
+class TensorBoard:
+    """TensorBoard scalars of a run (the first process's): the training loss and learning rate every `log_every`
+    steps, and each epoch's summary row (losses, accuracies, learning rate, img/s) at the step it ended on.
+    `purge_step` drops what a run killed after its last checkpoint had logged beyond it."""
+
+    def __init__(self, folder: Path, purge_step: int = 0) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+        self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step or None)
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/lr", lr, step)
+
+    def epoch(self, row: dict[str, float], step: int) -> None:
+        for key, value in row.items():
+            if key != "epoch":
+                self.writer.add_scalar(f"epoch/{key}", value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

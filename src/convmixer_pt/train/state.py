@@ -1,8 +1,10 @@
 """What makes a run resumable: every process's RNG state, where the run stands, and the checkpoint schema.
 
-Reproducibility: the sampler and the worker seeds derive from (seed, epoch, rank); the global RNGs (Python,
-NumPy for Mixup, torch) are saved per process in `last.pth` and restored on resume, so a run stopped after
-epoch k and resumed ends with the weights of an uninterrupted run, bit for bit on CPU.
+Reproducibility: the sampler's order derives from (seed, epoch) and each sample's augmentation from (seed,
+epoch, its place in the epoch) (`data.Seeded`), whatever worker decodes it; the training process's global RNGs
+(Python, NumPy for Mixup, torch) are saved per process in `last.pth` and restored on resume. So a run stopped
+at any step, at an epoch's end or within one, and resumed ends with the weights of an uninterrupted run, bit for
+bit on CPU.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..data import derive_seed
 from ..errors import CheckpointError, about
@@ -61,19 +64,43 @@ class Progress:
 
     epoch: int = 0  # epochs completed
     step: int = 0  # optimizer steps completed
+    batch: int = 0  # optimizer steps completed in the epoch under way (0 at an epoch's end)
+    epoch_loss: float = 0.0  # the sum of those steps' mean losses (the epoch's train_loss, once divided)
     best_score: float = -1.0
     best_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def training_checkpoint(parts: Parts, progress: Progress, cfg: TrainConfig, rng: list[dict[str, Any]]
+def process_state(parts: Parts, device: torch.device) -> dict[str, Any]:
+    """What differs between processes and must come back to each: its generators, and its BatchNorm running
+    statistics (and the EMA's), which stay per process between the epoch-end averages (or for good without
+    bn_average). On the CPU, as plain data."""
+    state = dict(rng=capture_rng(device), buffers=_buffers(parts.model))
+    if parts.ema is not None:
+        state["ema_buffers"] = _buffers(parts.ema.module)
+    return state
+
+
+def _buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.detach().cpu().clone() for name, b in module.named_buffers()}
+
+
+def _restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, buffer in module.named_buffers():
+            buffer.copy_(saved[name])
+
+
+def training_checkpoint(parts: Parts, progress: Progress, cfg: TrainConfig, processes: list[dict[str, Any]]
                         ) -> dict[str, Any]:
-    """`last.pth`: everything a resumed run needs, as plain data (loadable with weights_only=True)."""
+    """`last.pth`: everything a resumed run needs, as plain data (loadable with weights_only=True);
+    `processes` is every process's `process_state`, in rank order."""
     state: dict[str, Any] = dict(
         model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
-        scaler=parts.scaler.state_dict(), epoch=progress.epoch, step=progress.step,
-        best_score=progress.best_score, best_epoch=progress.best_epoch, history=progress.history,
-        rng=rng, config=to_dict(cfg), arch=parts.model.arch, version=CHECKPOINT_VERSION)
+        scaler=parts.scaler.state_dict(), epoch=progress.epoch, step=progress.step, batch=progress.batch,
+        epoch_loss=progress.epoch_loss, best_score=progress.best_score, best_epoch=progress.best_epoch,
+        history=progress.history, rng=[p["rng"] for p in processes], processes=processes, config=to_dict(cfg),
+        arch=parts.model.arch, version=CHECKPOINT_VERSION)
     if parts.ema is not None:
         state["model_ema"] = parts.ema.module.state_dict()
     return state
@@ -134,10 +161,17 @@ def load_training_checkpoint(path: Path, parts: Parts, env: DistEnv, cfg: TrainC
             load_state_dict_strict(parts.ema.module, obj["model_ema"])
     if len(obj["rng"]) == env.world_size:
         restore_rng(obj["rng"][env.rank], env.device)
+        mine = obj.get("processes", [{}] * env.world_size)[env.rank]
+        if "buffers" in mine:
+            _restore_buffers(parts.model, mine["buffers"])
+        if parts.ema is not None and "ema_buffers" in mine:
+            _restore_buffers(parts.ema.module, mine["ema_buffers"])
     else:
         seed_globals(derive_seed(cfg.seed, env.rank, obj["epoch"]))
         if env.is_main:
             print(f"note: {path} was written by {len(obj['rng'])} process(es), this run has {env.world_size}; "
-                  "the weights continue exactly, the augmentation random streams do not", file=sys.stderr)
-    return Progress(epoch=obj["epoch"], step=obj["step"], best_score=obj.get("best_score", -1.0),
+                  "the weights continue exactly; Mixup's random stream and each process's BatchNorm statistics "
+                  "between their epoch-end averages do not", file=sys.stderr)
+    return Progress(epoch=obj["epoch"], step=obj["step"], batch=obj.get("batch", 0),
+                    epoch_loss=obj.get("epoch_loss", 0.0), best_score=obj.get("best_score", -1.0),
                     best_epoch=obj.get("best_epoch", 0), history=list(obj["history"]))

@@ -1,0 +1,297 @@
+"""Training that survives a cluster: checkpoints within epochs, preemption signals, elastic restarts, tar shards
+and TensorBoard. Every interrupted run is resumed and compared with an uninterrupted one, bit for bit."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from images import make_train_val
+from trainutil import ROOT, TINY, cli_args
+
+from convmixer_pt.cli import make_shards
+from convmixer_pt.cli import train as train_cli
+from convmixer_pt.cli import validate as validate_cli
+from convmixer_pt.data import write_digits_imagefolder
+
+# The whole recipe's randomness on (RandAugment, crops, flips, erasing, mixup) and EMA, one intra-op thread in
+# every process (in-process runs and subprocesses must sum in the same order), 6 steps per epoch.
+RECIPE = dict(TINY, ema=True, ema_decay=0.9, device="cpu", epochs=2, cpu_threads=1, auto_augment="rand-m9-mstd0.5-inc1",
+              mixup=0.5, cutmix=0.5)
+
+# Runs a training command and disturbs it right after its k-th optimizer step: `kill` ends this process at once
+# (os._exit: nothing is saved), `sigterm` sends SIGTERM to the parent (torchrun, which passes it on to every
+# worker). `rank` picks the process; `first` acts on the first attempt only (torchrun's restarts count attempts).
+DISTURB = """
+import os, signal, sys, json, torch
+mode, k, rank, argv = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
+first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+mine = int(os.environ.get("RANK", "0")) == rank and first_attempt
+real, count = torch.optim.AdamW.step, [0]
+def step(self, *a, **kw):
+    out = real(self, *a, **kw)
+    count[0] += 1
+    if mine and count[0] == k:
+        if mode == "kill":
+            os._exit(1)
+        os.kill(os.getppid(), signal.SIGTERM)
+    return out
+torch.optim.AdamW.step = step
+from convmixer_pt.cli.train import main
+sys.exit(main(argv))
+"""
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_end(a: dict, b: dict) -> None:
+    assert (a["epoch"], a["step"], a["batch"]) == (b["epoch"], b["step"], b["batch"])
+    for key in ("model", "model_ema"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    for idx, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][idx][name]), f"optimizer {idx}.{name} differs"
+    cols = ("train_loss", "val_loss", "val_top1", "ema_val_top1", "lr")
+    assert [[r[c] for c in cols] for r in a["history"]] == [[r[c] for c in cols] for r in b["history"]]
+
+
+def disturbed(mode: str, k: int, rank: int, values: dict, tmp: Path, nproc: int = 0,
+              restarts: int = 0) -> subprocess.CompletedProcess:
+    """The trainer disturbed at step k, alone (nproc 0) or under torchrun with `nproc` processes."""
+    script = tmp / "disturb.py"
+    script.write_text(DISTURB)
+    argv = json.dumps(["--device", "cpu", *cli_args(values)])
+    prefix = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                 f"--nproc_per_node={nproc}", f"--max-restarts={restarts}"]
+    return subprocess.run([*prefix, str(script), mode, str(k), str(rank), argv], capture_output=True, text=True,
+                          timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+
+
+def torchrun(values: dict, nproc: int = 2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(ROOT / "scripts" / "train.py"), "--device", "cpu", *cli_args(values)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_train_val(tmp_path_factory.mktemp("cluster") / "data")
+
+
+@pytest.fixture(scope="module")
+def clean_one(data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("clean1") / "run"
+    assert train_cli.main(["--device", "cpu", *cli_args(dict(RECIPE, data_dir=str(data), output=str(out)))]) == 0
+    return load(out / "last.pth")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("workers", "k"), [(0, 3), (1, 8)])
+def test_a_kill_within_an_epoch_resumes_bit_exactly(data, clean_one, tmp_path, workers, k) -> None:
+    """Killed after step k (3: inside epoch 1; 8: inside epoch 2) with a checkpoint every step: the resumed run
+    starts at step k - 1 and ends where the uninterrupted one does."""
+    values = dict(RECIPE, data_dir=str(data), output=str(tmp_path / "run"), workers=workers, checkpoint_every="1")
+    proc = disturbed("kill", k, 0, values, tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    mid = load(tmp_path / "run" / "last.pth")
+    assert (mid["step"], mid["batch"]) == (k - 1, (k - 1) % 6)  # written within the epoch, at the step before
+    assert train_cli.main(["--device", "cpu", *cli_args(dict(values, resume="auto"))]) == 0
+    assert_same_end(load(tmp_path / "run" / "last.pth"), clean_one)
+
+
+def test_checkpoint_every_minutes_and_steps(data, tmp_path) -> None:
+    values = dict(RECIPE, data_dir=str(data), output=str(tmp_path / "run"), epochs=1, checkpoint_every="4")
+    real, saved = torch.save, []
+
+    def recording(obj, path, *a, **k):
+        if isinstance(obj, dict) and "batch" in obj:
+            saved.append((obj["step"], obj["batch"]))
+        return real(obj, path, *a, **k)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "save", recording)
+        assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 0
+        assert saved == [(4, 4), (6, 0)]  # step 4 within the epoch, then the epoch's end
+        saved.clear()
+        assert train_cli.main(["--device", "cpu", *cli_args(dict(values, checkpoint_every="0.0001m",
+                                                                   overwrite=True))]) == 0
+        assert saved == [(s, s) for s in range(1, 6)] + [(6, 0)]  # a fraction of a second: every step
+
+
+@pytest.mark.slow
+def test_sigterm_under_torchrun_stops_both_processes_and_resumes_bit_exactly(data, tmp_path) -> None:
+    values = dict(RECIPE, data_dir=str(data), batch_size=2)
+    clean = torchrun(dict(values, output=str(tmp_path / "clean")))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    run = dict(values, output=str(tmp_path / "run"))
+    proc = disturbed("sigterm", 2, 0, run, tmp_path, nproc=2)
+    assert proc.returncode != 0
+    assert "stopped: SIGTERM after step" in proc.stderr and "continue with --resume auto" in proc.stderr
+    mid = load(tmp_path / "run" / "last.pth")
+    assert mid["batch"] > 0 and len(mid["rng"]) == 2  # within the epoch, both processes' generators
+    resumed = torchrun(dict(run, resume="auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_end(load(tmp_path / "run" / "last.pth"), load(tmp_path / "clean" / "last.pth"))
+
+
+def test_sigusr1_stops_at_the_end_of_the_step_with_its_exit_status(data, tmp_path, capsys) -> None:
+    values = dict(RECIPE, data_dir=str(data), output=str(tmp_path / "run"))
+    real, count = torch.optim.AdamW.zero_grad, [0]
+
+    def zero_grad(self, *a, **k):  # the start of an optimizer step: the signal arrives while step 2 is under way
+        count[0] += 1
+        if count[0] == 2:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return real(self, *a, **k)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.optim.AdamW, "zero_grad", zero_grad)
+        rc = train_cli.main(["--device", "cpu", *cli_args(values)])
+    err = capsys.readouterr().err
+    assert rc == 128 + signal.SIGUSR1
+    assert err.strip().splitlines()[-1] == (f"stopped: SIGUSR1 after step 2 of 6 in epoch 1; "
+                                            f"{tmp_path / 'run' / 'last.pth'} holds it: continue with --resume auto")
+    assert load(tmp_path / "run" / "last.pth")["batch"] == 2
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handlers are the training's only
+
+
+@pytest.mark.slow
+def test_an_elastic_restart_after_a_dead_worker_ends_like_a_clean_run(data, tmp_path) -> None:
+    """torchrun --max-restarts 1: rank 1 dies after step 4 of the first attempt; torchrun restarts both, which
+    resume from the checkpoint of step 3 (every step is checkpointed) and end as the clean run does."""
+    values = dict(RECIPE, data_dir=str(data), batch_size=2, checkpoint_every="1")
+    clean = torchrun(dict(values, output=str(tmp_path / "clean")))
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    run = dict(values, output=str(tmp_path / "run"), resume="auto")
+    proc = disturbed("kill", 4, 1, run, tmp_path, nproc=2, restarts=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert_same_end(load(tmp_path / "run" / "last.pth"), load(tmp_path / "clean" / "last.pth"))
+
+
+@pytest.fixture(scope="module")
+def shards(data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards") / "shards"
+    assert make_shards.main(["--src", str(data), "--out", str(out), "--shard-size", "5"]) == 0
+    return out
+
+
+def test_shards_hold_the_folders_samples(data, shards) -> None:
+    """Every file's bytes once, the training split in a seeded random order, val in the folder's."""
+    import webdataset
+
+    index = json.loads((shards / "train.json").read_text())
+    assert index["classes"] == ["c0", "c1", "c2"] and [s["nsamples"] for s in index["shardlist"]] == [5] * 4 + [4]
+    assert sorted(p.name for p in shards.glob("train-*.tar")) == [f"train-{i:06d}.tar" for i in range(5)]
+    files = sorted(p for p in (data / "train").rglob("*") if p.is_file())
+    for split, shuffled in (("train", True), ("val", False)):
+        tars = sorted(str(p) for p in shards.glob(f"{split}-*.tar"))
+        samples = list(webdataset.WebDataset(tars, shardshuffle=False))
+        keys = [int(s["__key__"]) for s in samples]
+        assert sorted(keys) == list(range(len(keys))) and (keys != sorted(keys)) == shuffled
+    samples = {int(s["__key__"]): s for s in webdataset.WebDataset(sorted(str(p) for p in shards.glob("train-*.tar")),
+                                                                   shardshuffle=False)}
+    for key, path in enumerate(files):
+        assert samples[key][path.suffix.lstrip(".")] == path.read_bytes()
+        assert int(samples[key]["cls"]) == int(path.parent.name[1:])
+
+
+@pytest.fixture(scope="module")
+def clean_shards(shards, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("clean_shards") / "run"
+    values = dict(RECIPE, dataset="shards", data_dir=str(shards), output=str(out))
+    assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 0
+    return load(out / "last.pth")
+
+
+@pytest.mark.slow
+def test_a_kill_within_an_epoch_resumes_bit_exactly_from_shards(shards, clean_shards, tmp_path) -> None:
+    values = dict(RECIPE, dataset="shards", data_dir=str(shards), output=str(tmp_path / "run"), workers=1,
+                  checkpoint_every="2")
+    assert disturbed("kill", 9, 0, values, tmp_path).returncode == 1
+    assert load(tmp_path / "run" / "last.pth")["step"] == 8
+    assert train_cli.main(["--device", "cpu", *cli_args(dict(values, resume="auto"))]) == 0
+    assert_same_end(load(tmp_path / "run" / "last.pth"), clean_shards)
+
+
+def test_validate_reads_shards_as_it_reads_the_folder(data, shards, clean_one, tmp_path, capsys) -> None:
+    """The same predictions for the same images, in the same order (val keeps the folder's)."""
+    torch.save(clean_one["model"], tmp_path / "m.pth")
+    reports = []
+    for source in (data / "val", shards / "val.json"):
+        assert validate_cli.main(["--checkpoint", str(tmp_path / "m.pth"), "--data-dir", str(source), "--workers",
+                                  "0", "--device", "cpu", "--img-size", "16", "--crop-pct", "1", "--no-progress",
+                                  "--save-predictions", str(tmp_path / "p.csv")]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+        with open(tmp_path / "p.csv") as f:
+            reports[-1]["rows"] = [(r["label"], r["pred"], r["top5"]) for r in csv.DictReader(f)]
+    assert reports[0]["count"] == reports[1]["count"] == 9
+    assert reports[0]["rows"] == reports[1]["rows"] and reports[0]["top1"] == reports[1]["top1"]
+
+
+def test_broken_shards_are_one_line(shards, tmp_path, capsys) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "val.json").write_text((shards / "val.json").read_text())
+    values = dict(TINY, dataset="shards", data_dir=str(broken), output=str(tmp_path / "o"))
+    assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 1
+    assert capsys.readouterr().err == f"error: {broken / 'train.json'}: no shard index here (write one with " \
+                                      "convmixer-make-shards)\n"
+    (broken / "train.json").write_text("{not json")
+    assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {broken / 'train.json'}: not a shard index (")
+    (broken / "train.json").write_text((shards / "train.json").read_text())
+    assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 1
+    assert capsys.readouterr().err == f"error: {broken / 'train.json'}: its shard {broken / 'train-000000.tar'} " \
+                                      "is missing\n"
+
+
+def test_tensorboard_scalars_are_the_summarys(data, tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    values = dict(RECIPE, data_dir=str(data), output=str(out), tensorboard=True, log_every=2)
+    assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    top1 = [(e.step, e.value) for e in events.Scalars("epoch/val_top1")]
+    assert [s for s, _ in top1] == [6, 12] and [v for _, v in top1] == pytest.approx([float(r["val_top1"])
+                                                                                       for r in rows])
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]
+    assert {"epoch/img_per_s", "epoch/lr", "epoch/ema_val_top1", "train/lr"} <= set(events.Tags()["scalars"])
+
+
+@pytest.mark.slow
+def test_the_digits_main_job_from_shards_learns_as_from_the_folders(tmp_path) -> None:
+    """scikit-learn's digits decoded from PNGs in tar shards, read a few shards at a time: the accuracy the
+    main job reaches from the folders, after the same 3 epochs."""
+    folder = tmp_path / "digits"
+    write_digits_imagefolder(folder)
+    assert make_shards.main(["--src", str(folder), "--out", str(tmp_path / "shards"), "--shard-size", "100"]) == 0
+    common = ["--config", str(ROOT / "configs" / "digits.yaml"), "--device", "cpu", "--epochs", "3", "--no-progress"]
+    assert train_cli.main([*common, "--data-dir", str(folder), "--output", str(tmp_path / "a")]) == 0
+    assert train_cli.main([*common, "--dataset", "shards", "--data-dir", str(tmp_path / "shards"), "--output",
+                           str(tmp_path / "b")]) == 0
+    top1 = [load(tmp_path / run / "last.pth")["history"][-1]["val_top1"] for run in ("a", "b")]
+    assert min(top1) > 90 and abs(top1[0] - top1[1]) < 3, top1

@@ -110,3 +110,16 @@ def test_cli_refuses_cuda_without_a_gpu_in_one_line():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == "error: device cuda was asked for, but PyTorch sees no CUDA GPU here"
+
+
+def test_shard_benchmark_reads_every_order_from_real_shards(tmp_path):
+    """The shards it writes are a dataset the trainer reads; each order's rows say how many reads they timed."""
+    from convmixer_pt.data import ShardDataset
+    from convmixer_pt.evaluation.shard_benchmark import shard_read_times, write_test_shards
+
+    rows = shard_read_times(tmp_path, shards=3, per_shard=10, reads=25, log=lambda line: None)
+    assert [r["what"] for r in rows] == ["open a shard (first read)", "read in global shuffle order",
+                                         "read in chunked order"]
+    assert all(r["ms"] > 0 for r in rows) and rows[1]["reads"] == rows[2]["reads"] == 25
+    dataset = ShardDataset(write_test_shards(tmp_path, 3, 10), transform=lambda encoded: encoded.data)
+    assert len(dataset) == 30 and dataset[29] == (bytes(range(100)), 0)

@@ -1,12 +1,12 @@
 """Images and datasets shared by training and evaluation: decoding, the ImageFolder layout, tar shards, the
 embedded digits tree, generated images, and the samplers that make runs reproducible across process counts.
 
-Shards are WebDataset tars (one sample = `<key>.<image extension>` + `<key>.cls`, the class index as text) with
-an index, `<split>.json`, in the format of the webdataset project's indexed reader (`wids`), which reads them
-with random access: a shard dataset is a map-style dataset like an ImageFolder, and a run resumes from shards
-exactly, at any step, as from folders. Opening a shard costs its reader a pass over the tar's headers (17 ms for
-1,000 ImageNet-size samples), so a training epoch visits the shards `SHARDS_PER_CHUNK` at a time (shards in a
-random order, samples shuffled within each run of them) rather than in one global shuffle, which would open a
+Shards are WebDataset tars (one sample = `<key>.<image extension>` + `<key>.cls`, the class index as text) with an
+index, `<split>.json`, in the format of the webdataset project's indexed reader (`wids`), which reads them with
+random access: a shard dataset is a map-style dataset like an ImageFolder, and a run resumes from shards exactly,
+at any step, as from folders. Opening a shard costs its reader a pass over the tar's headers (milliseconds per
+1,000 samples: docs/performance.md), so a training epoch visits the shards `SHARDS_PER_CHUNK` at a time (shards in
+a random order, samples shuffled within each run of them) rather than in one global shuffle, which would open a
 shard per sample; the training split is written in a seeded random order, so that a run of shards is a random
 sample of the classes.
 """

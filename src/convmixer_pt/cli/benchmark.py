@@ -7,6 +7,7 @@
         --infer-batch-size 2 --steps 1 --repeats 1 --warmup 1          # a CPU smoke run
     python scripts/benchmark.py --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
     taskset -c 0 python scripts/benchmark.py --convert --workdir /tmp/bench --json convert.json   # conversion
+    taskset -c 0 python scripts/benchmark.py --shards --workdir /tmp/shards --json shards.json    # tar shards
 
 Training steps are forward + backward + AdamW under autocast; inference is a forward pass under
 inference_mode. timm's ConvMixer is the peer: it runs in each --peer-layouts layout (default: the run's),
@@ -27,6 +28,7 @@ from ..errors import UserError
 from ..evaluation.benchmark import MODES, BenchConfig, depthwise_op_times, format_table
 from ..evaluation.benchmark import run as bench
 from ..evaluation.convert_benchmark import conversion_times, environment
+from ..evaluation.shard_benchmark import shard_read_times
 from ..fast import FastOptions
 from ..fast.settings import KERNEL_SETS
 from ..files import check_output, write_text
@@ -69,7 +71,11 @@ def parser() -> Parser:
     p.add_argument("--convert", action="store_true",
                    help="time checkpoint conversion of --model's official file instead (fresh processes, --repeats "
                         "each; MindSpore's figures where it is installed)")
-    p.add_argument("--workdir", default="convert_benchmark", help="--convert: where the files go")
+    p.add_argument("--shards", action="store_true",
+                   help="time reading tar shards instead: the trainer's chunked order against one global shuffle "
+                        "(--num-shards shards of 1000 small samples, written to --workdir once)")
+    p.add_argument("--num-shards", type=int, default=160, help="--shards: how many shards of 1000 samples")
+    p.add_argument("--workdir", default="convert_benchmark", help="--convert, --shards: where the files go")
     return p
 
 
@@ -92,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                args.kernel) < 1 or args.warmup < 0:
             raise UserError("batch sizes, --steps, --repeats, --dim, --size and --kernel must be >= 1 and "
                             "--warmup >= 0")
+        if args.num_shards < 1:
+            raise UserError(f"--num-shards must be at least 1, got {args.num_shards}")
         patch = max(variant_arch(m)["patch_size"] for m in args.model)
         if args.img_size < patch:
             raise UserError(f"--img-size {args.img_size} is smaller than one {patch}-pixel patch")
@@ -102,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(device)  # CUDA events, do_bench and Triton launches use the current device
         if args.depthwise_op and device.type != "cuda":
             raise UserError("--depthwise-op needs a CUDA device")
-        if args.convert:
+        if args.shards:
+            rows = shard_read_times(Path(args.workdir), shards=args.num_shards,
+                                    log=lambda line: print(line, flush=True))
+        elif args.convert:
             if len(args.model) != 1:
                 raise UserError("--convert times one --model at a time")
             print(json.dumps(environment()), file=sys.stderr)

@@ -55,7 +55,7 @@ def test_every_cli_has_a_console_command_and_the_scripts_wrap_the_same_mains():
         module, function = target.split(":")
         assert name == "convmixer-" + module.rsplit(".", 1)[1].replace("_", "-")
         assert callable(getattr(importlib.import_module(module), function))
-    wrappers = [*sorted((REPO / "scripts").glob("*.py")), REPO / "tools" / "convert_ckpt.py"]
+    wrappers = [*sorted((REPO / "scripts").glob("*.py")), *sorted((REPO / "tools").glob("*.py"))]
     wrapped = {re.search(r"from (convmixer_pt\.cli\.\w+) import main", p.read_text()).group(1) for p in wrappers}
     assert wrapped <= {target.split(":")[0] for target in scripts.values()}
     for path in wrappers:  # thin: a docstring, the imports, the call

@@ -14,12 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 from images import make_train_val
-from trainutil import ROOT, TINY, cli_args
+from trainutil import ROOT, TINY, cli_args, torchrun
 
 from convmixer_pt.cli import make_shards
 from convmixer_pt.cli import train as train_cli
 from convmixer_pt.cli import validate as validate_cli
 from convmixer_pt.data import write_digits_imagefolder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # The whole recipe's randomness on (RandAugment, crops, flips, erasing, mixup) and EMA, one intra-op thread in
 # every process (in-process runs and subprocesses must sum in the same order), 6 steps per epoch.
@@ -77,28 +79,13 @@ def disturbed(mode: str, k: int, rank: int, values: dict, tmp: Path, nproc: int 
                           timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
 
 
-def torchrun(values: dict, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "scripts" / "train.py"), "--device", "cpu", *cli_args(values)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     return make_train_val(tmp_path_factory.mktemp("cluster") / "data")
 
 
 @pytest.fixture(scope="module")
-def clean_one(data, tmp_path_factory) -> dict:
+def clean_one(data, tmp_path_factory, one_thread) -> dict:
     out = tmp_path_factory.mktemp("clean1") / "run"
     assert train_cli.main(["--device", "cpu", *cli_args(dict(RECIPE, data_dir=str(data), output=str(out)))]) == 0
     return load(out / "last.pth")
@@ -216,7 +203,7 @@ def test_shards_hold_the_folders_samples(data, shards) -> None:
 
 
 @pytest.fixture(scope="module")
-def clean_shards(shards, tmp_path_factory) -> dict:
+def clean_shards(shards, tmp_path_factory, one_thread) -> dict:
     out = tmp_path_factory.mktemp("clean_shards") / "run"
     values = dict(RECIPE, dataset="shards", data_dir=str(shards), output=str(out))
     assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 0

@@ -20,6 +20,8 @@ from convmixer_pt.runtime import init_distributed
 from convmixer_pt.train import config
 from convmixer_pt.train.loop import run
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # One intra-op thread everywhere: the killed runs are subprocesses, the clean run and the resumes are not, and
 # a different thread count sums in a different order.
 RECIPE = dict(TINY, ema=True, ema_decay=0.9, device="cpu", epochs=2, cpu_threads=1)
@@ -57,14 +59,6 @@ def assert_outputs_agree(out: Path) -> dict:
     assert [float(r["val_top1"]) for r in rows] == [h["val_top1"] for h in last["history"]]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".partial-")]
     return last
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

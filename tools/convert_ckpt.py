@@ -4,9 +4,7 @@
 A thin wrapper over `convmixer_pt.cli.convert`; `--help` gives the usage.
 """
 
-import sys
-
-from convmixer_pt.cli.convert import main
+from convmixer_pt.cli.convert import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -4,6 +4,7 @@ traceback; argparse's own errors too."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -48,3 +49,15 @@ def run(body: Callable[[], int], hint: str = "") -> int:
         return 143
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def exit_now(status: int) -> NoReturn:
+    """End the process with `status` once stdout and stderr are flushed, skipping the interpreter's teardown.
+
+    For a command whose whole run is short: tearing down torch's modules takes 0.5-1 s (a third of a whole
+    conversion, docs/performance.md), and such a command has nothing left to finalise, its files being written
+    and renamed before `main` returns.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)

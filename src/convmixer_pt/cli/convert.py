@@ -21,7 +21,7 @@ import sys
 from ..variants import ACTIVATIONS
 from ..weights.convert import VerificationError, convert
 from ..weights.formats import DTYPES, LAYOUTS, output_format, records_activation, resolve_act
-from .common import Parser, run
+from .common import Parser, exit_now, run
 
 
 def parser() -> Parser:
@@ -92,5 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     return run(body, hint="; no output written")
 
 
+def command() -> None:
+    """`main` as a process (the console command, tools/convert_ckpt.py): its exit skips the interpreter's
+    teardown."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    command()

@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import UserError, about
 from .files import OutputExistsError, atomic_path, check_output
+from .runtime import MissingDependencyError
 from .weights.formats import Weights, read_weights, torch_model
 from .weights.parity import DEFAULT_TOL, random_batch, rel_diff
 
@@ -32,7 +33,7 @@ NEEDED = ("onnx", "onnxscript", "onnxruntime")
 
 
 class ExportError(UserError):
-    """A model that cannot be exported, or an environment without the ONNX packages."""
+    """A model that cannot be exported."""
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ class OnnxVerificationError(UserError):
 def require_onnx() -> None:
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
     if missing:
-        raise ExportError(f"ONNX export needs {', '.join(missing)}: pip install 'convmixer_pt[onnx]'")
+        raise MissingDependencyError(f"ONNX export needs {', '.join(missing)}: pip install 'convmixer_pt[onnx]'")
 
 
 def export_onnx(model: nn.Module, path: str | Path, img_size: int, opset: int | None = None) -> None:

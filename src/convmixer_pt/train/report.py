@@ -6,9 +6,9 @@ import csv
 import io
 from pathlib import Path
 
-from ..errors import UserError
 from ..files import atomic_path, write_text, writing
 from ..model import ConvMixer
+from ..runtime import MissingDependencyError
 from .config import TrainConfig
 
 SUMMARY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_top1", "val_top5", "lr", "img_per_s", "epoch_time"]
@@ -76,7 +76,8 @@ class TensorBoard:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise UserError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+            raise MissingDependencyError("--tensorboard needs the tensorboard package: pip install tensorboard") \
+                from None
         self.writer = SummaryWriter(log_dir=str(folder), purge_step=purge_step or None)
 
     def step(self, step: int, loss: float, lr: float) -> None:

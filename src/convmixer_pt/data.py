@@ -146,7 +146,7 @@ class ShardDataset(Dataset):
         self.reader.check_cache_misses = lambda: None
         self.shards = shards
         self.shard_sizes = [s["nsamples"] for s in shards]
-        self.starts = np.cumsum([0] + [s["nsamples"] for s in shards])
+        self.starts = np.cumsum([0, *self.shard_sizes])
         self.root, self.transform = index, transform
 
     def __len__(self) -> int:
@@ -186,18 +186,20 @@ def write_shards(folder: str | Path, out: str | Path, name: str, shard_size: int
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(f"{name}-*.tar"):
         stale.unlink()
-    counts: list[int] = []
     with contextlib.redirect_stderr(io.StringIO()), webdataset.ShardWriter(
             str(out / f"{name}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for i, source in enumerate(order.tolist()):
+        for source in order.tolist():
             path, label = tree.samples[source]
-            if i % shard_size == 0:
-                counts.append(0)
             sink.write({"__key__": f"{source:08d}", Path(path).suffix.lower().lstrip("."): Path(path).read_bytes(),
                         "cls": str(label).encode()})
-            counts[-1] += 1
-    index = dict(__kind__=SHARD_INDEX_KIND, wids_version=1, name=name, classes=tree.classes,
-                 shuffle_seed=shuffle_seed,
+    counts = [min(shard_size, len(tree) - first) for first in range(0, len(tree), shard_size)]
+    return write_shard_index(out, name, tree.classes, counts, shuffle_seed=shuffle_seed)
+
+
+def write_shard_index(out: Path, name: str, classes: list[str], counts: list[int], **extra: Any) -> Path:
+    """The index `out/<name>.json` of the shards `out/<name>-NNNNNN.tar` holding `counts` samples each, as
+    `ShardDataset` reads it (`extra` keys are recorded beside it)."""
+    index = dict(__kind__=SHARD_INDEX_KIND, wids_version=1, name=name, classes=classes, **extra,
                  shardlist=[dict(url=f"{name}-{k:06d}.tar", nsamples=n) for k, n in enumerate(counts)])
     write_text(out / f"{name}.json", json.dumps(index, indent=1) + "\n")
     return out / f"{name}.json"

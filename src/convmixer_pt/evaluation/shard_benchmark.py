@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..data import SHARDS_PER_CHUNK, ShardDataset, chunked_order
+from ..data import SHARDS_PER_CHUNK, ShardDataset, chunked_order, write_shard_index
 
 
 def write_test_shards(root: Path, shards: int, per_shard: int, payload: int = 100) -> Path:
@@ -33,9 +33,7 @@ def write_test_shards(root: Path, shards: int, per_shard: int, payload: int = 10
             str(root / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
         for i in range(shards * per_shard):
             sink.write({"__key__": f"{i:08d}", "jpg": data[:payload], "cls": b"0"})
-    shardlist = [dict(url=f"train-{k:06d}.tar", nsamples=per_shard) for k in range(shards)]
-    index.write_text(json.dumps(dict(classes=["0"], shardlist=shardlist)))
-    return index
+    return write_shard_index(root, "train", ["0"], [per_shard] * shards)
 
 
 def shard_read_times(workdir: Path, shards: int = 160, per_shard: int = 1000, reads: int = 4000, seed: int = 0,

@@ -117,11 +117,11 @@ def train_one_epoch(run: Session, loader: Iterable, steps: int, epoch: int, prog
         bar.update()
         if any(stop):
             run.interrupts.stopping = signal.SIGUSR1 if stop[1] > 0 else signal.SIGTERM
-        if (checkpoint_due or any(stop)) and progress.batch < steps:  # an epoch's end checkpoints anyway
+        if (checkpoint_due or any(stop)) and progress.batch < steps:  # an epoch's end does both in `run`
             save_last(run, progress)
-        if any(stop) and progress.batch < steps:
-            bar.close()
-            raise stopped(run, progress, steps)
+            if any(stop):
+                bar.close()
+                raise stopped(run, progress, steps)
     bar.close()
     elapsed = time.perf_counter() - start
     return dict(train_loss=progress.epoch_loss / steps, lr=lr, img_per_s=(steps - first) * global_batch / elapsed)

@@ -94,12 +94,14 @@ def _restore_buffers(module: nn.Module, saved: dict[str, torch.Tensor]) -> None:
 def training_checkpoint(parts: Parts, progress: Progress, cfg: TrainConfig, processes: list[dict[str, Any]]
                         ) -> dict[str, Any]:
     """`last.pth`: everything a resumed run needs, as plain data (loadable with weights_only=True);
-    `processes` is every process's `process_state`, in rank order."""
+    `processes` is every process's `process_state`, in rank order (their generators under `rng`, the rest
+    under `processes`)."""
     state: dict[str, Any] = dict(
         model=parts.model.state_dict(), optimizer=parts.optimizer.state_dict(),
         scaler=parts.scaler.state_dict(), epoch=progress.epoch, step=progress.step, batch=progress.batch,
         epoch_loss=progress.epoch_loss, best_score=progress.best_score, best_epoch=progress.best_epoch,
-        history=progress.history, rng=[p["rng"] for p in processes], processes=processes, config=to_dict(cfg),
+        history=progress.history, rng=[p["rng"] for p in processes],
+        processes=[{k: v for k, v in p.items() if k != "rng"} for p in processes], config=to_dict(cfg),
         arch=parts.model.arch, version=CHECKPOINT_VERSION)
     if parts.ema is not None:
         state["model_ema"] = parts.ema.module.state_dict()

@@ -16,13 +16,13 @@ LAYERS = [
     ("fast",),
     ("model", "mindspore"),
     ("weights",),
-    ("factory", "timm_models"),
+    ("factory", "timm_models", "mindcv"),
     ("evaluation", "export"),
     ("train",),
     ("cli",),
     ("",),  # the package's public API
 ]
-HEAVY = ("mindspore", "triton")
+HEAVY = ("mindspore", "mindcv", "triton")
 
 
 def module_name(path: Path) -> str:

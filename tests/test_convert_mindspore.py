@@ -130,7 +130,7 @@ def trained(tmp_path_factory):
 def test_training_checkpoint_without_act_asks_for_it(trained, tmp_path, capfd):
     tmp, _, _ = trained
     rc, out, err = run_cli(capfd, tmp / "train_ema0.ckpt", tmp_path / "w.pth")
-    assert rc == 1 and out == "" and "MindCV trains ConvMixers of these shapes with MindSpore's tanh GELU" in err
+    assert rc == 1 and out == "" and "cannot say which GELU it was trained with" in err
     assert files(tmp_path) == []
 
 
@@ -153,13 +153,16 @@ def test_tanh_gelu_weights_keep_mindspores_function(trained, tmp_path, capfd, ou
         assert rel_diff(reference, exact.eval()(torch.from_numpy(x)).numpy()) > TOL  # the test tells them apart
 
 
-def test_exact_gelu_fails_verify(trained, tmp_path, capfd):
-    tmp, _, _ = trained
+def test_the_stated_activation_governs_both_sides_of_verify(trained, tmp_path, capfd):
+    """The file cannot say which GELU it was trained with: what the user states is what both the input's model
+    and the output's run, so the conversion verifies either way, and the statement decides the function."""
+    tmp, nets, x = trained
     rc, out, err = run_cli(capfd, tmp / "train_ema0.ckpt", tmp_path / "w.pth", "--act", "gelu", "--verify")
-    assert rc == 1 and out.startswith("DIFFER: ")
-    assert err.strip().splitlines()[-1].endswith("the input runs gelu_tanh (MindSpore training state: MindCV's "
-                                                 "cell), the output gelu (--act)")
-    assert files(tmp_path) == []
+    assert rc == 0, err
+    assert "input (mindspore, gelu) vs output (torch, gelu)" in out
+    model = create_model("convmixer_128_4", checkpoint_path=tmp_path / "w.pth", **dict(ms_training.ARCH, act="gelu"))
+    with torch.no_grad():  # trained with tanh GELU, stated exact: the statement is what the output computes
+        assert rel_diff(nets[False](ms.Tensor(x)).asnumpy(), model.eval()(torch.from_numpy(x)).numpy()) > TOL
 
 
 def test_ema_weights_of_a_real_training_checkpoint(trained, tmp_path, capfd):
@@ -216,12 +219,16 @@ def test_parity_compare_finds_the_first_divergent_block(tmp_path):
     assert "first divergence after block 1" in "\n".join(bad.lines())
 
 
-def test_parity_runs_a_training_checkpoint_with_mindcvs_activation(trained, tmp_path):
+def test_parity_runs_a_training_checkpoint_with_the_stated_activation(trained, tmp_path):
+    """A training checkpoint records no activation: it runs what the other file records (each conversion
+    matches its source), and a file recording another function differs from it."""
     tmp, _, _ = trained
     convert(tmp / "train_ema0.ckpt", tmp_path / "tanh.safetensors", act="gelu_tanh")
     convert(tmp / "train_ema0.ckpt", tmp_path / "exact.safetensors", act="gelu")
     assert parity.compare(tmp_path / "tanh.safetensors", tmp / "train_ema0.ckpt", image_size=16).ok
-    assert not parity.compare(tmp_path / "exact.safetensors", tmp / "train_ema0.ckpt", image_size=16).ok
+    assert parity.compare(tmp_path / "exact.safetensors", tmp / "train_ema0.ckpt", image_size=16).ok
+    convert(tmp_path / "exact.safetensors", tmp_path / "exact_ms.safetensors", layout="mindspore")
+    assert not parity.compare(tmp_path / "tanh.safetensors", tmp_path / "exact_ms.safetensors", image_size=16).ok
 
 
 def test_parity_command_line(tmp_path, capfd):

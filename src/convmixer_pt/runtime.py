@@ -24,6 +24,7 @@ from .errors import UserError
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 MINDSPORE_INSTALL = 'pip install "convmixer_pt[mindspore]"'
 MINDSPORE_PYTHONS = ((3, 10), (3, 12))  # the Python versions MindSpore 2.10 publishes wheels for
+MINDCV_MIN = (0, 3, 0)  # the release whose scripts and registry `convmixer_pt.mindcv` is written against
 
 
 class MissingDependencyError(UserError):
@@ -44,6 +45,23 @@ def require_mindspore(purpose: str) -> ModuleType:
         raise MissingDependencyError(f"{purpose} needs MindSpore, which is not installed here: "
                                      f"{MINDSPORE_INSTALL}{where}") from None
     return mindspore
+
+
+def require_mindcv(purpose: str) -> ModuleType:
+    """MindCV (and MindSpore), imported; where either is missing or MindCV is older than the release this package
+    supports, a one-line error saying what needs it and how to get it."""
+    require_mindspore(purpose)
+    try:
+        import mindcv
+    except ImportError:
+        raise MissingDependencyError(f"{purpose} needs MindCV, which is not installed here: "
+                                     f"{MINDSPORE_INSTALL} (it brings MindSpore and MindCV)") from None
+    version = getattr(mindcv, "__version__", "0")
+    parts = tuple(int(p) if p.isdigit() else 0 for p in version.split(".")[:3])
+    if parts < MINDCV_MIN:
+        raise MissingDependencyError(f"{purpose} needs MindCV {'.'.join(map(str, MINDCV_MIN))} or newer, found "
+                                     f"{version}: {MINDSPORE_INSTALL} --upgrade")
+    return mindcv
 
 
 def resolve_device(requested: str | None) -> str:

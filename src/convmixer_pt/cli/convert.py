@@ -39,7 +39,8 @@ def parser() -> Parser:
     p.add_argument("--act", choices=sorted(ACTIVATIONS),
                    help="activation the weights were trained with; default: the file's record, else the "
                         "registered variant with these shapes (768/32 is ReLU, the others GELU); required for a "
-                        "MindSpore training checkpoint of a GELU-shaped model (MindCV trains with gelu_tanh)")
+                        "MindSpore training checkpoint of a GELU-shaped model (MindCV's own cell trains with "
+                        "gelu_tanh, convmixer-mindcv with gelu); both sides of --verify run it")
     p.add_argument("--clamp", action="store_true",
                    help="with --dtype: saturate values beyond the target type's range (default: refuse them)")
     p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")

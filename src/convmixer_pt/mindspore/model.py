@@ -10,38 +10,11 @@ Importing this module imports MindSpore; `import convmixer_pt` does not.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import sys
-from functools import cache
 from typing import Any
 
-import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 from ..variants import activation
-
-
-@cache
-def quiet_numpy_bridge() -> None:
-    """Trigger, once and silently, MindSpore's failing NumPy-1 C-API probe.
-
-    MindSpore 2.10's wheel is built against NumPy 1.x; under NumPy 2 the first operator called with a
-    Tensor made from a Python scalar (exact GELU does so) prints an ImportError traceback on stderr and
-    carries on. Nothing here depends on that bridge; the noise would only bury real messages.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            with contextlib.redirect_stderr(devnull):
-                Tensor([0.0], ms.float32) + Tensor(1.0, ms.float32)
-                sys.stderr.flush()
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def make_act(act: str) -> nn.Cell:
@@ -81,7 +54,6 @@ class MSConvMixer(nn.Cell):
         act: str = "gelu",
     ) -> None:
         super().__init__()
-        quiet_numpy_bridge()
         self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
         self.in_chans, self.num_classes, self.act = in_chans, num_classes, act
         # PyTorch's BatchNorm momentum 0.1 is MindSpore's 0.9 (MindSpore weights the old statistic).

@@ -6,8 +6,9 @@ needs MindSpore: only `torch_model`'s counterpart `ms_model` runs it.
 
 The activation is not in the tensors. It comes from `--act`, else the file's own record (safetensors metadata,
 a training checkpoint's `arch`), else the registered variant with those shapes; a MindSpore training checkpoint
-of a GELU-shaped model must be told (MindCV trains with MindSpore's tanh GELU, the published weights used exact
-GELU, and nothing in the file says which).
+of a GELU-shaped model must be told (MindCV's own cell trains with MindSpore's tanh GELU, this package's MindCV
+registration with exact GELU, and nothing in the file says which). What the user states for such a file is what
+its weights were trained with: both the input's model and the output's run it.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class Weights:
     act_source: str
     framework: str  # "torch" or "mindspore": which model the file is meant for
     path: Path
-    # The activation the file itself implies, where that may differ from `act` (its own record, or MindCV's cell
-    # for MindSpore training state): what the input's model runs when it is verified against an output.
+    # The activation the file itself records, where that may differ from `act`: what the input's model runs
+    # when it is verified against an output.
     input_act: str | None = None
     input_act_source: str = ""
     dropped: str = ""  # one line saying what training state was dropped; "" when nothing was
@@ -121,30 +122,30 @@ def resolve_act(arch: Mapping[str, int], recorded: str | None, override: str | N
                 training_state: bool = False) -> tuple[str | None, str]:
     """The activation and where it came from: --act, then the file's own record, then the registry.
 
-    MindSpore training state of a model whose activation would default to GELU is refused without --act:
-    MindCV trains with MindSpore's tanh GELU, and the file cannot say whether that is what it holds.
+    MindSpore training state of a model whose activation would default to GELU is refused without --act: MindCV's
+    own cell trains with MindSpore's tanh GELU, this package's registration with exact GELU, and the file cannot
+    say which it holds.
     """
     if override:
         return override, "--act"
     if recorded in ACTIVATIONS:
         return recorded, "file metadata"
     if training_state and mindcv_activation(arch) == "gelu_tanh":
-        raise CheckpointError("holds MindSpore training state, and MindCV trains ConvMixers of these shapes with "
-                              "MindSpore's tanh GELU (nn.GELU()), which the file cannot confirm: pass --act gelu_tanh "
-                              "to keep that function, or --act gelu for exact GELU (act=... in Python)")
+        raise CheckpointError("holds MindSpore training state and cannot say which GELU it was trained with: pass "
+                              "--act gelu_tanh for MindCV's own ConvMixer cell (MindSpore's nn.GELU()), or --act gelu "
+                              "for exact GELU (this package's MindCV registration, convmixer-mindcv) "
+                              "(act=... in Python)")
     name = match_variant(arch)
     if name is not None:
         return VARIANTS[name]["act"], f"registry: {name}"
     return None, "unknown"
 
 
-def implied_act(arch: Mapping[str, int], recorded: str | None, training_state: bool) -> tuple[str | None, str]:
-    """The activation a file itself implies, whatever --act says: its record, else for MindSpore training state
-    what MindCV's cell runs; None where it implies none."""
+def implied_act(recorded: str | None) -> tuple[str | None, str]:
+    """The activation a file itself records, whatever --act says; None where it records none (then what is stated
+    for its weights is what its model runs)."""
     if recorded in ACTIVATIONS:
         return recorded, "file metadata"
-    if training_state:
-        return mindcv_activation(arch), "MindSpore training state: MindCV's cell"
     return None, ""
 
 
@@ -174,7 +175,7 @@ def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None
         arch = keymap.infer_arch(state)
         recorded = meta.get("act")
         resolved, source = resolve_act(arch, recorded, act, training)
-        own, own_source = implied_act(arch, recorded, training)
+        own, own_source = implied_act(recorded)
         with torch.device("meta"):
             check_state_dict(ConvMixer(**arch, act=resolved or "gelu", fast=False), state)
     return Weights(state=state, arch=arch, act=resolved, act_source=source, framework=framework, path=path,

@@ -116,8 +116,7 @@ def compare(torch_checkpoint: str | Path, ms_checkpoint: str | Path, act: str | 
             batch_size: int = 2, image_size: int = 224, seed: int = 0,
             tol: float = DEFAULT_TOL) -> ParityReport:
     """Run the PyTorch model of `torch_checkpoint` and the MindSpore model of `ms_checkpoint` on one batch, each
-    with its own file's activation (its record, or MindCV's cell for MindSpore training state), else `act`,
-    else the registry's."""
+    with its own file's activation (its record), else `act`, else the registry's."""
     require_mindspore("the parity check (it runs the MindSpore model)")
     weights = read_weights(torch_checkpoint, act=act)
     if batch_size < 1 or image_size < weights.arch["patch_size"]:

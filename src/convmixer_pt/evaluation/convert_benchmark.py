@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -26,6 +28,7 @@ import google.protobuf
 import torch
 
 from ..factory import create_model
+from ..files import cannot_write
 from ..weights import keymap
 
 # Timed inside a fresh process: what follows `import torch`, split into the package's import and convert().
@@ -90,8 +93,21 @@ def official_file(model: str, path: Path, seed: int = 0) -> Path:
 
 def conversion_times(workdir: Path, model: str = "convmixer_1536_20", repeats: int = 3,
                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Rows (what, median and minimum seconds, every run) for a conversion of `model`'s official file."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Rows (what, median and minimum seconds, every run) for a conversion of `model`'s official file. The files
+    go to a fresh folder of their own in `workdir`, removed afterwards: no file of the user's is replaced."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        folder = tempfile.mkdtemp(prefix="convert-benchmark-", dir=workdir)
+    except OSError as e:
+        raise cannot_write(workdir, e) from None
+    try:
+        return _conversion_times(Path(folder), model, repeats, log)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _conversion_times(workdir: Path, model: str, repeats: int, log: Callable[[str], None] | None
+                      ) -> list[dict[str, Any]]:
     py = sys.executable
     src = official_file(model, workdir / f"{model}.pth.tar")
     ckpt, pth, plain = workdir / f"{model}.ckpt", workdir / f"{model}.pth", workdir / f"{model}_plain.ckpt"

@@ -49,8 +49,10 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--shard-size must be at least 1, got {args.shard_size}")
         if args.seed < 0:
             raise UserError(f"--seed must be at least 0, got {args.seed}")
-        for split in args.splits:  # every split's name and index checked before any is written
-            check_output(Path(args.out) / f"{plain_name(split, '--splits')}.json", args.force)
+        for split in args.splits:  # every split's name, then its index, checked before any is written
+            plain_name(split, "--splits")
+        for split in args.splits:
+            check_output(Path(args.out) / f"{split}.json", args.force)
         for split in args.splits:
             seed = args.seed if split in args.shuffle else None
             index = write_shards(f"{args.src}/{split}", args.out, split, args.shard_size, shuffle_seed=seed,

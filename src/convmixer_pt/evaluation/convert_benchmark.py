@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import google.protobuf
 import torch
 
 from ..factory import create_model
-from ..files import cannot_write
+from ..files import cannot_write, umask
 from ..weights import keymap
 
 # Timed inside a fresh process: what follows `import torch`, split into the package's import and convert().
@@ -94,16 +93,17 @@ def official_file(model: str, path: Path, seed: int = 0) -> Path:
 def conversion_times(workdir: Path, model: str = "convmixer_1536_20", repeats: int = 3,
                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Rows (what, median and minimum seconds, every run) for a conversion of `model`'s official file. The files
-    go to a fresh folder of their own in `workdir`, removed afterwards: no file of the user's is replaced."""
+    go to a fresh folder of their own in `workdir` (`convert-benchmark-XXXXXXXX`, left for inspection): no
+    file of the user's is replaced."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        folder = tempfile.mkdtemp(prefix="convert-benchmark-", dir=workdir)
+        folder = Path(tempfile.mkdtemp(prefix="convert-benchmark-", dir=workdir))
+        folder.chmod(0o777 & ~umask())  # mkdtemp makes 0700
     except OSError as e:
         raise cannot_write(workdir, e) from None
-    try:
-        return _conversion_times(Path(folder), model, repeats, log)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    if log:
+        log(f"files in {folder}")
+    return _conversion_times(folder, model, repeats, log)
 
 
 def _conversion_times(workdir: Path, model: str, repeats: int, log: Callable[[str], None] | None

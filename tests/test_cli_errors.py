@@ -315,3 +315,25 @@ def test_converter_never_replaces_a_link_or_a_fifo_even_with_force(tmp_path) -> 
                                "--force"], capture_output=True, text=True, timeout=120)
         assert one_line(proc) == f"error: {tmp_path / name}: is {kind}, not a regular file; not replaced"
     assert target.read_bytes() == b"precious" and (tmp_path / "link.ckpt").is_symlink()
+
+
+def test_an_output_that_is_an_input_or_another_output_is_refused_even_with_force(tmp_path, capsys) -> None:
+    """`validate --json m.pth --force` replaced the checkpoint it read; `--json x --save-predictions x` wrote x
+    twice; `convert a.pth a.pth --force` (also through a link) the file it converts."""
+    folder = tmp_path / "val"
+    make_image_folder(folder, classes=5, images=5)
+    ckpt = small_checkpoint(tmp_path / "m.pth")
+    before = ckpt.read_bytes()
+    (tmp_path / "alias.pth").symlink_to(ckpt)
+    common = ["--checkpoint", str(ckpt), "--data-dir", str(folder), "--workers", "0", "--device", "cpu",
+              "--no-progress", "--force"]
+    assert validate_cli.main([*common, "--save-predictions", str(ckpt)]) == 1
+    assert capsys.readouterr().err == f"error: {ckpt}: is also {ckpt}, which the command reads or writes; write " \
+                                      "it elsewhere\n"
+    out = tmp_path / "same.json"
+    assert validate_cli.main([*common, "--json", str(out), "--save-predictions", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: {out}: given as both --json and --save-predictions; give two files\n"
+    assert convert_cli.main([str(tmp_path / "alias.pth"), str(ckpt), "--force"]) == 1
+    assert capsys.readouterr().err == f"error: {ckpt}: is also {tmp_path / 'alias.pth'}, which the command reads " \
+                                      "or writes; write it elsewhere\n"
+    assert ckpt.read_bytes() == before and not out.exists() and staged(tmp_path) == []

@@ -24,7 +24,7 @@ import shutil
 import socket
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import UserError, error_line
@@ -124,11 +124,15 @@ def umask() -> int:
     return mask
 
 
-def check_output(path: str | Path, overwrite: bool = False) -> None:
+def check_output(path: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> None:
     """The one rule for an output file, checked before any work is done: refuse one that exists unless
-    `overwrite` (a command's --force), one that is not a regular file even then, one below a file, and a name
-    too long for the file system."""
+    `overwrite` (a command's --force), one that is not a regular file even then, one that is one of the
+    command's `inputs` (or another of its outputs) even then, and one below a file."""
     path = Path(path)
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, source):
+                raise WriteError(f"{path}: is also {source}, which the command reads or writes; write it elsewhere")
     try:
         mode = os.lstat(path).st_mode
     except FileNotFoundError:

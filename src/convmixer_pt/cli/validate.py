@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from ..errors import UserError
 from ..evaluation.protocols import INTERPOLATIONS, PROTOCOLS
 from ..evaluation.validation import FRAMEWORKS, validate, write_json, write_predictions
 from ..files import check_output
@@ -58,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
+        if args.json and args.save_predictions and os.path.abspath(args.json) == os.path.abspath(args.save_predictions):
+            raise UserError(f"{args.json}: given as both --json and --save-predictions; give two files")
         for out in (args.json, args.save_predictions):
             if out:
-                check_output(out, args.force)
+                check_output(out, args.force, inputs=[args.checkpoint])
         report, rows = validate(
             args.model, args.checkpoint, args.data_dir, protocol=args.protocol, framework=args.framework,
             batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,

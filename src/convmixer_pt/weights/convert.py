@@ -80,9 +80,7 @@ def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, use_
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     layout = output_layout(dst, layout)
-    check_output(dst, overwrite)
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: is the input file; write the output elsewhere")
+    check_output(dst, overwrite, inputs=[src])
     original = read_weights(src, use_ema=use_ema, act=act, float64=dtype != "keep")
     state, clamped = cast_state(original.state, dtype, clamp)
     weights = dataclasses.replace(original, state=state)

@@ -114,8 +114,6 @@ class ImageFolder(Dataset):
 IMAGE_FIELDS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm")
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 SHARDS_PER_CHUNK = 8  # shards a training epoch reads at a time; each loader worker keeps two runs of them open
-
-
 SHARD_SAMPLE_BYTES = 1024  # the fewest bytes a sample takes in a tar: two members' 512-byte headers
 
 

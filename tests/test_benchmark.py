@@ -123,3 +123,21 @@ def test_shard_benchmark_reads_every_order_from_real_shards(tmp_path):
     assert all(r["ms"] > 0 for r in rows) and rows[1]["reads"] == rows[2]["reads"] == 25
     dataset = ShardDataset(write_test_shards(tmp_path, 3, 10), transform=lambda encoded: encoded.data)
     assert len(dataset) == 30 and dataset[29] == (bytes(range(100)), 0)
+
+
+def test_shard_benchmark_writes_a_folder_of_its_own_in_the_workdir(tmp_path, capsys):
+    """`--shards --workdir W` overwrote W's train.json and train-*.tar: a real shard folder was destroyed."""
+    from convmixer_pt.cli import benchmark as benchmark_cli
+
+    mine = {"train.json": b'{"mine": 1}', "train-000000.tar": b"my shard", "train-000001.tar": b"my other shard"}
+    for name, data in mine.items():
+        (tmp_path / name).write_bytes(data)
+    args = ["--shards", "--num-shards", "2", "--workdir", str(tmp_path), "--device", "cpu"]
+    assert benchmark_cli.main(args) == 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == mine
+    (own,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert own.name == "shard-benchmark-2x1000x100" and len(list(own.glob("train-*.tar"))) == 2
+    stamp = (own / "train.json").stat().st_mtime_ns
+    assert benchmark_cli.main(args) == 0  # its own folder is reused as it is
+    assert (own / "train.json").stat().st_mtime_ns == stamp
+    capsys.readouterr()

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -215,3 +216,124 @@ def test_output_names_are_matched_case_insensitively(tmp_path, capfd) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT.CKPT", "back.PTH", "in.pth"]
     original, back = torch.load(src, weights_only=True), torch.load(tmp_path / "back.PTH", weights_only=True)
     assert all(torch.equal(original[k], back[k]) for k in original if not k.endswith("num_batches_tracked"))
+
+
+def test_validate_replaces_an_existing_report_only_with_force_and_never_a_special_file(tmp_path, capsys) -> None:
+    """--json / --save-predictions: an existing file is kept without --force; a FIFO, a symbolic link or a
+    device is never replaced, even with --force (as root, `--json /dev/null` once replaced /dev/null)."""
+    folder = tmp_path / "val"
+    make_image_folder(folder, classes=5, images=5)
+    ckpt = small_checkpoint(tmp_path / "m.pth")
+    common = ["--checkpoint", str(ckpt), "--data-dir", str(folder), "--workers", "0", "--device", "cpu",
+              "--no-progress"]
+    report, preds = tmp_path / "report.json", tmp_path / "preds.csv"
+    report.write_text("my thesis\n")
+    for flag, out in (("--json", report), ("--save-predictions", report)):
+        assert validate_cli.main([*common, flag, str(out)]) == 1
+        assert capsys.readouterr().err == f"error: {out}: already exists (use --force to overwrite)\n"
+    assert report.read_text() == "my thesis\n"
+    fifo, link, target = tmp_path / "fifo", tmp_path / "link.json", tmp_path / "target.json"
+    os.mkfifo(fifo)
+    target.write_text("kept\n")
+    link.symlink_to(target)
+    specials = [(fifo, "a FIFO"), (link, "a symbolic link")]
+    if os.geteuid() == 0:  # a character device of our own, never the system's /dev/null
+        os.mknod(tmp_path / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        specials.append((tmp_path / "null", "a character device"))
+    for out, kind in specials:
+        for flag in ("--json", "--save-predictions"):
+            assert validate_cli.main([*common, flag, str(out), "--force"]) == 1
+            assert capsys.readouterr().err == f"error: {out}: is {kind}, not a regular file; not replaced\n"
+    assert fifo.is_fifo() and link.is_symlink() and target.read_text() == "kept\n"
+    assert validate_cli.main([*common, "--json", str(report), "--save-predictions", str(preds), "--force"]) == 0
+    capsys.readouterr()
+    assert json.loads(report.read_text())["count"] == 5 and len(preds.read_text().splitlines()) == 6
+    assert staged(tmp_path) == []
+
+
+def test_atomic_path_keeps_what_it_may_not_replace(tmp_path) -> None:
+    """The one rule every output goes through: without overwrite an existing file stays, also one that
+    appears while the output is written; with it, only a regular file is replaced."""
+    from convmixer_pt.files import OutputExistsError, WriteError
+
+    out = tmp_path / "out.txt"
+    with pytest.raises(OutputExistsError, match="appeared while it was being written"):
+        with atomic_path(out) as tmp:
+            tmp.write_text("new")
+            out.write_text("theirs")
+    assert out.read_text() == "theirs" and staged(tmp_path) == []
+    with atomic_path(out, overwrite=True) as tmp:
+        tmp.write_text("new")
+    assert out.read_text() == "new"
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for overwrite in (False, True):
+        with pytest.raises(WriteError, match=r"fifo: is a FIFO, not a regular file; not replaced"):
+            with atomic_path(fifo, overwrite=overwrite):
+                pass
+    link = tmp_path / "late"
+    with pytest.raises(WriteError, match="became a symbolic link while it was being written"):
+        with atomic_path(link, overwrite=True) as tmp:
+            tmp.write_text("new")
+            link.symlink_to(out)
+    assert fifo.is_fifo() and link.is_symlink() and out.read_text() == "new" and staged(tmp_path) == []
+
+
+@pytest.mark.parametrize("length", [150, 151, 230, 255])
+def test_outputs_with_names_up_to_the_file_systems_limit_are_written(tmp_path, length) -> None:
+    """The staging name adds ~40 bytes to the output's; a legal name of 230-255 bytes failed with 'File name too
+    long'. Its end (the extension, which writers choose a format by) is kept."""
+    out = tmp_path / ("é" * ((length - 4) // 2) + "x" * ((length - 4) % 2) + ".pth")
+    assert len(out.name.encode()) == length
+    with atomic_path(out) as tmp:
+        assert tmp.name.endswith(".pth") and len(tmp.name.encode()) <= 255
+        torch.save({"a": torch.ones(1)}, tmp)
+    assert torch.load(out)["a"].item() == 1 and staged(tmp_path) == []
+    remove_stale_staging(out)  # globs its own staging names: no error on a long one
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "chardev"])
+def test_an_input_that_is_not_a_regular_file_is_named_for_what_it_is(tmp_path, kind) -> None:
+    """Not 'no such file': a folder, a FIFO (which would block the reader) and /dev/zero (endless)."""
+    src = {"folder": tmp_path, "fifo": tmp_path / "fifo", "chardev": Path("/dev/zero")}[kind]
+    if kind == "fifo":
+        os.mkfifo(src)
+    proc = subprocess.run([sys.executable, "-m", "convmixer_pt.cli.convert", str(src), str(tmp_path / "o.ckpt")],
+                          capture_output=True, text=True, timeout=120)
+    words = {"folder": "a folder", "fifo": "a FIFO", "chardev": "a character device"}[kind]
+    assert one_line(proc) == f"error: {src}: is {words}, not a regular file"
+
+
+def test_converter_never_replaces_a_link_or_a_fifo_even_with_force(tmp_path) -> None:
+    src = small_checkpoint(tmp_path / "in.pth")
+    target = tmp_path / "precious.ckpt"
+    target.write_bytes(b"precious")
+    (tmp_path / "link.ckpt").symlink_to(target)
+    os.mkfifo(tmp_path / "fifo.ckpt")
+    for name, kind in (("link.ckpt", "a symbolic link"), ("fifo.ckpt", "a FIFO")):
+        proc = subprocess.run([sys.executable, "-m", "convmixer_pt.cli.convert", str(src), str(tmp_path / name),
+                               "--force"], capture_output=True, text=True, timeout=120)
+        assert one_line(proc) == f"error: {tmp_path / name}: is {kind}, not a regular file; not replaced"
+    assert target.read_bytes() == b"precious" and (tmp_path / "link.ckpt").is_symlink()
+
+
+def test_an_output_that_is_an_input_or_another_output_is_refused_even_with_force(tmp_path, capsys) -> None:
+    """`validate --json m.pth --force` replaced the checkpoint it read; `--json x --save-predictions x` wrote x
+    twice; `convert a.pth a.pth --force` (also through a link) the file it converts."""
+    folder = tmp_path / "val"
+    make_image_folder(folder, classes=5, images=5)
+    ckpt = small_checkpoint(tmp_path / "m.pth")
+    before = ckpt.read_bytes()
+    (tmp_path / "alias.pth").symlink_to(ckpt)
+    common = ["--checkpoint", str(ckpt), "--data-dir", str(folder), "--workers", "0", "--device", "cpu",
+              "--no-progress", "--force"]
+    assert validate_cli.main([*common, "--save-predictions", str(ckpt)]) == 1
+    assert capsys.readouterr().err == f"error: {ckpt}: is also {ckpt}, which the command reads or writes; write " \
+                                      "it elsewhere\n"
+    out = tmp_path / "same.json"
+    assert validate_cli.main([*common, "--json", str(out), "--save-predictions", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: {out}: given as both --json and --save-predictions; give two files\n"
+    assert convert_cli.main([str(tmp_path / "alias.pth"), str(ckpt), "--force"]) == 1
+    assert capsys.readouterr().err == f"error: {ckpt}: is also {tmp_path / 'alias.pth'}, which the command reads " \
+                                      "or writes; write it elsewhere\n"
+    assert ckpt.read_bytes() == before and not out.exists() and staged(tmp_path) == []

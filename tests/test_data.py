@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections import Counter
 from pathlib import Path
 
@@ -22,8 +24,9 @@ from convmixer_pt.data import (
     chunked_order,
     load_image,
     write_digits_imagefolder,
+    write_generated_imagefolder,
 )
-from convmixer_pt.errors import DataError
+from convmixer_pt.errors import DataError, UserError
 from convmixer_pt.runtime import DistEnv
 from convmixer_pt.train import config
 from convmixer_pt.train.inputs import build_transforms
@@ -48,6 +51,56 @@ def test_digits_tree_holds_every_digit_once(tmp_path: Path) -> None:
         np.testing.assert_array_equal(np.asarray(img), np.round(digits.images[index] * 255 / 16))
     stamp = (root / "val").stat().st_mtime_ns
     assert write_digits_imagefolder(root) == root and (root / "val").stat().st_mtime_ns == stamp
+
+
+def test_a_generated_data_folder_never_empties_a_folder(tmp_path: Path, capsys) -> None:
+    """`convmixer-train --dataset digits|generated --data-dir EXISTING` emptied EXISTING (`--data-dir .` the
+    current folder) before writing its images there. Now a folder with anything in it that this command did not
+    write (its marker) is refused in one line and left as it was."""
+    from trainutil import TINY, cli_args
+
+    from convmixer_pt.cli import train as train_cli
+
+    mine = tmp_path / "mine"
+    (mine / "photos").mkdir(parents=True)
+    (mine / "thesis.tex").write_text("four years")
+    (mine / "photos" / "a.jpg").write_bytes(b"\xff\xd8")
+    for dataset in ("digits", "generated"):
+        values = dict(TINY, dataset=dataset, data_dir=str(mine), output=str(tmp_path / dataset), epochs=1)
+        assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 1
+        assert capsys.readouterr().err == (f"error: {mine}: exists and was not written by this command (no "
+                                           ".convmixer-generated in it); give a new or empty folder (nothing in it "
+                                           "was changed)\n")
+    assert sorted(p.relative_to(mine).as_posix() for p in mine.rglob("*")) == ["photos", "photos/a.jpg", "thesis.tex"]
+    assert (mine / "thesis.tex").read_text() == "four years"
+    # Someone's own train/val tree is not taken for the generated one either (it used to be reused as it was).
+    (mine / "train").mkdir()
+    (mine / "val").mkdir()
+    with pytest.raises(UserError, match="was not written by this command"):
+        write_generated_imagefolder(mine, 2, 2, 2)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_a_generated_data_folder_is_made_where_nothing_is_with_the_umasks_permissions(tmp_path: Path,
+                                                                                      mask: int) -> None:
+    """Created in a staging folder (mkdtemp: 0700) and renamed: the folder itself was left 0700."""
+    previous = os.umask(mask)
+    try:
+        fresh = write_generated_imagefolder(tmp_path / "fresh", 2, 2, 2)
+        (tmp_path / "empty").mkdir()
+        empty = write_generated_imagefolder(tmp_path / "empty", 2, 2, 2)
+    finally:
+        os.umask(previous)
+    for root in (fresh, empty):
+        assert stat.S_IMODE(root.stat().st_mode) == 0o777 & ~mask
+        assert len(list(root.glob("*/*/*.jpg"))) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "fresh"]  # no staging folder left
+    # Its own folder is reused; the same folder asked for with other arguments is refused, never rewritten.
+    stamp = (fresh / "train").stat().st_mtime_ns
+    assert write_generated_imagefolder(fresh, 2, 2, 2) == fresh and (fresh / "train").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="holds another generated folder than convmixer_pt generated images: 3 "):
+        write_generated_imagefolder(fresh, 3, 2, 2)
+    assert len(list(fresh.glob("*/*/*.jpg"))) == 4
 
 
 def test_eval_transform_is_resize_then_center_crop(tmp_path: Path) -> None:

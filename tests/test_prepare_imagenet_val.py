@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +106,31 @@ def test_cli_error_is_one_line(flat, tmp_path) -> None:
         f"error: {bad}: neither Kaggle's LOC_val_solution.csv nor the devkit's "
         "ILSVRC2012_validation_ground_truth.txt (first line 'image label')"]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_class_id_that_is_not_a_plain_folder_name_is_refused(flat, tmp_path) -> None:
+    """A devkit meta.mat whose class id is `../outside/ESCAPED` put images outside --out and reported success."""
+    dtype = [("ILSVRC2012_ID", "O"), ("WNID", "O"), ("words", "O"), ("num_children", "O")]
+    rows = [(1, DEVKIT_WNIDS[0], "a", 0), (2, "../outside/ESCAPED", "b", 0), (3, DEVKIT_WNIDS[2], "c", 0)]
+    scipy.io.savemat(tmp_path / "meta.mat", {"synsets": np.array(rows, dtype=dtype)})
+    (tmp_path / "truth.txt").write_text("\n".join(map(str, TRUTH)) + "\n")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_imagenet_val.py"), "--images", str(flat),
+                           "--labels", str(tmp_path / "truth.txt"), "--meta", str(tmp_path / "meta.mat"),
+                           "--out", str(tmp_path / "out" / "val")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        "error: the label of ILSVRC2012_val_00000001: class id '../outside/ESCAPED': not a plain name (no '/', not "
+        "'.' or '..'), so it could leave the output folder"]
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027])
+def test_the_tree_gets_the_umasks_permissions(flat, tmp_path, mask) -> None:
+    labels = {Path(k).stem: v for k, v in expected_layout().items()}
+    previous = os.umask(mask)
+    try:
+        build_image_folder(flat, labels, tmp_path / "out")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~mask
+    assert layout(tmp_path / "out") == expected_layout()

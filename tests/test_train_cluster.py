@@ -188,7 +188,9 @@ def test_shards_hold_the_folders_samples(data, shards) -> None:
 
     index = json.loads((shards / "train.json").read_text())
     assert index["classes"] == ["c0", "c1", "c2"] and [s["nsamples"] for s in index["shardlist"]] == [5] * 4 + [4]
-    assert sorted(p.name for p in shards.glob("train-*.tar")) == [f"train-{i:06d}.tar" for i in range(5)]
+    assert sorted(p.name for p in shards.glob("train-*.tar")) == [s["url"] for s in index["shardlist"]]
+    assert [s["filesize"] for s in index["shardlist"]] == [(shards / s["url"]).stat().st_size
+                                                           for s in index["shardlist"]]
     files = sorted(p for p in (data / "train").rglob("*") if p.is_file())
     for split, shuffled in (("train", True), ("val", False)):
         tars = sorted(str(p) for p in shards.glob(f"{split}-*.tar"))
@@ -227,7 +229,7 @@ def test_validate_reads_shards_as_it_reads_the_folder(data, shards, clean_one, t
     for source in (data / "val", shards / "val.json"):
         assert validate_cli.main(["--checkpoint", str(tmp_path / "m.pth"), "--data-dir", str(source), "--workers",
                                   "0", "--device", "cpu", "--img-size", "16", "--crop-pct", "1", "--no-progress",
-                                  "--save-predictions", str(tmp_path / "p.csv")]) == 0
+                                  "--save-predictions", str(tmp_path / "p.csv"), "--force"]) == 0
         reports.append(json.loads(capsys.readouterr().out))
         with open(tmp_path / "p.csv") as f:
             reports[-1]["rows"] = [(r["label"], r["pred"], r["top5"]) for r in csv.DictReader(f)]
@@ -248,8 +250,147 @@ def test_broken_shards_are_one_line(shards, tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith(f"error: {broken / 'train.json'}: not a shard index (")
     (broken / "train.json").write_text((shards / "train.json").read_text())
     assert train_cli.main(["--device", "cpu", *cli_args(values)]) == 1
-    assert capsys.readouterr().err == f"error: {broken / 'train.json'}: its shard {broken / 'train-000000.tar'} " \
-                                      "is missing\n"
+    first = json.loads((shards / "train.json").read_text())["shardlist"][0]["url"]
+    assert capsys.readouterr().err == f"error: {broken / 'train.json'}: its shard {first}: is missing\n"
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_make_shards_touches_only_its_own_files_in_out(data, tmp_path, capsys) -> None:
+    """It deleted every `<split>-*.tar` in --out (`val-backup-2023.tar`), had no --force, and `--splits ../x`
+    wrote and deleted outside --out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "val-backup-2023.tar").write_bytes(b"last year's")
+    (out / "val-000000.tar").write_bytes(b"a shard of someone else's")
+    src = ["--src", str(data), "--out", str(out), "--splits", "val", "--shard-size", "4"]
+    assert make_shards.main(src) == 0
+    first = files_in(out)
+    assert {"val-backup-2023.tar", "val-000000.tar", "val.json"} < set(first) and len(first) == 6
+    assert make_shards.main(src) == 1
+    assert capsys.readouterr().err == f"error: {out / 'val.json'}: already exists (use --force to overwrite)\n"
+    assert files_in(out) == first
+    (tmp_path / "x-000000.tar").write_bytes(b"outside")
+    for split in ("../x", "/tmp", "..", "a/b"):
+        assert make_shards.main([*src[:4], "--splits", "val", split]) == 1
+        assert capsys.readouterr().err.startswith(f"error: --splits {split!r}: not a plain name")
+    assert files_in(tmp_path) == {"x-000000.tar": b"outside", **{f"out/{k}": v for k, v in first.items()}}
+    # --force replaces the split: its earlier shards go, nobody else's files do.
+    assert make_shards.main([*src, "--force"]) == 0
+    second = files_in(out)
+    assert {k: second[k] for k in ("val-backup-2023.tar", "val-000000.tar")} == \
+        {k: first[k] for k in ("val-backup-2023.tar", "val-000000.tar")}
+    urls = [s["url"] for s in json.loads(second["val.json"])["shardlist"]]
+    assert sorted(second) == sorted(["val-backup-2023.tar", "val-000000.tar", "val.json", *urls])
+    assert not set(urls) & set(first)
+
+
+def test_an_interrupted_rewrite_of_shards_leaves_the_previous_set_whole(data, tmp_path, monkeypatch, capsys) -> None:
+    """Re-running make-shards and stopping it left the old index pointing at the new, partial shards:
+    validate scored the wrong images and exited 0. Now the old index and its shards are as they were."""
+    from convmixer_pt.data import ShardDataset
+
+    out = tmp_path / "out"
+    assert make_shards.main(["--src", str(data), "--out", str(out), "--splits", "val", "--shard-size", "4"]) == 0
+    before = files_in(out)
+    samples = [(name, label) for name, label in ShardDataset(out / "val.json", lambda e: (e.name, e.data))]
+    real_read_bytes, calls = Path.read_bytes, []
+
+    def interrupted(self: Path) -> bytes:
+        calls.append(self)
+        if len(calls) == 6:  # a shard and a half written
+            raise KeyboardInterrupt
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", interrupted)
+    rc = make_shards.main(["--src", str(data), "--out", str(out), "--splits", "val", "--shard-size", "4", "--shuffle",
+                           "val", "--seed", "3", "--force"])
+    monkeypatch.undo()
+    assert rc == 130 and capsys.readouterr().err.endswith("error: interrupted; the index of an unfinished split is "
+                                                          "not written\n")
+    assert files_in(out) == before
+    assert [(n, lab) for n, lab in ShardDataset(out / "val.json", lambda e: (e.name, e.data))] == samples
+
+
+def small_model_file(path: Path, classes: int = 3) -> Path:
+    from convmixer_pt import create_model
+
+    torch.manual_seed(0)
+    torch.save(create_model("convmixer_128_4", num_classes=classes, dim=16, depth=1, kernel_size=3,
+                            patch_size=4).state_dict(), path)
+    return path
+
+
+def lying_index(shards: Path, folder: Path, change) -> Path:
+    """A copy of the val split in `folder` with its index changed by `change(index, first shard entry)`."""
+    import shutil
+
+    folder.mkdir()
+    index = json.loads((shards / "val.json").read_text())
+    for entry in index["shardlist"]:
+        shutil.copyfile(shards / entry["url"], folder / entry["url"])
+    change(index, index["shardlist"][0])
+    (folder / "val.json").write_text(json.dumps(index))
+    return folder / "val.json"
+
+
+@pytest.mark.parametrize("case, change, message", [
+    ("parent url", lambda i, s: s.update(url="../" + s["url"]), "shard url '../{url}' is not a file name inside "
+     "the index's folder"),
+    ("absolute url", lambda i, s: s.update(url="/etc/passwd"), "shard url '/etc/passwd' is not a file name inside "
+     "the index's folder"),
+    ("negative count", lambda i, s: s.update(nsamples=-2), "shard {url}: nsamples -2 is not a whole number of at "
+     "least 1"),
+    ("float count", lambda i, s: s.update(nsamples=1e12), "shard {url}: nsamples 1000000000000.0 is not a whole "
+     "number of at least 1"),
+    ("absurd count", lambda i, s: s.update(nsamples=10**12), "its shard {url} claims 1000000000000 samples, more "
+     "than its {size} bytes hold"),
+    ("changed shard", lambda i, s: s.update(filesize=s["filesize"] + 512), "its shard {url} has {size} bytes, "
+     "the index says {size512} (changed since the index was written; write the split again with "
+     "convmixer-make-shards)"),
+    ("missing shard", lambda i, s: s.update(url="val-gone.tar"), "its shard val-gone.tar: is missing"),
+    ("no classes", lambda i, s: i.update(classes="c0"), "not a shard index (shardlist and classes must be lists, "
+     "classes of names)"),
+])
+def test_a_lying_shard_index_is_one_line_before_any_work(shards, tmp_path, capsys, case, change, message) -> None:
+    """Read by validate.py (and the trainer, through the same class): an index whose counts, names or sizes
+    disagree with its shards, or that points outside its folder; a negative count made validate score 210 of
+    360 images with exit 0, and 1e12 asked for terabytes."""
+    index = lying_index(shards, tmp_path / "lying", change)
+    entry = json.loads((shards / "val.json").read_text())["shardlist"][0]
+    rc = validate_cli.main(["--checkpoint", str(small_model_file(tmp_path / "m.pth")), "--data-dir", str(index),
+                            "--workers", "0", "--device", "cpu", "--img-size", "16", "--crop-pct", "1",
+                            "--no-progress"])
+    size = entry["filesize"]
+    expected = message.format(url=entry["url"], size=size, size512=size + 512)
+    assert (rc, capsys.readouterr()) == (1, ("", f"error: {index}: {expected}\n"))
+
+
+@pytest.mark.parametrize("case", ["count", "broken tar"])
+def test_a_shard_that_disagrees_with_its_index_when_read_is_one_line(shards, tmp_path, capsys, case) -> None:
+    """What only reading a tar shows: fewer or more samples than the index says, or no tar at all."""
+    def change(index, entry):
+        if case == "count":
+            entry.update(nsamples=entry["nsamples"] - 1)
+            del entry["filesize"]  # an index written by another tool, without sizes
+
+    index = lying_index(shards, tmp_path / "lying", change)
+    entry = json.loads(index.read_text())["shardlist"][0]
+    if case == "broken tar":
+        tar = index.parent / entry["url"]
+        tar.write_bytes(b"\x07" * tar.stat().st_size)
+    rc = validate_cli.main(["--checkpoint", str(small_model_file(tmp_path / "m.pth")), "--data-dir", str(index),
+                            "--workers", "0", "--device", "cpu", "--img-size", "16", "--crop-pct", "1",
+                            "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    if case == "count":
+        assert err == f"error: {index}: its shard {entry['url']} holds {entry['nsamples'] + 1} samples, the index " \
+                      f"says {entry['nsamples']} (write the split again with convmixer-make-shards)\n"
+    else:
+        assert err.startswith(f"error: {entry['url']}: cannot read the shard (")
 
 
 def test_tensorboard_scalars_are_the_summarys(data, tmp_path) -> None:

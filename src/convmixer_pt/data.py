@@ -14,12 +14,12 @@ sample of the classes.
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
 import random
-import shutil
-import tempfile
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .errors import DataError
-from .files import write_text
+from .errors import DataError, error_line
+from .files import cannot_write, check_output, generated_folder, input_problem, plain_name, write_text
 from .runtime import DistEnv
 
 CACHE = Path.home() / ".cache" / "convmixer_pt"
@@ -114,36 +114,26 @@ class ImageFolder(Dataset):
 IMAGE_FIELDS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".ppm")
 SHARD_INDEX_KIND = "wids-shard-index-v1"
 SHARDS_PER_CHUNK = 8  # shards a training epoch reads at a time; each loader worker keeps two runs of them open
+SHARD_SAMPLE_BYTES = 1024  # the fewest bytes a sample takes in a tar: two members' 512-byte headers
 
 
 class ShardDataset(Dataset):
     """The samples of a shard index (`<split>.json`, see the module's docstring), read in place through the
-    webdataset project's indexed reader; items are (transform(Encoded image), label), as an ImageFolder's."""
+    webdataset project's indexed reader; items are (transform(Encoded image), label), as an ImageFolder's.
+
+    The index and its shards are checked against each other: shards are plain files inside the index's folder,
+    each present, of the size the index recorded, and able to hold the samples it claims; a shard's sample
+    count is checked against the tar when the shard is first read."""
 
     def __init__(self, index: str | Path, transform: Callable[[Encoded], Any]) -> None:
         import wids
 
         index = Path(index)
-        try:
-            spec = json.loads(index.read_text())
-            shards = [dict(url=str((index.parent / s["url"]).resolve()), nsamples=int(s["nsamples"]))
-                      for s in spec["shardlist"]]
-            self.classes = [str(c) for c in spec["classes"]]
-        except FileNotFoundError:
-            raise DataError(f"{index}: no shard index here (write one with convmixer-make-shards)") from None
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{index}: not a shard index ({type(e).__name__}: {e})") from None
-        missing = [s["url"] for s in shards if not Path(s["url"]).is_file()]
-        if missing:
-            raise DataError(f"{index}: its shard {missing[0]} is missing")
-        if not shards or sum(s["nsamples"] for s in shards) == 0:
-            raise DataError(f"{index}: lists no samples")
+        shards, self.classes = read_shard_index(index)
         # Read in place, never copied into wids' cache; wids prints a summary of every dataset it opens.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             self.reader = wids.ShardListDataset(shards, localname=lambda url: url, transformations=[],
                                                 lru_size=2 * SHARDS_PER_CHUNK)
-        # wids prints a warning on stdout when many reads open a shard; validation and small shards do, by design.
-        self.reader.check_cache_misses = lambda: None
         self.shards = shards
         self.shard_sizes = [s["nsamples"] for s in shards]
         self.starts = np.cumsum([0, *self.shard_sizes])
@@ -157,8 +147,16 @@ class ShardDataset(Dataset):
         return f"{Path(self.shards[shard]['url']).name}:{index - self.starts[shard]}"
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        sample = self.reader[index]
         name = self.sample_name(index)
+        try:
+            tar, inner, desc = self.reader.get_shard(index)
+        except Exception as e:  # a tar wids cannot index: tarfile's, mmap's and wids' own assertion errors
+            raise DataError(f"{name.rpartition(':')[0]}: cannot read the shard ({type(e).__name__}: "
+                            f"{error_line(e)[:200]})") from None
+        if len(tar) != desc["nsamples"]:
+            raise DataError(f"{self.root}: its shard {Path(desc['url']).name} holds {len(tar)} samples, the "
+                            f"index says {desc['nsamples']} (write the split again with convmixer-make-shards)")
+        sample = tar[inner]
         image = next((sample[k] for k in IMAGE_FIELDS if k in sample), None)
         try:
             label = int(sample[".cls"].read())
@@ -171,42 +169,137 @@ class ShardDataset(Dataset):
         return self.transform(Encoded(name, image.read())), label
 
 
+def read_shard_index(index: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The shards (url as an absolute path, nsamples) and classes of a shard index, checked against the files
+    beside it; a DataError naming the index and the shard at fault otherwise."""
+    problem = input_problem(index)
+    if problem == "no such file":
+        raise DataError(f"{index}: no shard index here (write one with convmixer-make-shards)")
+    if problem:
+        raise DataError(f"{index}: {problem}")
+    try:
+        spec = json.loads(index.read_text())
+        entries, classes = spec["shardlist"], spec["classes"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{index}: not a shard index ({type(e).__name__}: {error_line(e)[:200]})") from None
+    if not isinstance(entries, list) or not isinstance(classes, list) or \
+            not all(isinstance(c, str) for c in classes):
+        raise DataError(f"{index}: not a shard index (shardlist and classes must be lists, classes of names)")
+    shards = [_checked_shard(index, entry) for entry in entries]
+    if not shards:
+        raise DataError(f"{index}: lists no samples")
+    return shards, classes
+
+
+def _checked_shard(index: Path, entry: Any) -> dict[str, Any]:
+    """One shardlist entry as the reader takes it, after checking it against its file."""
+    url = entry.get("url") if isinstance(entry, dict) else None
+    nsamples = entry.get("nsamples") if isinstance(entry, dict) else None
+    if not isinstance(url, str) or not url or Path(url).is_absolute() or ".." in Path(url).parts or "\0" in url:
+        raise DataError(f"{index}: shard url {str(url)[:200]!r} is not a file name inside the index's folder")
+    path = index.parent / url
+    if isinstance(nsamples, bool) or not isinstance(nsamples, int) or nsamples < 1:
+        raise DataError(f"{index}: shard {url}: nsamples {str(nsamples)[:50]} is not a whole number of at least 1")
+    problem = input_problem(path)
+    if problem:
+        raise DataError(f"{index}: its shard {url}: {'is missing' if problem == 'no such file' else problem}")
+    size = path.stat().st_size
+    recorded = entry.get("filesize")
+    if recorded is not None and recorded != size:
+        raise DataError(f"{index}: its shard {url} has {size} bytes, the index says {str(recorded)[:50]} (changed "
+                        "since the index was written; write the split again with convmixer-make-shards)")
+    if nsamples * SHARD_SAMPLE_BYTES > size:
+        raise DataError(f"{index}: its shard {url} claims {nsamples} samples, more than its {size} bytes hold")
+    return dict(url=str(path.resolve()), nsamples=nsamples)
+
+
 def write_shards(folder: str | Path, out: str | Path, name: str, shard_size: int = 1000,
-                 shuffle_seed: int | None = None) -> Path:
-    """The ImageFolder `folder` as WebDataset tar shards `out/<name>-NNNNNN.tar` of `shard_size` samples (the
-    files' bytes as they are; in the ImageFolder's order, or in a random order drawn from `shuffle_seed`) and
-    their index `out/<name>.json`, written last: a split without its index is not a dataset. A sample's key is
-    its place in the ImageFolder's order."""
+                 shuffle_seed: int | None = None, overwrite: bool = False) -> Path:
+    """The ImageFolder `folder` as WebDataset tar shards `out/<name>-<tag>-NNNNNN.tar` of `shard_size` samples
+    (the files' bytes as they are; in the ImageFolder's order, or in a random order drawn from `shuffle_seed`)
+    and their index `out/<name>.json`, written last: a split without its index is not a dataset. A sample's key
+    is its place in the ImageFolder's order.
+
+    The index and its shards are written as a set: the shards under names no file has (a fresh `tag`), the
+    index last; an existing index is replaced only with `overwrite`, and then the shards it listed that an
+    earlier write made are removed. An interrupted write removes its own shards and leaves the old set as it
+    was. No other file in `out` is touched."""
     import webdataset
 
+    name = plain_name(name, "split")
+    out = Path(out)
+    index = out / f"{name}.json"
+    check_output(index, overwrite)
     tree = ImageFolder(folder, transform=lambda path: path)
     order = np.arange(len(tree)) if shuffle_seed is None else \
         np.random.default_rng(shuffle_seed).permutation(len(tree))
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{name}-*.tar"):
-        stale.unlink()
-    with contextlib.redirect_stderr(io.StringIO()), webdataset.ShardWriter(
-            str(out / f"{name}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
-        for source in order.tolist():
-            path, label = tree.samples[source]
-            sink.write({"__key__": f"{source:08d}", Path(path).suffix.lower().lstrip("."): Path(path).read_bytes(),
-                        "cls": str(label).encode()})
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(out, e) from None
+    tag = _fresh_tag(out, name)
     counts = [min(shard_size, len(tree) - first) for first in range(0, len(tree), shard_size)]
-    return write_shard_index(out, name, tree.classes, counts, shuffle_seed=shuffle_seed)
+    urls = [f"{name}-{tag}-{k:06d}.tar" for k in range(len(counts))]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), webdataset.ShardWriter(
+                str(out / f"{name}-{tag}-%06d.tar"), maxcount=shard_size, verbose=0) as sink:
+            for source in order.tolist():
+                path, label = tree.samples[source]
+                sink.write({"__key__": f"{source:08d}", Path(path).suffix.lower().lstrip("."):
+                            Path(path).read_bytes(), "cls": str(label).encode()})
+        previous = _own_shards(index, name)
+        write_shard_index(out, name, tree.classes, list(zip(urls, counts, strict=True)), overwrite=overwrite,
+                          shuffle_seed=shuffle_seed)
+    except BaseException:
+        for url in urls:
+            with contextlib.suppress(FileNotFoundError):
+                (out / url).unlink()
+        raise
+    for url in sorted(set(previous) - set(urls)):
+        with contextlib.suppress(FileNotFoundError):
+            (out / url).unlink()
+    return index
 
 
-def write_shard_index(out: Path, name: str, classes: list[str], counts: list[int], **extra: Any) -> Path:
-    """The index `out/<name>.json` of the shards `out/<name>-NNNNNN.tar` holding `counts` samples each, as
-    `ShardDataset` reads it (`extra` keys are recorded beside it)."""
+def _fresh_tag(out: Path, name: str) -> str:
+    """A tag no file in `out` starts `<name>-<tag>-` with."""
+    while True:
+        tag = os.urandom(4).hex()
+        if not any(out.glob(f"{glob.escape(name)}-{tag}-*")):
+            return tag
+
+
+def _own_shards(index: Path, name: str) -> list[str]:
+    """The shards an existing index of this package lists under the names `write_shards` gives (this version's
+    `<name>-<tag>-NNNNNN.tar` and the earlier `<name>-NNNNNN.tar`): the files a rewrite of the split may
+    remove. Any other file, and every file of an index that is not this package's, is left alone."""
+    try:
+        spec = json.loads(index.read_text())
+        urls = [s["url"] for s in spec["shardlist"]] if spec.get("__kind__") == SHARD_INDEX_KIND else []
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+    own = re.compile(rf"{re.escape(name)}-([0-9a-f]{{8}}-)?\d{{6}}\.tar")
+    return [u for u in urls if isinstance(u, str) and own.fullmatch(u)]
+
+
+def write_shard_index(out: Path, name: str, classes: list[str], shards: list[tuple[str, int]],
+                      overwrite: bool = False, **extra: Any) -> Path:
+    """The index `out/<name>.json` of the shards `(file name in out, samples)`, as `ShardDataset` reads it, with
+    each shard's size in bytes (`filesize`, wids' key) so that a reader can tell a shard that changed
+    (`extra` keys are recorded beside it)."""
     index = dict(__kind__=SHARD_INDEX_KIND, wids_version=1, name=name, classes=classes, **extra,
-                 shardlist=[dict(url=f"{name}-{k:06d}.tar", nsamples=n) for k, n in enumerate(counts)])
-    write_text(out / f"{name}.json", json.dumps(index, indent=1) + "\n")
+                 shardlist=[dict(url=url, nsamples=n, filesize=(out / url).stat().st_size) for url, n in shards])
+    write_text(out / f"{name}.json", json.dumps(index, indent=1) + "\n", overwrite=overwrite)
     return out / f"{name}.json"
 
 
+DIGITS_SIGNATURE = (f"convmixer_pt digits: scikit-learn's 8x8 digits as PNGs, {DIGITS_VAL_FRACTION:.0%} val, "
+                    f"split seed {DIGITS_SPLIT_SEED}")
+
+
 def write_digits_imagefolder(root: str | Path) -> Path:
-    """scikit-learn's 8x8 digits as grayscale PNGs in `root/{train,val}/{0..9}/`, written once.
+    """scikit-learn's 8x8 digits as grayscale PNGs in `root/{train,val}/{0..9}/`, written once
+    (`files.generated_folder`: where nothing is, or reused when it is exactly this tree).
 
     The split is fixed (stratified, 20% val, seed 0).
     """
@@ -226,31 +319,15 @@ def write_digits_imagefolder(root: str | Path) -> Path:
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(images[i], mode="L").save(folder / f"{i:04d}.png")
 
-    return _build_tree(Path(root), write)
-
-
-def _build_tree(root: Path, write: Callable[[Path], None]) -> Path:
-    """Write a tree with `write(tmp)` beside `root` and rename it into place, so an interrupted write never
-    leaves a half tree that looks complete; a complete tree (train/ and val/) is kept as it is."""
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
-    try:
-        write(tmp)
-        if root.exists():  # an incomplete tree from elsewhere: replace it
-            shutil.rmtree(root)
-        os.replace(tmp, root)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    return generated_folder(root, DIGITS_SIGNATURE, write)
 
 
 def write_generated_imagefolder(root: str | Path, classes: int, train_images: int, val_images: int,
                                 seed: int = 0) -> Path:
     """JPEG photographs' stand-ins in `root/{train,val}/<class>/`: sizes from 160 to 480 pixels a side,
     low-frequency random content tinted by class, so that decoding, resizing and every augmentation run as
-    on ImageNet without a dataset. Written once; the same arguments give the same files."""
+    on ImageNet without a dataset. Written once (`files.generated_folder`); the same arguments give the same
+    files."""
 
     def write(tmp: Path) -> None:
         rng = np.random.default_rng(seed)
@@ -266,7 +343,9 @@ def write_generated_imagefolder(root: str | Path, classes: int, train_images: in
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
 
-    return _build_tree(Path(root), write)
+    signature = (f"convmixer_pt generated images: {classes} classes, {train_images} train and {val_images} val "
+                 f"images, seed {seed}")
+    return generated_folder(root, signature, write)
 
 
 class SyntheticImages(Dataset):

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import UserError, about
-from .files import OutputExistsError, atomic_path, check_output
+from .files import atomic_path, check_output
 from .runtime import MissingDependencyError
 from .weights.formats import Weights, read_weights, torch_model
 from .weights.parity import DEFAULT_TOL, random_batch, rel_diff
@@ -111,9 +111,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, act: str | None =
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"{out}: an ONNX file's name ends in .onnx")
-    if not overwrite and out.exists():
-        raise OutputExistsError(f"{out}: already exists (use --force to overwrite)")
-    check_output(out)
+    check_output(out, overwrite)
     weights = read_weights(checkpoint, use_ema=use_ema, act=act)
     if img_size < weights.arch["patch_size"]:
         raise ExportError(f"image size {img_size} is smaller than the model's patch size {weights.arch['patch_size']}")

@@ -1,25 +1,38 @@
-"""Atomic writes: every file this package writes appears under its name complete, or not at all.
+"""The one rule for every output, and atomic writes: every file this package writes appears under its name
+complete, or not at all, and replaces only a regular file it was allowed to replace.
 
-A file is written to one hidden staging file beside it, `.partial-<host>-<pid>-<random>-<name>`, and renamed
+A file is written to one hidden staging file beside it, `.partial-<host>-<pid>-<random>-<name>` (a long name
+shortened to a hash and its end, so that the staging name fits the file system's 255 bytes), and renamed
 onto its name when complete. The staging file is removed on every exit Python sees (an exception, Ctrl-C, and
 SIGTERM, which the CLIs turn into an exception); one left by a killed process is removed by the next write of
 the same name on the same host, once that process is gone. Outputs get the permissions the umask gives, as
 `open` would, whatever the writing library did to its file.
+
+An existing output is replaced only when the caller says so (a command's --force or --overwrite), and never
+when it is not a regular file (a folder, a symbolic link, a FIFO, a device): `--json /dev/null` run as root
+must not replace /dev/null. A folder a command generates (`generated_folder`) is created only where nothing
+is, or reused when a marker in it says it is exactly that folder; it is never emptied.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
+import hashlib
 import os
 import shutil
 import socket
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .errors import UserError, error_line
 
 STAGING_PREFIX = ".partial-"
+NAME_MAX = 255  # bytes in a file name on Linux's and macOS's file systems
+_LONG_NAME = 150  # a name longer than this (in bytes) is shortened in its staging name
+MARKER = ".convmixer-generated"  # in a generated folder: what wrote it, and with which arguments
 
 
 class OutputExistsError(UserError):
@@ -27,18 +40,62 @@ class OutputExistsError(UserError):
 
 
 class WriteError(UserError):
-    """An output that could not be written: a full disk, a file size limit, a read-only folder."""
+    """An output that could not be written: a full disk, a file size limit, a read-only folder, a path that is
+    not a regular file."""
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def kind(mode: int) -> str:
+    """What a file of this `st_mode` is, in words: 'a regular file', 'a folder', 'a FIFO', ..."""
+    return next((name for test, name in _KINDS if test(mode)), "a regular file")
+
+
+def input_problem(path: str | Path) -> str | None:
+    """Why `path` cannot be read as an input file ('no such file', 'is a FIFO, not a regular file', ...), or
+    None for a regular file (or a symbolic link to one)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as e:
+        return e.strerror or str(e)
+    return None if stat.S_ISREG(mode) else f"is {kind(mode)}, not a regular file"
+
+
+def plain_name(value: str, what: str) -> str:
+    """`value` if it is a plain file or folder name (no separator, not '.' or '..', not empty), which a command
+    may put below the folder it was given; a UserError naming `what` otherwise."""
+    if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+        raise UserError(f"{what} {value!r}: not a plain name (no '/', not '.' or '..'), so it could leave "
+                        "the output folder")
+    return value
 
 
 def _host_prefix() -> str:
     return f"{STAGING_PREFIX}{socket.gethostname().replace('-', '_')}-"
 
 
+def _staging_tail(name: str) -> str:
+    """How a staging name ends for an output named `name`: the name itself, or for a long one a hash of it and
+    its last characters (its extension, for writers that choose the format by it)."""
+    if len(name.encode()) <= _LONG_NAME:
+        return name
+    end = name[-1]
+    for size in range(2, len(name)):
+        if len(name[-size:].encode()) > 64:
+            break
+        end = name[-size:]
+    return f"{hashlib.sha256(name.encode()).hexdigest()[:16]}-{end}"
+
+
 def remove_stale_staging(path: Path) -> list[Path]:
     """Staging files of `path` left beside it by processes of this host that no longer run."""
     removed = []
     host_prefix = _host_prefix()
-    for candidate in path.parent.glob(f"{STAGING_PREFIX}*-{path.name}"):
+    for candidate in path.parent.glob(f"{glob.escape(STAGING_PREFIX)}*-{glob.escape(_staging_tail(path.name))}"):
         if not candidate.name.startswith(host_prefix):
             continue  # another host's, or another naming: not ours to judge
         pid = candidate.name[len(host_prefix):].split("-", 1)[0]
@@ -60,53 +117,93 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _umask_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+def umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a hidden staging path beside `path`; it replaces `path` only if the block finishes.
-
-    The staging name ends like `path`'s, so a staged file can be read back, e.g. verified, before it takes
-    its real name.
-    """
+def check_output(path: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> None:
+    """The one rule for an output file, checked before any work is done: refuse one that exists unless
+    `overwrite` (a command's --force), one that is not a regular file even then, one that is one of the
+    command's `inputs` (or another of its outputs) even then, and one below a file."""
     path = Path(path)
-    if not overwrite and path.exists():
-        raise OutputExistsError(f"{path}: already exists (use --force to overwrite)")
-    if path.is_dir():
-        raise WriteError(f"{path}: is a folder, not a file")
+    for source in inputs:
+        with contextlib.suppress(OSError):
+            if os.path.samefile(path, source):
+                raise WriteError(f"{path}: is also {source}, which the command reads or writes; write it elsewhere")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_staging(path)
-        fd, tmp = tempfile.mkstemp(prefix=f"{_host_prefix()}{os.getpid()}-", suffix=f"-{path.name}", dir=path.parent)
-    except OSError as e:
-        raise cannot_write(path, e) from None
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        if not overwrite and path.exists():
-            raise OutputExistsError(f"{path}: appeared while it was being written; not overwritten (use --force)")
-        os.chmod(tmp, _umask_mode())  # mkstemp makes 0600, and some writers replace the file with their own
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def check_output(path: str | Path) -> None:
-    """Refuse, before any work is done, an output path that cannot become a file: a folder, or one below a
-    file."""
-    path = Path(path)
-    if path.is_dir():
-        raise WriteError(f"{path}: is a folder, not a file")
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as e:  # ENOTDIR below a file, ENAMETOOLONG, EACCES: named below or by the write
+        mode = None
+        if e.strerror and not isinstance(e, NotADirectoryError):
+            raise WriteError(f"{path}: cannot write it ({e.strerror})") from None
+    if mode is not None:
+        if stat.S_ISDIR(mode):
+            raise WriteError(f"{path}: is a folder, not a file")
+        if not stat.S_ISREG(mode):
+            raise WriteError(f"{path}: is {kind(mode)}, not a regular file; not replaced")
+        if not overwrite:
+            raise OutputExistsError(f"{path}: already exists (use --force to overwrite)")
     for parent in path.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise WriteError(f"{path}: {parent} is a file, not a folder")
             return
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden staging path beside `path`; it becomes `path` only if the block finishes, and only under
+    `check_output`'s rule: an existing regular file is replaced only with `overwrite`, anything else never.
+
+    The staging name ends like `path`'s, so a staged file can be read back, e.g. verified, before it takes
+    its real name.
+    """
+    path = Path(path)
+    check_output(path, overwrite)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_staging(path)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_host_prefix()}{os.getpid()}-", suffix=f"-{_staging_tail(path.name)}",
+                                   dir=path.parent)
+    except OSError as e:
+        raise cannot_write(path, e) from None
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600, and some writers replace the file with their own
+        _publish(Path(tmp), path, overwrite)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def _publish(tmp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the complete `tmp` onto `path`; without `overwrite` by a hard link, which fails rather than
+    replace a file that appeared meanwhile."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        raise WriteError(f"{path}: became {kind(mode)} while it was being written; not replaced")
+    if overwrite:
+        os.replace(tmp, path)
+        return
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise OutputExistsError(f"{path}: appeared while it was being written; not overwritten "
+                                "(use --force)") from None
+    except OSError:  # a file system without hard links: the check above is all there is
+        if os.path.lexists(path):
+            raise OutputExistsError(f"{path}: appeared while it was being written; not overwritten "
+                                    "(use --force)") from None
+        os.replace(tmp, path)
 
 
 def cannot_write(path: str | Path, error: BaseException) -> WriteError:
@@ -134,7 +231,63 @@ def writing(path: str | Path) -> Iterator[None]:
         raise cannot_write(path, e) from None
 
 
-def write_text(path: str | Path, text: str) -> None:
-    """`text` into `path`, atomically."""
-    with atomic_path(path) as tmp, writing(path):
+def write_text(path: str | Path, text: str, overwrite: bool = False) -> None:
+    """`text` into `path`, atomically, under `check_output`'s rule."""
+    with atomic_path(path, overwrite) as tmp, writing(path):
         tmp.write_text(text)
+
+
+def generated_folder(root: str | Path, signature: str, write: Callable[[Path], None]) -> Path:
+    """The folder `root` as `write(folder)` fills it, for a command that generates a data folder.
+
+    It is written once: beside `root`, with a marker holding `signature` (what wrote it, with which
+    arguments) written last, then renamed onto `root` where nothing is (or an empty folder). A `root` whose
+    marker holds `signature` is reused as it is; anything else there is refused, never emptied. The folder
+    gets the permissions the umask gives.
+    """
+    root = Path(root)
+    if _owned(root, signature):
+        return root
+    _refuse_foreign(root, signature)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{root.name[:64]}-", dir=root.parent))
+    except OSError as e:
+        raise cannot_write(root, e) from None
+    try:
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700
+        write(tmp)
+        (tmp / MARKER).write_text(signature + "\n")
+        try:
+            os.rename(tmp, root)  # onto nothing, or onto an empty folder; never onto files
+        except OSError:
+            if not _owned(root, signature):  # another process's identical folder is as good as ours
+                _refuse_foreign(root, signature)
+                raise
+    except OSError as e:
+        raise cannot_write(root, e) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _owned(root: Path, signature: str) -> bool:
+    try:
+        return root.is_dir() and (root / MARKER).read_text() == signature + "\n"
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _refuse_foreign(root: Path, signature: str) -> None:
+    """Refuse a `root` that holds anything but nothing: the user's files, or another generated folder."""
+    if not os.path.lexists(root):
+        return
+    if root.is_symlink() or not root.is_dir():
+        raise OutputExistsError(f"{root}: is {kind(os.lstat(root).st_mode)}; give a new or empty folder")
+    if not any(root.iterdir()):
+        return
+    if (root / MARKER).is_file():
+        raise OutputExistsError(f"{root}: holds another generated folder than {signature.splitlines()[0]}; "
+                                "give a new or empty folder (nothing in it was changed)")
+    raise OutputExistsError(f"{root}: exists and was not written by this command (no {MARKER} in it); give a new "
+                            "or empty folder (nothing in it was changed)")

@@ -63,6 +63,7 @@ def parser() -> Parser:
     p.add_argument("--kernel-set", choices=KERNEL_SETS,
                    help="NCHW fp16/bf16 depthwise kernels: direct or mma (tensor cores)")
     p.add_argument("--json", metavar="OUT", help="write the rows as a JSON list")
+    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     p.add_argument("--depthwise-op", action="store_true",
                    help="time one depthwise conv + GELU (PyTorch NCHW / channels_last vs Triton) instead")
     p.add_argument("--dim", type=int, default=1536, help="--depthwise-op channels")
@@ -75,7 +76,8 @@ def parser() -> Parser:
                    help="time reading tar shards instead: the trainer's chunked order against one global shuffle "
                         "(--num-shards shards of 1000 small samples, written to --workdir once)")
     p.add_argument("--num-shards", type=int, default=160, help="--shards: how many shards of 1000 samples")
-    p.add_argument("--workdir", default="convert_benchmark", help="--convert, --shards: where the files go")
+    p.add_argument("--workdir", default="convert_benchmark",
+                   help="--convert, --shards: the folder in which they make a folder of their own for their files")
     return p
 
 
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.img_size < patch:
             raise UserError(f"--img-size {args.img_size} is smaller than one {patch}-pixel patch")
         if args.json:
-            check_output(args.json)
+            check_output(args.json, args.force)
         amp = args.amp or ("bf16" if device.type == "cuda" else "none")
         if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)  # CUDA events, do_bench and Triton launches use the current device
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
                          peer_layouts=peers)
             print(format_table(rows))
         if args.json:
-            write_text(args.json, json.dumps(rows, indent=1))
+            write_text(args.json, json.dumps(rows, indent=1), overwrite=args.force)
         return 0
 
     return run(body)

@@ -38,6 +38,7 @@ def parser() -> Parser:
                    help="the fast run fuses BatchNorm with its activation (default: CONVMIXER_FAST_BATCHNORM)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", metavar="OUT")
+    p.add_argument("--force", action="store_true", help="replace the --json file if it exists")
     return p
 
 
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         check_arguments(args.model, args.steps, args.batch_size, args.img_size, args.num_batches, args.lr)
         device = resolve_device(args.device)
         if args.json:
-            check_output(args.json)
+            check_output(args.json, args.force)
         env = FastOptions.from_environment()
         fast = FastOptions(enabled=True, channels_last=args.channels_last,
                            fused_batchnorm=env.fused_batchnorm if args.fused_bn is None else args.fused_bn,
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
             report = dict(vars(args), fast=asdict(fast), **result, device_name=name, torch=torch.__version__)
-            write_text(args.json, json.dumps(report, indent=1))
+            write_text(args.json, json.dumps(report, indent=1), overwrite=args.force)
         return 0 if result["passed"] else 1
 
     return run(body)

@@ -15,6 +15,7 @@ import json
 import os
 import sys
 
+from ..errors import UserError
 from ..evaluation.protocols import INTERPOLATIONS, PROTOCOLS
 from ..evaluation.validation import FRAMEWORKS, validate, write_json, write_predictions
 from ..files import check_output
@@ -49,6 +50,7 @@ def parser() -> Parser:
                         "registry's), e.g. gelu_tanh for MindCV's tanh-approximated GELU")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON")
     p.add_argument("--save-predictions", metavar="OUT.csv", help="CSV path,label,pred,top5, one row per image")
+    p.add_argument("--force", action="store_true", help="replace --json and --save-predictions files that exist")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -57,9 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
+        if args.json and args.save_predictions and os.path.abspath(args.json) == os.path.abspath(args.save_predictions):
+            raise UserError(f"{args.json}: given as both --json and --save-predictions; give two files")
         for out in (args.json, args.save_predictions):
             if out:
-                check_output(out)
+                check_output(out, args.force, inputs=[args.checkpoint])
         report, rows = validate(
             args.model, args.checkpoint, args.data_dir, protocol=args.protocol, framework=args.framework,
             batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
@@ -69,9 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         print(json.dumps(report, indent=2))
         if args.json:
-            write_json(report, args.json)
+            write_json(report, args.json, overwrite=args.force)
         if args.save_predictions:
-            write_predictions(rows, args.save_predictions)
+            write_predictions(rows, args.save_predictions, overwrite=args.force)
         return 0
 
     return run(body)

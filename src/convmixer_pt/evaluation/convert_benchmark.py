@@ -15,6 +15,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from importlib.metadata import version
@@ -26,6 +27,7 @@ import google.protobuf
 import torch
 
 from ..factory import create_model
+from ..files import cannot_write, umask
 from ..weights import keymap
 
 # Timed inside a fresh process: what follows `import torch`, split into the package's import and convert().
@@ -90,8 +92,22 @@ def official_file(model: str, path: Path, seed: int = 0) -> Path:
 
 def conversion_times(workdir: Path, model: str = "convmixer_1536_20", repeats: int = 3,
                      log: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    """Rows (what, median and minimum seconds, every run) for a conversion of `model`'s official file."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    """Rows (what, median and minimum seconds, every run) for a conversion of `model`'s official file. The files
+    go to a fresh folder of their own in `workdir` (`convert-benchmark-XXXXXXXX`, left for inspection): no
+    file of the user's is replaced."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="convert-benchmark-", dir=workdir))
+        folder.chmod(0o777 & ~umask())  # mkdtemp makes 0700
+    except OSError as e:
+        raise cannot_write(workdir, e) from None
+    if log:
+        log(f"files in {folder}")
+    return _conversion_times(folder, model, repeats, log)
+
+
+def _conversion_times(workdir: Path, model: str, repeats: int, log: Callable[[str], None] | None
+                      ) -> list[dict[str, Any]]:
     py = sys.executable
     src = official_file(model, workdir / f"{model}.pth.tar")
     ckpt, pth, plain = workdir / f"{model}.ckpt", workdir / f"{model}.pth", workdir / f"{model}_plain.ckpt"

@@ -19,7 +19,8 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..errors import UserError
+from ..errors import UserError, about
+from ..files import input_problem, plain_name, umask
 
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 _WNID_RE = re.compile(r"^n\d{8}$")
@@ -93,8 +94,9 @@ def read_devkit_ground_truth(path: str | Path, id_to_wnid: Mapping[int, str]) ->
 def read_labels(path: str | Path, meta: str | Path | None = None, synsets: str | Path | None = None) -> dict[str, str]:
     """Image id -> synset from either ground-truth format, recognised from the file's first line."""
     path = Path(path)
-    if not path.is_file():
-        raise PrepareError(f"{path}: no such file")
+    problem = input_problem(path)
+    if problem:
+        raise PrepareError(f"{path}: {problem}")
     with open(path) as f:
         first = f.readline()
     if first.startswith("ImageId"):
@@ -116,10 +118,14 @@ def image_id(name: str) -> str:
 def build_image_folder(images: str | Path, labels: Mapping[str, str], out: str | Path, copy: bool = False) -> int:
     """Link (or copy) every labelled image to `out/<synset>/<name>`; returns the number of images.
 
-    Every image must have a label and every label an image. The tree is built beside `out` and renamed
+    Every image must have a label and every label an image, and every label must be a plain folder name
+    (a devkit's class id `../x` would put images outside `out`). The tree is built beside `out` and renamed
     onto it at the end, so a failure leaves nothing behind.
     """
     images, out = Path(images), Path(out)
+    for key, wnid in labels.items():
+        with about(f"the label of {key}"):
+            plain_name(wnid, "class id")
     if not images.is_dir():
         raise PrepareError(f"{images}: no such directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -141,7 +147,7 @@ def build_image_folder(images: str | Path, labels: Mapping[str, str], out: str |
                 shutil.copyfile(src, dst)
             else:
                 os.symlink(src.resolve(), dst)
-        stage.chmod(0o755)
+        stage.chmod(0o777 & ~umask())  # mkdtemp makes 0700; the tree gets what the umask gives, as mkdir would
         if out.exists():
             out.rmdir()
         stage.replace(out)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,22 +17,25 @@ from typing import Any
 import torch
 
 from ..data import SHARDS_PER_CHUNK, ShardDataset, chunked_order, write_shard_index
+from ..files import generated_folder
 
 
-def write_test_shards(root: Path, shards: int, per_shard: int, payload: int = 100) -> Path:
-    """`shards` tars of `per_shard` samples of `payload` bytes each, and their index; written once."""
+def write_test_shards(workdir: Path, shards: int, per_shard: int, payload: int = 100) -> Path:
+    """`shards` tars of `per_shard` samples of `payload` bytes each, and their index, in a folder of their own
+    in `workdir` (`files.generated_folder`: written once, reused, never over anything else)."""
     import webdataset
 
-    index = root / "train.json"
-    if index.is_file() and len(json.loads(index.read_text())["shardlist"]) == shards:
-        return index
-    root.mkdir(parents=True, exist_ok=True)
-    data = bytes(range(256)) * (payload // 256 + 1)
-    with contextlib.redirect_stderr(io.StringIO()), webdataset.ShardWriter(
-            str(root / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
-        for i in range(shards * per_shard):
-            sink.write({"__key__": f"{i:08d}", "jpg": data[:payload], "cls": b"0"})
-    return write_shard_index(root, "train", ["0"], [per_shard] * shards)
+    def write(root: Path) -> None:
+        data = bytes(range(256)) * (payload // 256 + 1)
+        with contextlib.redirect_stderr(io.StringIO()), webdataset.ShardWriter(
+                str(root / "train-%06d.tar"), maxcount=per_shard, verbose=0) as sink:
+            for i in range(shards * per_shard):
+                sink.write({"__key__": f"{i:08d}", "jpg": data[:payload], "cls": b"0"})
+        write_shard_index(root, "train", ["0"], [(f"train-{k:06d}.tar", per_shard) for k in range(shards)])
+
+    name = f"shard-benchmark-{shards}x{per_shard}x{payload}"
+    signature = f"convmixer_pt shard benchmark: {shards} shards of {per_shard} samples of {payload} bytes"
+    return generated_folder(workdir / name, signature, write) / "train.json"
 
 
 def shard_read_times(workdir: Path, shards: int = 160, per_shard: int = 1000, reads: int = 4000, seed: int = 0,

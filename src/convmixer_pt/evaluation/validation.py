@@ -251,13 +251,13 @@ def validate(
     return report, rows
 
 
-def write_json(report: dict[str, Any], path: str | Path) -> None:
-    write_text(path, json.dumps(report, indent=2) + "\n")
+def write_json(report: dict[str, Any], path: str | Path, overwrite: bool = False) -> None:
+    write_text(path, json.dumps(report, indent=2) + "\n", overwrite=overwrite)
 
 
-def write_predictions(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+def write_predictions(rows: Sequence[dict[str, Any]], path: str | Path, overwrite: bool = False) -> None:
     """CSV `path,label,pred,top5`: pred is the top-1 class index, top5 the best five, space-separated."""
-    with atomic_path(path) as tmp, writing(path), open(tmp, "w", newline="") as f:
+    with atomic_path(path, overwrite) as tmp, writing(path), open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["path", "label", "pred", "top5"])
         writer.writeheader()
         writer.writerows(rows)

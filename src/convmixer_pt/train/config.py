@@ -19,7 +19,7 @@ import yaml
 
 from ..errors import UserError, about
 from ..evaluation.protocols import INTERPOLATIONS
-from ..files import write_text
+from ..files import input_problem, write_text
 from ..variants import (
     ACTIVATIONS,
     EVAL_CROP_PCT,
@@ -275,8 +275,9 @@ def apply(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+    problem = input_problem(path)
+    if problem:
+        raise ConfigError(f"{path}: {'config file not found' if problem == 'no such file' else problem}")
     try:
         data = yaml.safe_load(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
@@ -309,7 +310,7 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), overwrite=True)  # the run's own
 
 
 def check(cfg: TrainConfig) -> None:

@@ -21,7 +21,7 @@ def write_summary(history: list[dict[str, float]], path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(history)
-    write_text(path, buf.getvalue())
+    write_text(path, buf.getvalue(), overwrite=True)  # the run's own, rewritten every epoch
 
 
 def plot_summary(history: list[dict[str, float]], path: Path) -> None:
@@ -45,7 +45,7 @@ def plot_summary(history: list[dict[str, float]], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp, writing(path):
+    with atomic_path(path, overwrite=True) as tmp, writing(path):
         fig.savefig(tmp, format="png", dpi=100)
 
 

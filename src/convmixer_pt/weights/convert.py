@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import CheckpointError
-from ..files import OutputExistsError, atomic_path, writing
+from ..files import atomic_path, check_output, writing
 from ..runtime import require_mindspore
 from .formats import Weights, cast_state, output_layout, read_weights, write_weights
 from .parity import DEFAULT_TOL, ParityReport, verify_output
@@ -80,10 +80,7 @@ def convert(src: str | Path, dst: str | Path, *, layout: str | None = None, use_
     start = time.perf_counter()
     src, dst = Path(src), Path(dst)
     layout = output_layout(dst, layout)
-    if not overwrite and dst.exists():
-        raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
-    if dst.exists() and dst.resolve() == src.resolve():
-        raise CheckpointError(f"{dst}: is the input file; write the output elsewhere")
+    check_output(dst, overwrite, inputs=[src])
     original = read_weights(src, use_ema=use_ema, act=act, float64=dtype != "keep")
     state, clamped = cast_state(original.state, dtype, clamp)
     weights = dataclasses.replace(original, state=state)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..files import OutputExistsError, atomic_path
+from ..files import atomic_path, check_output
 from ..runtime import require_mindspore
 from . import parity
 from .formats import Weights, ms_model, read_weights, torch_model
@@ -71,8 +71,7 @@ def export_mindir(src: str | Path, dst: str | Path, *, use_ema: bool = False, ac
     src, dst = Path(src), Path(dst)
     if not dst.name.endswith(SUFFIX):
         raise CheckpointError(f"{dst}: a MindIR file's name ends in {SUFFIX} (MindSpore appends it otherwise)")
-    if not overwrite and dst.exists():
-        raise OutputExistsError(f"{dst}: already exists (use --force to overwrite)")
+    check_output(dst, overwrite)
     weights = read_weights(src, use_ema=use_ema, act=act)
     if image_size < weights.arch["patch_size"]:
         raise CheckpointError(f"image size {image_size} is smaller than one {weights.arch['patch_size']}-pixel patch")

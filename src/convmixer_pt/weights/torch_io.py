@@ -20,7 +20,7 @@ from safetensors.torch import save
 from torch import nn
 
 from ..errors import CheckpointError, about
-from ..files import atomic_path, writing
+from ..files import atomic_path, input_problem, writing
 from ..variants import VARIANTS
 from . import keymap
 from .ms_files import canonical_metadata
@@ -39,8 +39,9 @@ PREFIXES = ("module.", "_orig_mod.")
 def file_format(path: str | Path) -> str:
     """'torch-zip', 'torch-legacy', 'safetensors' or 'mindspore', from the first bytes of the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
+    problem = input_problem(path)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     with open(path, "rb") as f:
         head = f.read(16)
     if len(head) < 8:
@@ -271,8 +272,9 @@ def overflow(tensor: torch.Tensor, dtype: torch.dtype) -> str | None:
 
 
 def save_torch(obj: Any, path: str | Path) -> None:
-    """`torch.save` to a temporary file, renamed over `path` when complete."""
-    with atomic_path(path) as tmp, writing(path):
+    """`torch.save` to a temporary file, renamed over `path` when complete (the trainer's checkpoints, in the
+    run folder it owns)."""
+    with atomic_path(path, overwrite=True) as tmp, writing(path):
         torch.save(obj, tmp)
 
 

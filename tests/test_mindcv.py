@@ -34,7 +34,7 @@ from convmixer_pt.cli import mindcv as launcher  # noqa: E402
 from convmixer_pt.data import write_digits_imagefolder  # noqa: E402
 from convmixer_pt.evaluation.validation import validate  # noqa: E402
 from convmixer_pt.mindspore.model import MSConvMixer  # noqa: E402
-from convmixer_pt.weights import keymap, ms_files  # noqa: E402
+from convmixer_pt.weights import keymap, ms_files, ms_io  # noqa: E402
 from convmixer_pt.weights.convert import convert  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -214,7 +214,8 @@ def test_mindcv_training_saves_what_the_converter_turns_into_pytorch(mindcv_run,
 
     _, _, saved = mindcv_run
     entries = ms_files.read_ckpt(saved)
-    assert any(n.startswith("moment1.network.") for n in entries) and "global_step" in entries
+    # MindCV's AdamW slots and scalars, its step counter and its EMA copy beside the weights
+    assert any(n.startswith("adam_m.network.") for n in entries) and {"beta1_power", "global_step"} <= set(entries)
     assert any(n.startswith("ema.network.") for n in entries)
     # The file cannot say which GELU it was trained with; asked, the user's statement governs both sides.
     rc, out, err = run_cli(capfd, saved, tmp_path / "w.pth")
@@ -261,6 +262,28 @@ def test_mindcv_evaluation_equals_ours_image_by_image(mindcv_run, converted):
     assert ours == theirs  # both in sorted folder order: the same image, label and prediction per row
     top1 = 100.0 * sum(label == pred for label, pred in theirs) / len(theirs)
     assert report["top1"] == pytest.approx(top1, abs=1e-4)
+
+
+@pytest.mark.parametrize("opt, accumulation", [("adamw", 1), ("adamw", 2), ("adan", 1), ("lion", 1), ("nadam", 1),
+                                               ("momentum", 1), ("sgd", 1), ("rmsprop", 1), ("adagrad", 1),
+                                               ("lamb", 1)])
+def test_every_mindcv_optimizers_state_is_known_to_the_converter(opt, accumulation, tmp_path):
+    """What `save_checkpoint` of MindCV's train step holds for each of MindCV's optimizers, and with gradient
+    accumulation (which saves the weights as `optimizer.network.*`): every entry is a weight or training state the
+    converter recognises, and the weights taken are the network's, under its names."""
+    net = MSConvMixer(dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3)
+    optimizer = create_optimizer(net, opt=opt, lr=0.01, weight_decay=1e-4)
+    trainer = create_trainer(net, create_loss(name="CE"), optimizer, get_metrics(3), amp_level="O0",
+                             amp_cast_list=None, loss_scale_type="fixed", loss_scale=1.0, drop_overflow_update=False,
+                             ema=True, gradient_accumulation_steps=accumulation)
+    ms.save_checkpoint(trainer._train_network, str(tmp_path / "train.ckpt"))  # as MindCV's StateMonitor saves
+    names = list(ms_files.read_ckpt(tmp_path / "train.ckpt"))
+    assert any(not n.startswith(("network.", "ema.")) for n in names)
+    assert {n: ms_io.kind_of(n) for n in names if ms_io.kind_of(n) is None} == {}
+    split = ms_io.split_training_state(ms_files.read_ckpt(tmp_path / "train.ckpt"))
+    with torch.device("meta"):
+        shapes = create_model("convmixer_128_4", dim=8, depth=1, kernel_size=3, patch_size=2, num_classes=3, fast=False)
+    assert sorted(split.network) == sorted(keymap.convert_state(shapes.state_dict(), "mindspore", src="timm"))
 
 
 # ---- the launcher ------------------------------------------------------------------------------------------------

@@ -22,29 +22,40 @@ V = TypeVar("V")
 
 EMA_PREFIX = "ema."  # MindCV's EMA: `ParameterTuple(network.get_parameters()).clone("ema")`
 # The per-parameter slots of MindSpore's optimizers (`parameters.clone(prefix=...)` in mindspore.nn.optim and
-# mindspore.experimental.optim; MindCV's AdamW uses adam_m / adam_v).
-OPTIMIZER_SLOTS = ("adam_m", "adam_v", "moment1", "moment2", "vhat", "moments", "moment", "accum", "accum_update",
-                   "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "lamb_m", "lamb_v", "mean_grad",
-                   "mean_square", "linear", "prev", "step_size", "stat")
+# mindspore.experimental.optim), of MindCV 0.3.0's own (AdamW adam_m / adam_v, Adan moment1-3 and prev_gradient,
+# Lion lion_m, NAdam nadam_m / nadam_v) and of the gradient accumulation MindCV's train step uses.
+OPTIMIZER_SLOTS = ("adam_m", "adam_v", "moment1", "moment2", "moment3", "prev_gradient", "lion_m", "nadam_m",
+                   "nadam_v", "vhat", "moments", "moment", "accum", "accum_update", "exp_avg", "exp_avg_sq",
+                   "max_exp_avg_sq", "exp_inf", "lamb_m", "lamb_v", "mean_grad", "mean_square", "linear", "prev",
+                   "step_size", "stat", "grad_accumulation")
 # Single entries: the optimizer's scalars, the step, the loss-scale cell's state, the EMA update counter.
 SCALARS: dict[str, str] = {
-    "learning_rate": "optimizer", "beta1_power": "optimizer", "beta2_power": "optimizer",
+    "learning_rate": "optimizer", "beta1_power": "optimizer", "beta2_power": "optimizer", "mu_schedule": "optimizer",
+    "accumulation_step": "optimizer", "momentum": "optimizer",
     "global_step": "step", "epoch_num": "step", "step_num": "step",
     "scale_sense": "loss scale", "current_iterator_step": "loss scale", "last_overflow_iterator_step": "loss scale",
     "updates": "EMA",
 }
 KINDS = ("weights", "optimizer", "step", "loss scale", "EMA")
+# MindSpore's gradient accumulation cell (MindCV's gradient_accumulation_steps > 1) holds the optimizer, and every
+# parameter the optimizer reaches is saved under this prefix: `optimizer.network.*`, `optimizer.adam_m.network.*`.
+ACCUMULATION_PREFIX = "optimizer."
+
+
+def _unwrapped(name: str) -> str:
+    return name.removeprefix(ACCUMULATION_PREFIX)
 
 
 def kind_of(name: str) -> str | None:
     """'weights', 'optimizer', 'step', 'loss scale' or 'EMA' for an entry of a MindSpore checkpoint; None for
     an entry of no kind MindSpore's training cells write."""
+    name = _unwrapped(name)
     if name.startswith(keymap.MS_PREFIX):
         return "weights"
     if name in SCALARS:
         return SCALARS[name]
     prefix, _, rest = name.partition(".")
-    if rest.startswith(keymap.MS_PREFIX):
+    if _unwrapped(rest).startswith(keymap.MS_PREFIX):
         if prefix + "." == EMA_PREFIX:
             return "EMA"
         if prefix in OPTIMIZER_SLOTS:
@@ -95,7 +106,7 @@ def split_training_state(entries: Mapping[str, V], use_ema: bool = False) -> MSW
     for name, value in entries.items():
         kind = kinds[name]
         if kind == taken and (kind == "weights" or name.startswith(EMA_PREFIX)):
-            key = name.removeprefix(EMA_PREFIX) if use_ema else name
+            key = name.removeprefix(EMA_PREFIX) if use_ema else _unwrapped(name)
             if isinstance(value, str):
                 raise CheckpointError(f"entry {name!r} is a string, not a tensor")
             network[key] = value

@@ -8,7 +8,13 @@ system's errors) and prints one line; anything else is a bug and keeps its trace
 from __future__ import annotations
 
 import contextlib
+import reprlib
 from collections.abc import Iterator
+
+# How much of a value a message quotes: a few items of a container, a few levels deep, a prefix of a string.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
 
 
 class UserError(ValueError):
@@ -30,6 +36,16 @@ class Stopped(Exception):
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+def brief(value: object, limit: int = 80) -> str:
+    """A short repr of `value` for a message: a prefix of a long string, a few items of a container, a few
+    levels of a nested one (an alias bomb or a deeply nested value costs no more than a small one)."""
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int of more digits than Python prints
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 @contextlib.contextmanager

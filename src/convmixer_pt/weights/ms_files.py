@@ -226,6 +226,35 @@ def _entry(tag: str, kind: str, dims: list[int], raw: bytes) -> Entry:
 
 # ---- safetensors as MindSpore writes them --------------------------------------------------------------------
 
+def _gf2_apply(matrix: list[int], vector: int) -> int:
+    """A 32x32 matrix over GF(2) (one int per column) times a 32-bit vector."""
+    out, column = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[column]
+        vector >>= 1
+        column += 1
+    return out
+
+
+def crc32_zeros(checksum: int, count: int) -> int:
+    """`zlib.crc32(b"\\0" * count, checksum)` in O(log count) steps, as zlib's crc32_combine does it: appending
+    zeros is linear in the CRC register, and the operator for 2^k zero bytes is the square of the one for 2^(k-1).
+    MindSpore's CRC counts a 0-d integer n as n zero bytes; a file of a few bytes must not cost seconds."""
+    register = checksum ^ 0xFFFFFFFF  # zlib's pre- and post-conditioning
+    one_bit = [0xEDB88320] + [1 << i for i in range(31)]  # the register after one zero bit
+    operator = one_bit
+    for _ in range(3):  # one zero byte = eight zero bits
+        operator = [_gf2_apply(operator, column) for column in operator]
+    while count:
+        if count & 1:
+            register = _gf2_apply(operator, register)
+        count >>= 1
+        if count:
+            operator = [_gf2_apply(operator, column) for column in operator]
+    return register ^ 0xFFFFFFFF
+
+
 def ms_safetensors_crc(tensors: Mapping[str, torch.Tensor]) -> int:
     """The `crc_num` MindSpore stores: over the sorted names, each name's UTF-8 then `bytes(array)`.
 
@@ -241,10 +270,7 @@ def ms_safetensors_crc(tensors: Mapping[str, torch.Tensor]) -> int:
             if not 0 <= count <= 2**32:
                 raise CheckpointError(f"tensor {name!r} is a 0-d integer {count}, whose CRC MindSpore computes as "
                                       f"{count} zero bytes; it cannot be written with a CRC")
-            zeros = b"\0" * min(count, 1 << 20)
-            while count > 0:
-                checksum = zlib.crc32(zeros[:count], checksum)
-                count -= len(zeros)
+            checksum = crc32_zeros(checksum, count)
         else:
             checksum = zlib.crc32(raw_bytes(tensor), checksum)
     return checksum

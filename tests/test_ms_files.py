@@ -156,6 +156,50 @@ def test_crc_of_0d_integers_costs_no_more_than_their_bytes(tmp_path):
     assert "'network.x0' is not part of" in one_error_line(proc)  # the CRC matched; the names are not a model
 
 
+def one_record(tag: str | bytes, dims: list[int], kind: str, content: bytes) -> bytes:
+    """A `.ckpt` of one record, written field by field (a tag that is not UTF-8 included)."""
+    message = ms_files.Checkpoint()
+    record = message.value.add(tag="T")
+    record.tensor.dims.extend(dims)
+    record.tensor.tensor_type = kind
+    record.tensor.tensor_content = content
+    data = message.SerializeToString()
+    tag = tag if isinstance(tag, bytes) else tag.encode()
+    # the tag is field 1 of the Value: length-prefixed; a one-byte length keeps the outer lengths valid
+    assert len(tag) == 1
+    return data.replace(b"\x0a\x01T", b"\x0a\x01" + tag, 1)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ((["network.0.weight", [-2, -2], "Float32", bytes(16)]), "declares the shape [-2, -2], which no tensor has"),
+    ((["network.0.weight", [2**62, 2**62, 0], "Float32", b""]), "declares the shape [4611686018427387904, "),
+    ((["network.0.weight", [2**32 - 1] * 3, "Float32", bytes(4)]), "declares the shape [4294967295, "),
+    ((["note", [0], "str", b"\xff\xff\xff\xff"]), "entry 'note' is a string but not valid UTF-32 text"),
+])
+def test_records_that_no_writer_makes_are_one_line(tmp_path, case, expected):
+    # Negative or overflowing dims gave RuntimeError tracebacks (after asking for terabytes), an invalid UTF-32
+    # string a UnicodeDecodeError; each is now refused before anything of the declared size is made.
+    tag, dims, kind, content = case
+    message = ms_files.Checkpoint()
+    record = message.value.add(tag=tag)
+    record.tensor.dims.extend(dims)
+    record.tensor.tensor_type = kind
+    record.tensor.tensor_content = content
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(message.SerializeToString())
+    line = one_error_line(run_bounded("convmixer_pt.cli.convert", path, tmp_path / "out.pth", memory_mb=4096,
+                                      timeout=60))
+    assert line.startswith(f"error: {path}: ") and expected in line, line
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_tag_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "tag.ckpt"
+    path.write_bytes(one_record(b"\xff", [1], "Float32", bytes(4)))
+    with pytest.raises(CheckpointError, match=r"the name of entry 1, b'\\xff', is not UTF-8 text"):
+        ms_files.read_ckpt(path)
+
+
 def test_metadata_key_is_no_tensor_name(tmp_path):
     with pytest.raises(CheckpointError, match="tensor 'format' has the name of a metadata key"):
         ms_files.write_ms_safetensors([("format", torch.ones(1))], tmp_path / "x.safetensors")

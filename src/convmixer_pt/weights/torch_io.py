@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from ..errors import CheckpointError, about
+from ..errors import CheckpointError, about, brief
 from ..files import atomic_path, writing
 from ..variants import VARIANTS
 from . import keymap
@@ -206,9 +206,9 @@ def unwrap(obj: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
             return dict(obj[key])
     if use_ema:
         raise CheckpointError(f"EMA weights were asked for, but it has none (looked for "
-                              f"{', '.join(EMA_KEYS)}; found {', '.join(map(str, obj)) or 'nothing'})")
+                              f"{', '.join(EMA_KEYS)}; found {brief(list(obj)) if obj else 'nothing'})")
     raise CheckpointError(f"no model weights found (looked for {', '.join(WRAPPER_KEYS)}; "
-                          f"found {', '.join(map(str, obj)) or 'nothing'})")
+                          f"found {brief(list(obj)) if obj else 'nothing'})")
 
 
 def weight_problem(key: str, tensor: torch.Tensor, float64: bool = False) -> str | None:
@@ -241,7 +241,7 @@ def check_weights(state: Mapping[str, torch.Tensor], float64: bool = False) -> N
     for key, tensor in state.items():
         problem = weight_problem(key, tensor, float64)
         if problem:
-            raise CheckpointError(f"tensor {key!r} {problem}")
+            raise CheckpointError(f"tensor {brief(key)} {problem}")
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -311,7 +311,7 @@ def mismatch_problems(expected: Mapping[str, Any], found: Mapping[str, Any], opt
     """Every missing, unexpected, mis-shaped (and, if asked, mis-typed) tensor, as short phrases."""
 
     def listed(items: list[str], sep: str = ", ") -> str:
-        return sep.join(items[:8]) + (" ..." if len(items) > 8 else "")
+        return sep.join(brief(item, 120).strip("'\"") for item in items[:8]) + (" ..." if len(items) > 8 else "")
 
     missing = [k for k in expected if k not in found and not k.endswith(optional)]
     unexpected = [k for k in found if k not in expected]
@@ -354,7 +354,7 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
     for key, value in state.items():
         problem = overflow(value, model_state[key].dtype)
         if problem:
-            raise CheckpointError(f"tensor {key!r} {problem}")
+            raise CheckpointError(f"tensor {brief(key)} {problem}")
     full = dict(state)
     for key, value in model.state_dict().items():
         full.setdefault(key, value)

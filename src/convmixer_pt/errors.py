@@ -21,6 +21,11 @@ class UserError(ValueError):
     """A problem with something the user gave, with a one-line message meant for them."""
 
 
+class SettingError(UserError):
+    """An environment variable holding a value that cannot be used: the environment's fault, never that of
+    the file or config being read when it was found, so `about` leaves it unattributed."""
+
+
 class CheckpointError(UserError):
     """A checkpoint file that cannot be read, or whose tensors do not fit the model."""
 
@@ -54,6 +59,8 @@ def about(subject: object) -> Iterator[None]:
     that functions below need no parameter only to build their messages."""
     try:
         yield
+    except SettingError:
+        raise
     except UserError as e:
         e.args = (f"{subject}: {e}", *e.args[1:])
         raise

@@ -103,6 +103,23 @@ def raw_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
+def unshared(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Detached contiguous tensors, none sharing storage with another: a checkpoint may hold one tensor under
+    two names (or views of one storage), which safetensors refuses to write; the values are unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors:
+        tensor = tensor.detach().contiguous()
+        if tensor.numel():
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in seen:
+                tensor = tensor.clone()
+                pointer = tensor.untyped_storage().data_ptr()
+            seen.add(pointer)
+        out[name] = tensor
+    return out
+
+
 def from_raw(data: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor owning a copy of `data`, read as `dtype` of `shape`."""
     if not data:
@@ -326,7 +343,7 @@ def write_ms_safetensors(entries: Iterable[tuple[str, torch.Tensor]], path: str 
     if clash:
         raise CheckpointError(f"tensor {brief(clash[0])} has the name of a metadata key, which MindSpore's loader "
                               "cannot tell apart from it")
-    ordered = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
+    ordered = unshared((k, tensors[k].cpu()) for k in sorted(tensors))
     metadata = {"format": "ms"}
     if crc:
         metadata["crc_num"] = str(ms_safetensors_crc(ordered))

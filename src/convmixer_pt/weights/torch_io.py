@@ -25,7 +25,7 @@ from ..errors import CheckpointError, about, brief
 from ..files import atomic_path, writing
 from ..variants import VARIANTS
 from . import keymap
-from .ms_files import canonical_metadata
+from .ms_files import canonical_metadata, unshared
 
 # What training checkpoints in the wild pickle besides tensors and builtins: timm's train.py stores
 # its `args` as an argparse.Namespace.
@@ -384,5 +384,5 @@ def write_safetensors(state: Mapping[str, torch.Tensor], path: str | Path,
                       metadata: dict[str, str] | None = None) -> None:
     """A safetensors file of `state` with `metadata` in the order given, so the same tensors give the same bytes
     (callers that need it to appear whole write to a staging path)."""
-    blob = save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata)
+    blob = save(unshared(state.items()), metadata=metadata)
     Path(path).write_bytes(canonical_metadata(blob, metadata or {}))

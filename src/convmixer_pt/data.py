@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from .errors import DataError
+from .errors import DataError, error_line
 from .files import write_text
 from .runtime import DistEnv
 
@@ -65,7 +65,8 @@ def load_image(source: str | Path | Encoded) -> Image.Image:
             img = Image.open(f)
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{source}: cannot read the image ({e})") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
+        raise DataError(f"{source}: cannot read the image ({reason})") from None
 
 
 class Decoded:

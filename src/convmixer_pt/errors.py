@@ -8,6 +8,7 @@ system's errors) and prints one line; anything else is a bug and keeps its trace
 from __future__ import annotations
 
 import contextlib
+import re
 import reprlib
 from collections.abc import Iterator
 
@@ -66,9 +67,13 @@ def about(subject: object) -> Iterator[None]:
         raise
 
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def error_line(error: BaseException) -> str:
-    """The user-facing sentence of an error, also when a DataLoader worker re-raised it inside its traceback."""
-    text = str(error).strip()
+    """The user-facing sentence of an error, also when a DataLoader worker re-raised it inside its traceback;
+    object reprs a library put in its message (`<_io.BytesIO object at 0x7f...>`) are left out."""
+    text = _OBJECT_REPR.sub("", str(error)).strip()
     lines = [line for line in text.splitlines() if line.strip()]
     if len(lines) > 1 and "Original Traceback" in text:
         last = lines[-1]

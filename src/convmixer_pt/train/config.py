@@ -326,7 +326,10 @@ def check(cfg: TrainConfig) -> None:
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("resume and overwrite contradict each other: continue the run or start it over")
     arch = {**variant_arch(cfg.model), **cfg.model_args}
-    check_sizes({**arch, "num_classes": cfg.num_classes}, cfg.input_size)  # before data or a model is built
+    try:  # before data or a model is built
+        check_sizes({**arch, "num_classes": cfg.num_classes}, cfg.input_size)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     if cfg.input_size < arch["patch_size"]:
         raise ConfigError(f"input_size {cfg.input_size} is smaller than one {arch['patch_size']}-pixel patch "
                           f"of {cfg.model}")

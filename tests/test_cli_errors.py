@@ -215,3 +215,21 @@ def test_output_names_are_matched_case_insensitively(tmp_path, capfd) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT.CKPT", "back.PTH", "in.pth"]
     original, back = torch.load(src, weights_only=True), torch.load(tmp_path / "back.PTH", weights_only=True)
     assert all(torch.equal(original[k], back[k]) for k in original if not k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "error: RANK='x' is not a whole number (torchrun sets it; unset it to run one "
+                                       "process)"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "error: WORLD_SIZE=0 is below 1 (torchrun sets it; unset it to run one "
+                                       "process)"),
+    ({"LOCAL_RANK": "-1"}, "error: LOCAL_RANK=-1 is below 0 (torchrun sets it; unset it to run one process)"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "error: RANK=3 is not below WORLD_SIZE=2 (torchrun sets both; unset them to "
+                                       "run one process)"),
+])
+def test_launcher_variables_set_by_hand_are_one_line(tmp_path, env, message) -> None:
+    # int() of them raised ValueError tracebacks; WORLD_SIZE=0 and LOCAL_RANK=-1 failed deep inside torch.
+    argv = cli_args({**TINY, "output": str(tmp_path / "run"), "device": "cpu"})
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "convmixer_pt.cli.train", *argv], capture_output=True, text=True,
+                          timeout=300, env={**clean, **env})
+    assert one_line(proc) == message

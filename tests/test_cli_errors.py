@@ -231,5 +231,5 @@ def test_launcher_variables_set_by_hand_are_one_line(tmp_path, env, message) -> 
     argv = cli_args({**TINY, "output": str(tmp_path / "run"), "device": "cpu"})
     clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     proc = subprocess.run([sys.executable, "-m", "convmixer_pt.cli.train", *argv], capture_output=True, text=True,
-                          timeout=300, env={**clean, **env})
+                          timeout=120, env={**clean, **env})
     assert one_line(proc) == message

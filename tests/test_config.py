@@ -108,6 +108,8 @@ OUT_OF_DOMAIN = [
     ("model_args", {"dim": 16_384, "depth": 1_024}, "a ConvMixer with dim=16384, depth=1024, kernel_size=9, "),
     ("input_size", 1_000_000, "image size 1000000 is above the largest this package takes, 8,192 pixels"),
     ("num_classes", 10**9, "num_classes 1000000000 is above the largest this package builds, 1,000,000"),
+    ("synthetic_train_size", 10**12, "synthetic_train_size must be a whole number from 1 to 100,000,000, got "),
+    ("workers", 10**6, "workers must be a whole number from 0 to 1,024 (loader processes), got 1000000"),
     ("output", " ", "output must be a non-empty path, got ' '"),
     ("model", "convmixer_9", "model must be one of convmixer_1024_20, "),
     ("model_args", {"kernel_size": 0}, "model_args kernel_size must be a positive whole number, got 0"),

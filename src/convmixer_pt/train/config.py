@@ -83,11 +83,15 @@ _PROBABILITY = (_between(0, 1), "a probability in [0, 1]")
 
 # The values each key may take beyond its type (None, where the type allows it, always passes).
 DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **dict.fromkeys(("input_size", "batch_size", "grad_accum", "epochs", "synthetic_train_size",
-                     "synthetic_val_size", "num_classes", "stop_epoch", "cpu_threads", "log_every"), _POSITIVE_INT),
+    **dict.fromkeys(("input_size", "batch_size", "grad_accum", "epochs", "num_classes", "stop_epoch",
+                     "cpu_threads", "log_every"), _POSITIVE_INT),
+    # an epoch's sample order is a permutation of this many indices, made before the first step
+    **dict.fromkeys(("synthetic_train_size", "synthetic_val_size"),
+                    (lambda v: 1 <= v <= 10**8, "a whole number from 1 to 100,000,000")),
     "checkpoint_every": (lambda v: checkpoint_interval(v) is not None,
                          "a number of optimizer steps (500) or of minutes (30m), above 0"),
-    **dict.fromkeys(("workers", "re_count"), _COUNT),
+    "workers": (lambda v: 0 <= v <= 1024, "a whole number from 0 to 1,024 (loader processes)"),
+    "re_count": _COUNT,
     # torch.manual_seed takes 64 bits and every seed derived from this one adds to it
     "seed": (lambda v: 0 <= v < 2**32, "a whole number in [0, 2^32)"),
     **dict.fromkeys(("lr", "opt_eps", "clip_grad"), _POSITIVE),

@@ -86,7 +86,7 @@ OUT_OF_DOMAIN = [
     ("clip_grad", -1.0, "clip_grad must be a finite number > 0, got -1.0"),
     ("opt_eps", float("inf"), "opt_eps must be a finite number > 0, got inf"),
     ("weight_decay", -1e-5, "weight_decay must be a finite number >= 0"),
-    ("workers", -1, "workers must be a whole number >= 0, got -1"),
+    ("workers", -1, "workers must be a whole number from 0 to 1,024, got -1"),
     ("batch_size", 0, "batch_size must be a positive whole number, got 0"),
     ("epochs", 0, "epochs must be a positive whole number, got 0"),
     ("input_size", -224, "input_size must be a positive whole number"),
@@ -109,7 +109,7 @@ OUT_OF_DOMAIN = [
     ("input_size", 1_000_000, "image size 1000000 is above the largest this package takes, 8,192 pixels"),
     ("num_classes", 10**9, "num_classes 1000000000 is above the largest this package builds, 1,000,000"),
     ("synthetic_train_size", 10**12, "synthetic_train_size must be a whole number from 1 to 100,000,000, got "),
-    ("workers", 10**6, "workers must be a whole number from 0 to 1,024 (loader processes), got 1000000"),
+    ("workers", 10**6, "workers must be a whole number from 0 to 1,024, got 1000000"),
     ("output", " ", "output must be a non-empty path, got ' '"),
     ("model", "convmixer_9", "model must be one of convmixer_1024_20, "),
     ("model_args", {"kernel_size": 0}, "model_args kernel_size must be a positive whole number, got 0"),
@@ -142,7 +142,7 @@ def test_keys_that_contradict_each_other(values, message) -> None:
 def test_flags_reach_the_domain_checks() -> None:
     """What argparse's types let through (nan, inf, negative numbers) stops at the domain check."""
     for argv, message in [(["--lr", "nan"], "lr must be a finite number > 0, got nan"),
-                          (["--workers", "-1"], "workers must be a whole number >= 0, got -1"),
+                          (["--workers", "-1"], "workers must be a whole number from 0 to 1,024, got -1"),
                           (["--model-args", "kernel_size=0"], "model_args kernel_size must be a positive whole")]:
         path, overrides = parse(argv)
         with pytest.raises(config.ConfigError, match=message):

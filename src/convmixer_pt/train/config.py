@@ -90,7 +90,7 @@ DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
                     (lambda v: 1 <= v <= 10**8, "a whole number from 1 to 100,000,000")),
     "checkpoint_every": (lambda v: checkpoint_interval(v) is not None,
                          "a number of optimizer steps (500) or of minutes (30m), above 0"),
-    "workers": (lambda v: 0 <= v <= 1024, "a whole number from 0 to 1,024 (loader processes)"),
+    "workers": (lambda v: 0 <= v <= 1024, "a whole number from 0 to 1,024"),
     "re_count": _COUNT,
     # torch.manual_seed takes 64 bits and every seed derived from this one adds to it
     "seed": (lambda v: 0 <= v < 2**32, "a whole number in [0, 2^32)"),

@@ -5,6 +5,9 @@ onto its name when complete. The staging file is removed on every exit Python se
 SIGTERM, which the CLIs turn into an exception); one left by a killed process is removed by the next write of
 the same name on the same host, once that process is gone. Outputs get the permissions the umask gives, as
 `open` would, whatever the writing library did to its file.
+
+YAML a user gives (a config file, a run's args.yaml, a --model-args value) is read through `parse_yaml`, which
+checks the document before building it.
 """
 
 from __future__ import annotations

@@ -61,3 +61,31 @@ def copy_by_position(src: nn.Module, dst: nn.Module) -> None:
 
 def rel_max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
+
+
+# Runs `python -m MODULE ARGS` with its address space capped at MEMORY_MB: a reader that allocates what a
+# crafted file declares fails at once instead of swapping the machine.
+_BOUNDED = """
+import importlib, resource, sys
+limit = int(sys.argv[1]) << 20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+sys.exit(importlib.import_module(sys.argv[2]).main(sys.argv[3:]))
+"""
+
+
+def run_bounded(module: str, *args: object, memory_mb: int = 6144, timeout: float = 120):
+    """A CLI run in a child process bounded in memory and time (a regression fails the test, not the suite);
+    returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", _BOUNDED, str(memory_mb), module, *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(proc, code: int = 1) -> str:
+    """The single `error:` line a CLI must print for bad input, checked: exit `code`, no traceback."""
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), \
+        (proc.returncode, proc.stderr[-2000:])
+    return lines[0]

@@ -337,3 +337,21 @@ def test_an_output_that_is_an_input_or_another_output_is_refused_even_with_force
     assert capsys.readouterr().err == f"error: {ckpt}: is also {tmp_path / 'alias.pth'}, which the command reads " \
                                       "or writes; write it elsewhere\n"
     assert ckpt.read_bytes() == before and not out.exists() and staged(tmp_path) == []
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"RANK": "x", "WORLD_SIZE": "2"}, "error: RANK='x' is not a whole number (torchrun sets it; unset it to run one "
+                                       "process)"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "error: WORLD_SIZE=0 is below 1 (torchrun sets it; unset it to run one "
+                                       "process)"),
+    ({"LOCAL_RANK": "-1"}, "error: LOCAL_RANK=-1 is below 0 (torchrun sets it; unset it to run one process)"),
+    ({"RANK": "3", "WORLD_SIZE": "2"}, "error: RANK=3 is not below WORLD_SIZE=2 (torchrun sets both; unset them to "
+                                       "run one process)"),
+])
+def test_launcher_variables_set_by_hand_are_one_line(tmp_path, env, message) -> None:
+    # int() of them raised ValueError tracebacks; WORLD_SIZE=0 and LOCAL_RANK=-1 failed deep inside torch.
+    argv = cli_args({**TINY, "output": str(tmp_path / "run"), "device": "cpu"})
+    clean = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    proc = subprocess.run([sys.executable, "-m", "convmixer_pt.cli.train", *argv], capture_output=True, text=True,
+                          timeout=120, env={**clean, **env})
+    assert one_line(proc) == message

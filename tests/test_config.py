@@ -86,7 +86,7 @@ OUT_OF_DOMAIN = [
     ("clip_grad", -1.0, "clip_grad must be a finite number > 0, got -1.0"),
     ("opt_eps", float("inf"), "opt_eps must be a finite number > 0, got inf"),
     ("weight_decay", -1e-5, "weight_decay must be a finite number >= 0"),
-    ("workers", -1, "workers must be a whole number >= 0, got -1"),
+    ("workers", -1, "workers must be a whole number from 0 to 1,024, got -1"),
     ("batch_size", 0, "batch_size must be a positive whole number, got 0"),
     ("epochs", 0, "epochs must be a positive whole number, got 0"),
     ("input_size", -224, "input_size must be a positive whole number"),
@@ -100,7 +100,16 @@ OUT_OF_DOMAIN = [
     ("scale", [0.9, 0.1], "scale must be two numbers 0 < min <= max <= 1, got [0.9, 0.1]"),
     ("ratio", [0.0, 1.0], "ratio must be two finite numbers 0 < min <= max"),
     ("opt_betas", [0.9, 1.0], "opt_betas must be two numbers in [0, 1)"),
-    ("seed", -3, "seed must be a whole number >= 0, got -3"),
+    ("seed", -3, "seed must be a whole number in [0, 2^32), got -3"),
+    ("seed", 2**64, "seed must be a whole number in [0, 2^32), got 18446744073709551616"),
+    ("model_args", {"dim": 100_000}, "dim 100000 is above the largest this package builds, 16,384"),
+    ("model_args", {"kernel_size": 10_001}, "kernel_size 10001 is above the largest this package builds, 255"),
+    ("model_args", {"depth": 1_000_000}, "depth 1000000 is above the largest this package builds, 1,024"),
+    ("model_args", {"dim": 16_384, "depth": 1_024}, "a ConvMixer with dim=16384, depth=1024, kernel_size=9, "),
+    ("input_size", 1_000_000, "image size 1000000 is above the largest this package takes, 8,192 pixels"),
+    ("num_classes", 10**9, "num_classes 1000000000 is above the largest this package builds, 1,000,000"),
+    ("synthetic_train_size", 10**12, "synthetic_train_size must be a whole number from 1 to 100,000,000, got "),
+    ("workers", 10**6, "workers must be a whole number from 0 to 1,024, got 1000000"),
     ("output", " ", "output must be a non-empty path, got ' '"),
     ("model", "convmixer_9", "model must be one of convmixer_1024_20, "),
     ("model_args", {"kernel_size": 0}, "model_args kernel_size must be a positive whole number, got 0"),
@@ -133,7 +142,7 @@ def test_keys_that_contradict_each_other(values, message) -> None:
 def test_flags_reach_the_domain_checks() -> None:
     """What argparse's types let through (nan, inf, negative numbers) stops at the domain check."""
     for argv, message in [(["--lr", "nan"], "lr must be a finite number > 0, got nan"),
-                          (["--workers", "-1"], "workers must be a whole number >= 0, got -1"),
+                          (["--workers", "-1"], "workers must be a whole number from 0 to 1,024, got -1"),
                           (["--model-args", "kernel_size=0"], "model_args kernel_size must be a positive whole")]:
         path, overrides = parse(argv)
         with pytest.raises(config.ConfigError, match=message):
@@ -145,3 +154,77 @@ def test_a_yaml_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     path.write_bytes("model: convmixer_768_32  # caf\xe9\n".encode("latin-1"))
     with pytest.raises(config.ConfigError, match=f"^{path}: not UTF-8 text \\(byte 30\\)$"):
         config.resolve(path, {})
+
+
+def run_train(*argv: str, timeout: float = 120):
+    """convmixer-train in a child process bounded in memory and time."""
+    from helpers import run_bounded
+
+    return run_bounded("convmixer_pt.cli.train", *argv, memory_mb=4096, timeout=timeout)
+
+
+def alias_bomb(levels: int) -> str:
+    """YAML of `levels` anchors, each a list of ten aliases of the one before: 10^levels leaves in a few lines."""
+    lines = ["a0: &a0 [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_expands(tmp_path: Path) -> None:
+    # 10^9 leaves: the error message's repr of the unknown key's value ran out of memory (10^8: a 358 MB line).
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb(9))
+    proc = run_train("--config", str(path), timeout=60)
+    line = proc.stderr.strip()
+    assert proc.returncode == 1 and len(line.splitlines()) == 1 and len(line) < 300, line[:1000]
+    assert line.startswith(f"error: {path}: not valid YAML (it expands to more than 100,000 values"), line
+    # A value under the bound (10^4 leaves) still gets a short message: a prefix of the value, not all of it.
+    path.write_text(alias_bomb(4).replace("a3: &a3", "mean:"))
+    with pytest.raises(config.ConfigError) as info:
+        config.resolve(path, {})
+    assert "unknown config key 'a0'" in str(info.value)
+    path.write_text("std:\n" + "".join(f"  - {line.split(': ', 1)[1]}\n" for line in alias_bomb(4).splitlines()))
+    with pytest.raises(config.ConfigError) as info:
+        config.resolve(path, {})
+    assert str(info.value).startswith(f"{path}: std must be list of float, got [[1, 1, ") and \
+        len(str(info.value)) < 300, str(info.value)[:1000]
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("epochs: 3\nlr: 0.1\nepochs: 5\n", "key 'epochs' is given twice (line 3)"),
+    ("model_args: {dim: 16, dim: 32}\n", "key 'dim' is given twice (line 1)"),
+    ("a: &x [*x]\n", "an alias refers to a node that contains it"),
+    ("mean: " + "[" * 5000 + "]" * 5000 + "\n", "it nests values too deeply"),
+    ("seed: " + "1" * 5000 + "\n", "Exceeds the limit (4300 digits)"),
+])
+def test_yaml_that_pyyaml_would_take_silently_or_crash_on(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(config.ConfigError) as info:
+        config.resolve(path, {})
+    assert str(info.value).startswith(f"{path}: not valid YAML (") and message in str(info.value), str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_merge_keys_may_still_override() -> None:
+    from convmixer_pt.files import parse_yaml
+
+    assert parse_yaml("base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n")["d"] == {"x": 3, "y": 2}
+
+
+def test_checkpoint_every_takes_a_yaml_number_as_steps(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("checkpoint_every: 500\n")
+    assert config.resolve(path, {}).checkpoint_every == "500"  # was: "must be str, got 500"
+    path.write_text("checkpoint_every: 0\n")
+    with pytest.raises(config.ConfigError, match=r"checkpoint_every must be a number of optimizer steps \(500\)"):
+        config.resolve(path, {})
+
+
+@pytest.mark.parametrize("value", ["[1, 2", "'unterminated"])
+def test_malformed_model_args_are_a_malformed_command_line(value: str) -> None:
+    # Exit 1 with a yaml traceback before; a malformed command line is one line and exit 2.
+    proc = run_train("--model-args", f"dim={value}", timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"error: argument --model-args: {'dim=' + value!r}: the value is not valid YAML (")

@@ -514,3 +514,27 @@ def test_mindspore_is_imported_only_when_needed():
             "print('mindspore' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "False", run.stderr
+
+
+def test_tensors_sharing_storage_are_written_as_copies(tmp_path, capfd):
+    # One tensor under two names (torch.save keeps the sharing): safetensors refused it and the converter
+    # reported "OUT: cannot write it".
+    state = random_state()
+    state["stem.2.running_var"] = state["stem.2.running_mean"]
+    src = tmp_path / "shared.pth"
+    torch.save(state, src)
+    for out, layout in (("t.safetensors", "timm"), ("m.safetensors", "mindspore")):
+        assert convert_cli.main([str(src), str(tmp_path / out), "--layout", layout]) == 0, capfd.readouterr().err
+        back = read_weights(tmp_path / out).state
+        assert torch.equal(back["stem.2.running_var"], state["stem.2.running_mean"])
+        assert_bit_identical({k: v for k, v in back.items() if not k.endswith("num_batches_tracked")},
+                             {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")})
+
+
+def test_a_bad_environment_variable_is_not_blamed_on_the_file(tmp_path):
+    src = tmp_path / "in.pth"
+    torch.save(random_state(), src)
+    proc = subprocess.run([sys.executable, "-m", "convmixer_pt.cli.convert", str(src), str(tmp_path / "o.pth")],
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CONVMIXER_FAST": "maybe"})
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == "error: CONVMIXER_FAST='maybe' is not one of 1/true/on or 0/false/off"

@@ -209,3 +209,15 @@ def test_corrupt_image_error_names_the_file(tmp_path: Path) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     with pytest.raises(DataError, match=f"{path}: cannot read the image"):
         load_image(str(path))
+
+
+def test_image_errors_carry_no_object_reprs(tmp_path: Path) -> None:
+    # PIL names encoded bytes `<_io.BytesIO object at 0x7f...>`; the message names the sample instead.
+    from convmixer_pt.data import Encoded
+
+    with pytest.raises(DataError) as info:
+        load_image(Encoded("train-000.tar:img7", b"not an image at all"))
+    assert str(info.value) == "train-000.tar:img7: cannot read the image (cannot identify image file)"
+    with pytest.raises(DataError) as info:
+        load_image(tmp_path / "absent.jpg")
+    assert str(info.value) == f"{tmp_path / 'absent.jpg'}: cannot read the image (No such file or directory)"

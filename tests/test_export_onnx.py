@@ -130,3 +130,27 @@ def test_refusals_are_one_line(tmp_path, monkeypatch, capsys):
     assert cli.main([str(checkpoint), str(tmp_path / "c.onnx")]) == 1
     assert capsys.readouterr().err == "error: ONNX export needs not_a_package_here: pip install 'convmixer_pt[onnx]'\n"
     assert not [p for p in tmp_path.glob("*.onnx") if p.is_file()]
+
+
+def test_sizes_and_opsets_outside_what_is_written_are_refused_first(tmp_path, capsys):
+    # --img-size 100000 asked for a 40 GB example batch; an out-of-range --opset logged a traceback, exited 0
+    # and wrote an opset-18 model.
+    checkpoint = write_checkpoint(tmp_path)
+    out = tmp_path / "m.onnx"
+    assert cli.main([str(checkpoint), str(out), "--img-size", "100000"]) == 1
+    assert capsys.readouterr().err == "error: image size 100000 is above the largest this package takes, 8,192 pixels\n"
+    top = export.max_opset()
+    for opset in (7, 17, top + 1, 99):
+        assert cli.main([str(checkpoint), str(out), "--opset", str(opset)]) == 1
+        assert capsys.readouterr().err == \
+            f"error: --opset {opset} is outside the opsets this exporter writes, 18 to {top}\n"
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_opset_asked_for_is_the_one_written(tmp_path, capsys):
+    checkpoint = write_checkpoint(tmp_path)
+    for opset in (18, export.max_opset()):
+        out = tmp_path / f"m{opset}.onnx"
+        assert cli.main([str(checkpoint), str(out), "--opset", str(opset), "--img-size", "32"]) == 0
+        assert export.written_opset(out) == opset

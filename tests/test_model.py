@@ -111,3 +111,42 @@ def test_unknown_model_and_activation_name_the_choices() -> None:
 def test_list_models_is_the_registry() -> None:
     assert list_models() == sorted(VARIANTS)
     assert set(FULL) <= set(list_models())
+
+
+SIZES_BEYOND = [
+    (dict(dim=100_000, depth=1), "dim 100000 is above the largest this package builds, 16,384"),
+    (dict(dim=8, depth=1_000_000), "depth 1000000 is above the largest this package builds, 1,024"),
+    (dict(dim=8, depth=1, kernel_size=10_001), "kernel_size 10001 is above the largest this package builds, 255"),
+    (dict(dim=8, depth=1, num_classes=10**9), "num_classes 1000000000 is above the largest this package builds"),
+    (dict(dim=16_384, depth=1_000), "a ConvMixer with dim=16384, depth=1000, kernel_size=9, patch_size=7, "
+                                    "in_chans=3, num_classes=1000 has 269,945,275,368 weights, above the largest"),
+]
+
+
+def test_sizes_beyond_the_bounds_are_refused_before_allocating() -> None:
+    # dim=100000 asked for 40 GB and depth=1000000 ran 109 s and 5 GB before failing: built in a child process
+    # capped at 4 GB and 60 s, so that a regression fails here instead of taking the machine.
+    import json
+    import subprocess
+    import sys
+
+    script = ("import json, resource, sys; resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30)); "
+              "from convmixer_pt import ConvMixer, UserError\n"
+              "for sizes in json.loads(sys.argv[1]):\n"
+              "    try:\n        ConvMixer(**sizes)\n    except UserError as e:\n        print(e, flush=True)")
+    proc = subprocess.run([sys.executable, "-c", script, json.dumps([s for s, _ in SIZES_BEYOND])],
+                          capture_output=True, text=True, timeout=60)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(SIZES_BEYOND), proc.stdout + proc.stderr[-1000:]
+    for line, (_, message) in zip(lines, SIZES_BEYOND, strict=True):
+        assert line.startswith(message), line
+
+
+def test_the_bound_counts_what_a_model_holds() -> None:
+    from convmixer_pt.variants import parameter_count
+
+    for sizes in (dict(dim=16, depth=2, kernel_size=5, patch_size=2, in_chans=1, num_classes=7),
+                  dict(dim=24, depth=3, kernel_size=9, patch_size=7, in_chans=3, num_classes=1000)):
+        state = create_model("convmixer_128_4", **sizes).state_dict()
+        held = sum(v.numel() for k, v in state.items() if not k.endswith("num_batches_tracked"))
+        assert parameter_count(**sizes) == held

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_error_line, run_bounded
 
 from convmixer_pt.errors import CheckpointError
 from convmixer_pt.weights import ms_files
@@ -140,6 +141,63 @@ def test_safetensors_crc_hashes_0d_integers_as_mindspore_does():
                                                                                zlib.crc32(b"f"))
     with pytest.raises(CheckpointError, match="0-d integer -1"):
         ms_files.ms_safetensors_crc({"n": torch.tensor(-1)})
+
+
+def test_crc_of_0d_integers_costs_no_more_than_their_bytes(tmp_path):
+    # MindSpore's CRC counts a 0-d integer n as n zero bytes: 32 such entries of 2^32 (a few hundred bytes of
+    # file) took ~50 s to verify. The same value comes from zlib's own arithmetic, in O(log n).
+    for n in (0, 1, 7, 8, 9, 255, 4096, 65_537, 3_000_001):
+        for start in (0, 1, 0xDEADBEEF, 0xFFFFFFFF):
+            assert ms_files.crc32_zeros(start, n) == zlib.crc32(b"\0" * n, start), (n, start)
+    entries = [(f"network.x{i}", torch.tensor(2**32, dtype=torch.int64)) for i in range(32)]
+    path = tmp_path / "zeros.safetensors"
+    ms_files.write_ms_safetensors(entries, path)
+    proc = run_bounded("convmixer_pt.cli.convert", path, tmp_path / "out.pth", timeout=30)
+    assert "'network.x0' is not part of" in one_error_line(proc)  # the CRC matched; the names are not a model
+
+
+def one_record(tag: str | bytes, dims: list[int], kind: str, content: bytes) -> bytes:
+    """A `.ckpt` of one record, written field by field (a tag that is not UTF-8 included)."""
+    message = ms_files.Checkpoint()
+    record = message.value.add(tag="T")
+    record.tensor.dims.extend(dims)
+    record.tensor.tensor_type = kind
+    record.tensor.tensor_content = content
+    data = message.SerializeToString()
+    tag = tag if isinstance(tag, bytes) else tag.encode()
+    # the tag is field 1 of the Value: length-prefixed; a one-byte length keeps the outer lengths valid
+    assert len(tag) == 1
+    return data.replace(b"\x0a\x01T", b"\x0a\x01" + tag, 1)
+
+
+@pytest.mark.parametrize("case, expected", [
+    ((["network.0.weight", [-2, -2], "Float32", bytes(16)]), "declares the shape [-2, -2], which no tensor has"),
+    ((["network.0.weight", [2**62, 2**62, 0], "Float32", b""]), "declares the shape [4611686018427387904, "),
+    ((["network.0.weight", [2**32 - 1] * 3, "Float32", bytes(4)]), "declares the shape [4294967295, "),
+    ((["note", [0], "str", b"\xff\xff\xff\xff"]), "entry 'note' is a string but not valid UTF-32 text"),
+])
+def test_records_that_no_writer_makes_are_one_line(tmp_path, case, expected):
+    # Negative or overflowing dims gave RuntimeError tracebacks (after asking for terabytes), an invalid UTF-32
+    # string a UnicodeDecodeError; each is now refused before anything of the declared size is made.
+    tag, dims, kind, content = case
+    message = ms_files.Checkpoint()
+    record = message.value.add(tag=tag)
+    record.tensor.dims.extend(dims)
+    record.tensor.tensor_type = kind
+    record.tensor.tensor_content = content
+    path = tmp_path / "bad.ckpt"
+    path.write_bytes(message.SerializeToString())
+    line = one_error_line(run_bounded("convmixer_pt.cli.convert", path, tmp_path / "out.pth", memory_mb=4096,
+                                      timeout=60))
+    assert line.startswith(f"error: {path}: ") and expected in line, line
+    assert not (tmp_path / "out.pth").exists()
+
+
+def test_a_tag_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "tag.ckpt"
+    path.write_bytes(one_record(b"\xff", [1], "Float32", bytes(4)))
+    with pytest.raises(CheckpointError, match=r"the name of entry 1, b'\\xff', is not UTF-8 text"):
+        ms_files.read_ckpt(path)
 
 
 def test_metadata_key_is_no_tensor_name(tmp_path):
@@ -306,6 +364,25 @@ def test_safetensors_are_what_save_checkpoint_writes(tmp_path, crc):
     assert _header(ours)[1] == _header(theirs)[1]
     back = ms.load_checkpoint(str(tmp_path / "ours.safetensors"), format="safetensors", crc_check=crc)
     assert all(back[n].get_bytes() == ms_files.raw_bytes(v) for n, v in entries)
+
+
+@pytest.mark.mindspore
+def test_mindspores_crc_of_a_large_0d_integer_verifies(tmp_path):
+    import mindspore as ms
+
+    from convmixer_pt.weights.ms_io import check_safetensors_crc
+
+    entries = [("global_step", torch.tensor(5_000_003)), ("network.w", bits((3,), torch.float32, 15))]
+    ms_save(entries, tmp_path / "ms.safetensors", crc_check=True, format="safetensors")
+    ms.load_checkpoint(str(tmp_path / "ms.safetensors"), format="safetensors", crc_check=True)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ms.safetensors"), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    check_safetensors_crc(tensors, metadata)
+    tensors["global_step"] = torch.tensor(5_000_004)
+    with pytest.raises(CheckpointError, match="crc_num"):
+        check_safetensors_crc(tensors, metadata)
 
 
 @pytest.mark.mindspore

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from helpers import randomize_bn
+from helpers import one_error_line, randomize_bn, run_bounded
 from safetensors.torch import save_file
 
 from convmixer_pt import CheckpointError, create_model
@@ -231,3 +231,72 @@ def test_an_expanded_head_is_refused_before_anything_is_allocated(tmp_path) -> N
     with pytest.raises(CheckpointError, match=r"tensor 'head\.weight' has shape \(17179869184, 16\) "
                                               r"\(1,099,511,627,776 bytes\) but its storage holds 4 bytes"):
         read_weights(tmp_path / "huge.pth")
+
+
+def with_pickle(path, pickled: bytes) -> None:
+    """Rewrite the zip checkpoint at `path` with `pickled` as its data.pkl (the rest kept)."""
+    import io
+    import zipfile
+
+    entries = {}
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            entries[name] = pickled if name.endswith("/data.pkl") else archive.read(name)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    path.write_bytes(buf.getvalue())
+
+
+@pytest.mark.parametrize("depth", [10_000, 200_000])
+def test_deeply_nested_pickle_is_refused_without_recursion(tmp_path, depth: int) -> None:
+    # A dict keyed by a tuple nested `depth` deep (one byte a level): hashing the key inside the unpickler
+    # overflowed the C stack (a segfault at 200,000), printing it raised RecursionError (10,000).
+    path = tmp_path / "deep.pth"
+    torch.save({}, path)
+    with_pickle(path, b"\x80\x02}" + b")" + b"\x85" * depth + b"K\x01s.")
+    proc = run_bounded("convmixer_pt.cli.convert", path, tmp_path / "out.ckpt", timeout=60)
+    line = one_error_line(proc)
+    assert str(path) in line and "nests containers more than 100 deep" in line
+    assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_pickle_depth_counts_nesting_and_late_mutation(tmp_path) -> None:
+    import io
+    import pickle
+
+    from convmixer_pt.weights.torch_io import pickle_depth
+
+    def depth(obj) -> int:
+        return pickle_depth(io.BytesIO(pickle.dumps(obj, protocol=2)))
+
+    assert (depth(1), depth((1,)), depth({"a": [1, {"b": (2,)}]})) == (0, 1, 4)
+    shared = [1]
+    assert depth([shared, shared, shared]) == 2  # the memo repeats an object without nesting it deeper
+    # A list put in a tuple, then filled through the memo with a tuple nested 9 deep: the outer tuple nests 11
+    # deep although it was built when the list was empty.
+    late = b"\x80\x02]q\x00\x85q\x010h\x00)" + b"\x85" * 9 + b"a0h\x01."
+    assert len(pickle.loads(late)[0][0]) == 1
+    assert pickle_depth(io.BytesIO(late)) >= 11
+    # A training checkpoint as timm's fork writes it stays well within the limit and loads.
+    model = small_model()
+    path = tmp_path / "train.pth"
+    torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=[0.1, 0.2])}, path)
+    assert_same_weights(load(path), model)
+
+
+def test_a_huge_block_index_is_refused_before_building_anything(tmp_path) -> None:
+    # 7 KB naming block 999,999,999 built a 10^9-entry name table (official layout) or a 10^9-block model on
+    # the meta device (timm layout).
+    for layout, name in (("timm", "blocks.999999999.1.weight"), ("official", "999999999.0.fn.0.weight")):
+        state = keymap.convert_state(small_model().state_dict(), layout)
+        state[name] = torch.zeros(1)
+        path = tmp_path / f"{layout}.pth"
+        torch.save(state, path)
+        proc = run_bounded("convmixer_pt.cli.convert", path, tmp_path / "out.ckpt", memory_mb=4096, timeout=60)
+        line = one_error_line(proc)
+        assert f"tensor {name!r} puts a block at index 999999999" in line and str(path) in line, line
+        with pytest.raises(CheckpointError, match="puts a block at index"):
+            create_model("convmixer_128_4", num_classes=5, dim=16, depth=2, checkpoint_path=path)
+    assert not (tmp_path / "out.ckpt").exists()

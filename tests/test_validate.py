@@ -278,3 +278,33 @@ def test_cuda_without_a_gpu_is_a_clear_error(data, checkpoints) -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match=r"^device cuda was asked for, but PyTorch sees no CUDA GPU here$"):
         validate(NAME, checkpoints[1], data[0], device="cuda", img_size=SIZE)
+
+
+def test_a_recorded_config_with_shared_references_is_quoted_briefly(tmp_path) -> None:
+    # A checkpoint whose recorded config holds one list shared ten times at each of nine levels (10^9 leaves in
+    # a few hundred bytes of pickle): the error message's repr expanded all of it.
+    from helpers import one_error_line, run_bounded
+
+    bomb: list = [1] * 10
+    for _ in range(8):
+        bomb = [bomb] * 10
+    path = tmp_path / "bomb.pth"
+    model = create_model(NAME, num_classes=CLASSES)
+    torch.save({"state_dict": model.state_dict(), "config": {"mean": bomb}}, path)
+    make_image_folder(tmp_path / "val", classes=CLASSES, images=4)
+    proc = run_bounded("convmixer_pt.cli.validate", "--model", NAME, "--checkpoint", path, "--data-dir",
+                       tmp_path / "val", "--workers", "0", "--device", "cpu", memory_mb=4096, timeout=90)
+    line = one_error_line(proc)
+    assert line.startswith(f"error: {path} (its training config): its evaluation settings are not numbers (")
+    assert len(line) < 400, line[:1000]
+
+
+def test_an_image_size_beyond_the_bound_is_refused_before_work(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from convmixer_pt.evaluation.validation import preprocessing
+
+    weights = SimpleNamespace(meta={}, path=tmp_path / "w.pth")
+    assert preprocessing(weights, img_size=8192).img_size == 8192
+    with pytest.raises(UserError, match=r"^image size 1000000 is above the largest this package takes, 8,192 pixels$"):
+        preprocessing(weights, img_size=1_000_000)

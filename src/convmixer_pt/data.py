@@ -65,7 +65,8 @@ def load_image(source: str | Path | Encoded) -> Image.Image:
             img = Image.open(f)
             return img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        raise DataError(f"{source}: cannot read the image ({e})") from None
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
+        raise DataError(f"{source}: cannot read the image ({reason})") from None
 
 
 class Decoded:

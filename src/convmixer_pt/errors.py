@@ -8,11 +8,23 @@ system's errors) and prints one line; anything else is a bug and keeps its trace
 from __future__ import annotations
 
 import contextlib
+import re
+import reprlib
 from collections.abc import Iterator
+
+# How much of a value a message quotes: a few items of a container, a few levels deep, a prefix of a string.
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 3, 60, 60, 40
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = _REPR.maxfrozenset = 4
 
 
 class UserError(ValueError):
     """A problem with something the user gave, with a one-line message meant for them."""
+
+
+class SettingError(UserError):
+    """An environment variable holding a value that cannot be used: the environment's fault, never that of
+    the file or config being read when it was found, so `about` leaves it unattributed."""
 
 
 class CheckpointError(UserError):
@@ -32,20 +44,36 @@ class Stopped(Exception):
         self.exit_code = exit_code
 
 
+def brief(value: object, limit: int = 80) -> str:
+    """A short repr of `value` for a message: a prefix of a long string, a few items of a container, a few
+    levels of a nested one (an alias bomb or a deeply nested value costs no more than a small one)."""
+    try:
+        text = _REPR.repr(value)
+    except (ValueError, RecursionError):  # an int of more digits than Python prints
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @contextlib.contextmanager
 def about(subject: object) -> Iterator[None]:
     """Name `subject` (a file, where a config came from) at the front of a UserError raised in the block, so
     that functions below need no parameter only to build their messages."""
     try:
         yield
+    except SettingError:
+        raise
     except UserError as e:
         e.args = (f"{subject}: {e}", *e.args[1:])
         raise
 
 
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
 def error_line(error: BaseException) -> str:
-    """The user-facing sentence of an error, also when a DataLoader worker re-raised it inside its traceback."""
-    text = str(error).strip()
+    """The user-facing sentence of an error, also when a DataLoader worker re-raised it inside its traceback;
+    object reprs a library put in its message (`<_io.BytesIO object at 0x7f...>`) are left out."""
+    text = _OBJECT_REPR.sub("", str(error)).strip()
     lines = [line for line in text.splitlines() if line.strip()]
     if len(lines) > 1 and "Original Traceback" in text:
         last = lines[-1]

@@ -25,11 +25,15 @@ from torch import nn
 from .errors import UserError, about
 from .files import atomic_path, check_output
 from .runtime import MissingDependencyError
+from .variants import check_sizes
 from .weights.formats import Weights, read_weights, torch_model
 from .weights.parity import DEFAULT_TOL, random_batch, rel_diff
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 NEEDED = ("onnx", "onnxscript", "onnxruntime")
+# The opsets torch.export's ONNX exporter writes: 18 natively, later ones up to its table's end. Outside them it
+# logged a traceback and wrote opset 18 anyway.
+MIN_OPSET = 18
 
 
 class ExportError(UserError):
@@ -70,6 +74,27 @@ def require_onnx() -> None:
         raise MissingDependencyError(f"ONNX export needs {', '.join(missing)}: pip install 'convmixer_pt[onnx]'")
 
 
+def max_opset() -> int:
+    """The newest opset the installed exporter knows."""
+    from torch.onnx import _constants
+
+    return int(_constants.ONNX_MAX_OPSET)
+
+
+def check_opset(opset: int | None) -> None:
+    """Refuse an opset the exporter does not write, before any work."""
+    if opset is not None and not MIN_OPSET <= opset <= max_opset():
+        raise ExportError(f"--opset {opset} is outside the opsets this exporter writes, {MIN_OPSET} to {max_opset()}")
+
+
+def written_opset(path: str | Path) -> int:
+    """The default-domain opset an ONNX file declares."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
 def export_onnx(model: nn.Module, path: str | Path, img_size: int, opset: int | None = None) -> None:
     """Write `model` (float32, eval mode, on the CPU) as ONNX to `path`, one file, the batch axis dynamic."""
     require_onnx()
@@ -81,6 +106,9 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int, opset: int | 
     except Exception as e:  # the exporter raises many types; all mean this model did not export
         reason = (re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines() or [type(e).__name__])[0]
         raise ExportError(f"torch.onnx.export failed: {reason}") from e
+    if opset is not None and written_opset(path) != opset:
+        raise ExportError(f"torch.onnx.export wrote opset {written_opset(path)}, not the {opset} asked for "
+                          "(its version converter failed)")
 
 
 def onnxruntime_logits(path: str | Path, x: np.ndarray) -> np.ndarray:
@@ -112,6 +140,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, act: str | None =
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"{out}: an ONNX file's name ends in .onnx")
     check_output(out, overwrite)
+    check_sizes({}, img_size)
+    check_opset(opset)
     weights = read_weights(checkpoint, use_ema=use_ema, act=act)
     if img_size < weights.arch["patch_size"]:
         raise ExportError(f"image size {img_size} is smaller than the model's patch size {weights.arch['patch_size']}")

@@ -12,6 +12,9 @@ An existing output is replaced only when the caller says so (a command's --force
 when it is not a regular file (a folder, a symbolic link, a FIFO, a device): `--json /dev/null` run as root
 must not replace /dev/null. A folder a command generates (`generated_folder`) is created only where nothing
 is, or reused when a marker in it says it is exactly that folder; it is never emptied.
+
+YAML a user gives (a config file, a run's args.yaml, a --model-args value) is read through `parse_yaml`, which
+checks the document before building it.
 """
 
 from __future__ import annotations
@@ -26,8 +29,11 @@ import stat
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
-from .errors import UserError, error_line
+import yaml
+
+from .errors import UserError, brief, error_line
 
 STAGING_PREFIX = ".partial-"
 NAME_MAX = 255  # bytes in a file name on Linux's and macOS's file systems
@@ -291,3 +297,77 @@ def _refuse_foreign(root: Path, signature: str) -> None:
                                 "give a new or empty folder (nothing in it was changed)")
     raise OutputExistsError(f"{root}: exists and was not written by this command (no {MARKER} in it); give a new "
                             "or empty folder (nothing in it was changed)")
+
+# A config or run record holds tens of values; an alias bomb (anchors that repeat anchors) holds billions once
+# expanded, which every repr, copy or dump then pays for.
+MAX_YAML_NODES = 100_000
+
+
+class YAMLRefused(yaml.YAMLError):
+    """A YAML document refused before it is built: a key given twice, an expansion beyond MAX_YAML_NODES, an
+    alias cycle, nesting deeper than the parser recurses, a number of more digits than Python reads."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader that checks the whole node graph before building objects from it, and refuses a
+    mapping key given twice (YAML forbids it; PyYAML would keep the last)."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        size = _expanded_size(node)
+        if size > MAX_YAML_NODES:
+            raise YAMLRefused(f"it expands to more than {MAX_YAML_NODES:,} values (aliases repeating aliases)")
+        return super().construct_document(node)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # keys merged in from `<<` may be overridden: that is what merging is for
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                twice = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key, which the base constructor reports
+                continue
+            if twice:
+                raise YAMLRefused(f"key {brief(key)} is given twice (line {key_node.start_mark.line + 1})")
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many nodes the document has once every alias is expanded, counted without expanding anything and
+    without recursion; stops counting past MAX_YAML_NODES."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            list(node.value) if isinstance(node, yaml.SequenceNode) else []
+        if finished:
+            open_nodes.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > MAX_YAML_NODES:
+                return sizes[id(node)]
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in open_nodes:
+            raise YAMLRefused("an alias refers to a node that contains it (a cycle)")
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in children if id(child) not in sizes)
+    return sizes[id(root)]
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document as plain data (PyYAML's safe types), refused with a yaml.YAMLError if it repeats a
+    key, expands beyond MAX_YAML_NODES values or nests deeper than PyYAML's recursive parser can go."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except RecursionError:
+        raise YAMLRefused("it nests values too deeply") from None
+    except ValueError as e:  # int() of a number with thousands of digits
+        if isinstance(e, yaml.YAMLError):
+            raise
+        raise YAMLRefused(error_line(e)) from None

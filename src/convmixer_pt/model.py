@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .errors import UserError
 from .fast import FastOptions, resolve, run_block
-from .variants import EVAL_INPUT_SIZE, activation, eval_cfg
+from .variants import EVAL_INPUT_SIZE, activation, check_sizes, eval_cfg
 
 # torch.fx's symbolic tracers (timm's and torchvision's included) record `run_block` as one call instead of
 # tracing into it: it branches on the input's device, dtype and layout, which a symbolic trace does not know.
@@ -186,6 +186,8 @@ class ConvMixer(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        check_sizes(dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size, in_chans=in_chans,
+                         num_classes=num_classes))  # before a layer of those sizes is allocated
         self.fast = resolve(fast)
         dd = dict(device=device, dtype=dtype)
         self.dim, self.kernel_size, self.patch_size = dim, kernel_size, patch_size

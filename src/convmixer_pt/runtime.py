@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .errors import UserError
+from .errors import SettingError, UserError, brief
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 MINDSPORE_INSTALL = 'pip install "convmixer_pt[mindspore]"'
@@ -113,12 +113,36 @@ class DistEnv:
         return self.rank == 0
 
 
+def _environ_int(name: str, default: int, minimum: int) -> int:
+    text = os.environ.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise SettingError(f"{name}={brief(text)} is not a whole number (torchrun sets it; unset it to run one "
+                           "process)") from None
+    if value < minimum:
+        raise SettingError(f"{name}={value} is below {minimum} (torchrun sets it; unset it to run one process)")
+    return value
+
+
+def process_ranks() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from torchrun's RANK, WORLD_SIZE and LOCAL_RANK (0, 1, 0 without them);
+    a value set by hand that no launcher would set is a SettingError naming the variable."""
+    rank = _environ_int("RANK", 0, 0)
+    world_size = _environ_int("WORLD_SIZE", 1, 1)
+    local_rank = _environ_int("LOCAL_RANK", 0, 0)
+    if rank >= world_size:
+        raise SettingError(f"RANK={rank} is not below WORLD_SIZE={world_size} (torchrun sets both; unset them to "
+                           "run one process)")
+    return rank, world_size, local_rank
+
+
 def init_distributed(device: str) -> DistEnv:
     """Join torchrun's process group: NCCL on CUDA, gloo on CPU. `device` is 'cpu' or 'cuda'."""
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank = int(os.environ.get("RANK", 0))
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    rank, world_size, local_rank = process_ranks()
     if device == "cuda":
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)

@@ -86,6 +86,42 @@ SHAPE_KEYS = ("dim", "depth", "kernel_size", "patch_size")
 _NOT_ARCH = ("timm_name", "img_size")
 
 
+# Upper bounds on what a user may ask a model or an input to be, checked before anything is built: far beyond
+# every published ConvMixer (dim 1536, depth 32, kernel 9, patch 14, 224 pixels, 21,841 classes), far below what
+# would take minutes or tens of gigabytes only to fail.
+SIZE_LIMITS: dict[str, int] = {"dim": 16_384, "depth": 1_024, "kernel_size": 255, "patch_size": 1_024,
+                               "in_chans": 1_024, "num_classes": 1_000_000}
+MAX_IMAGE_SIZE = 8_192  # pixels a side
+MAX_PARAMETERS = 2_000_000_000  # 8 GB of float32 weights
+
+
+def parameter_count(dim: int, depth: int, kernel_size: int, patch_size: int, in_chans: int = 3,
+                    num_classes: int = 1000) -> int:
+    """The number of weights of a ConvMixer of these sizes (BatchNorm statistics included)."""
+    stem = in_chans * dim * patch_size**2 + dim + 4 * dim
+    block = dim * kernel_size**2 + dim + 4 * dim + dim * dim + dim + 4 * dim
+    return stem + depth * block + dim * num_classes + num_classes
+
+
+def check_sizes(arch: Mapping[str, Any], img_size: int | None = None) -> None:
+    """Refuse, in one line naming the value and its bound, a model or an input size beyond SIZE_LIMITS,
+    MAX_IMAGE_SIZE or MAX_PARAMETERS (missing sizes are not checked)."""
+    for key, limit in SIZE_LIMITS.items():
+        value = arch.get(key)
+        if isinstance(value, int) and value > limit:
+            raise UserError(f"{key} {value} is above the largest this package builds, {limit:,}")
+    if img_size is not None and img_size > MAX_IMAGE_SIZE:
+        raise UserError(f"image size {img_size} is above the largest this package takes, {MAX_IMAGE_SIZE:,} pixels")
+    sizes = {k: arch[k] for k in ("dim", "depth", "kernel_size", "patch_size", "in_chans", "num_classes")
+             if isinstance(arch.get(k), int)}
+    if {"dim", "depth", "kernel_size", "patch_size"} <= set(sizes):
+        count = parameter_count(**sizes)
+        if count > MAX_PARAMETERS:
+            shown = ", ".join(f"{k}={v}" for k, v in sizes.items())
+            raise UserError(f"a ConvMixer with {shown} has {count:,} weights, above the largest this package "
+                            f"builds, {MAX_PARAMETERS:,}")
+
+
 def list_models() -> list[str]:
     return sorted(VARIANTS)
 

@@ -33,7 +33,7 @@ from ..fast import FastOptions
 from ..fast.settings import KERNEL_SETS
 from ..files import check_output, write_text
 from ..runtime import AMP_DTYPES, resolve_device
-from ..variants import list_models, variant_arch
+from ..variants import check_sizes, list_models, variant_arch
 from .common import Parser, run
 
 
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         patch = max(variant_arch(m)["patch_size"] for m in args.model)
         if args.img_size < patch:
             raise UserError(f"--img-size {args.img_size} is smaller than one {patch}-pixel patch")
+        check_sizes({"dim": args.dim, "kernel_size": args.kernel}, args.img_size)
+        check_sizes({}, args.size)
         if args.json:
             check_output(args.json, args.force)
         amp = args.amp or ("bf16" if device.type == "cuda" else "none")

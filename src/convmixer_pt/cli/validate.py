@@ -19,6 +19,7 @@ from ..errors import UserError
 from ..evaluation.protocols import INTERPOLATIONS, PROTOCOLS
 from ..evaluation.validation import FRAMEWORKS, validate, write_json, write_predictions
 from ..files import check_output
+from ..runtime import process_ranks
 from ..variants import ACTIVATIONS, EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, list_models
 from .common import Parser, run
 
@@ -59,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
 
     def body() -> int:
-        if args.json and args.save_predictions and os.path.abspath(args.json) == os.path.abspath(args.save_predictions):
+        if args.json and args.save_predictions and \
+                os.path.abspath(args.json) == os.path.abspath(args.save_predictions):
             raise UserError(f"{args.json}: given as both --json and --save-predictions; give two files")
         for out in (args.json, args.save_predictions):
             if out:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, workers=args.workers, device=args.device, amp=args.amp,
             img_size=args.img_size, crop_pct=args.crop_pct, act=args.act, progress=not args.no_progress,
             interpolation=args.interpolation, mean=args.mean, std=args.std)
-        if int(os.environ.get("RANK", 0)) != 0:  # under torchrun, rank 0 reports for all
+        if process_ranks()[0] != 0:  # under torchrun, rank 0 reports for all
             return 0
         print(json.dumps(report, indent=2))
         if args.json:

@@ -23,8 +23,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import ImageFolder, RankSampler, ShardDataset
-from ..errors import UserError, error_line
-from ..files import atomic_path, write_text, writing
+from ..errors import UserError, brief, error_line
+from ..files import atomic_path, parse_yaml, write_text, writing
 from ..runtime import autocast, barrier, init_distributed, require_mindspore, resolve_device, shutdown
 from ..variants import (
     EVAL_CROP_PCT,
@@ -33,6 +33,7 @@ from ..variants import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     SHAPE_KEYS,
+    check_sizes,
     match_variant,
     variant_arch,
 )
@@ -106,6 +107,7 @@ class Preprocessing:
     def check(self) -> None:
         if self.img_size < 1:
             raise ValidationError(f"image size must be a positive number of pixels, got {self.img_size}")
+        check_sizes({}, self.img_size)
         if not 0 < self.crop_pct <= 1:
             raise ValidationError(f"crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.interpolation not in INTERPOLATIONS:
@@ -124,7 +126,7 @@ def recorded_config(weights: Weights) -> tuple[dict[str, Any], str]:
     args = weights.path.parent / "args.yaml"
     if args.is_file():
         with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
-            data = yaml.safe_load(args.read_text())
+            data = parse_yaml(args.read_text())
             if isinstance(data, dict):
                 return data, str(args)
     return {}, "defaults (ImageNet)"
@@ -147,7 +149,7 @@ def preprocessing(weights: Weights, img_size: int | None = None, crop_pct: float
                                  tuple(float(v) for v in pick["mean"]), tuple(float(v) for v in pick["std"]),
                                  source)
     except (TypeError, ValueError):
-        raise ValidationError(f"{source}: its evaluation settings are not numbers ({pick})") from None
+        raise ValidationError(f"{source}: its evaluation settings are not numbers ({brief(pick)})") from None
     settings.check()
     return settings
 

@@ -11,7 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from ..errors import UserError
+from .. import errors
 
 ENABLED_ENV = "CONVMIXER_FAST"
 CHANNELS_LAST_ENV = "CONVMIXER_FAST_CHANNELS_LAST"
@@ -22,7 +22,7 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
 
-class SettingError(UserError):
+class SettingError(errors.SettingError):
     """A fast-path option or one of its environment variables holds an unknown value."""
 
 

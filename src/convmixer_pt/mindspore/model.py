@@ -14,7 +14,7 @@ from typing import Any
 
 from mindspore import Tensor, nn, ops
 
-from ..variants import activation
+from ..variants import activation, check_sizes
 
 
 def make_act(act: str) -> nn.Cell:
@@ -54,6 +54,8 @@ class MSConvMixer(nn.Cell):
         act: str = "gelu",
     ) -> None:
         super().__init__()
+        check_sizes(dict(dim=dim, depth=depth, kernel_size=kernel_size, patch_size=patch_size, in_chans=in_chans,
+                         num_classes=num_classes))
         self.dim, self.depth, self.kernel_size, self.patch_size = dim, depth, kernel_size, patch_size
         self.in_chans, self.num_classes, self.act = in_chans, num_classes, act
         # PyTorch's BatchNorm momentum 0.1 is MindSpore's 0.9 (MindSpore weights the old statistic).

@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from ..errors import UserError, about
+from ..errors import UserError, about, brief
 from ..evaluation.protocols import INTERPOLATIONS
-from ..files import input_problem, write_text
+from ..files import input_problem, parse_yaml, write_text
 from ..variants import (
     ACTIVATIONS,
     EVAL_CROP_PCT,
@@ -27,6 +27,7 @@ from ..variants import (
     EVAL_INTERPOLATION,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    check_sizes,
     list_models,
     variant_arch,
 )
@@ -82,11 +83,17 @@ _PROBABILITY = (_between(0, 1), "a probability in [0, 1]")
 
 # The values each key may take beyond its type (None, where the type allows it, always passes).
 DOMAINS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    **dict.fromkeys(("input_size", "batch_size", "grad_accum", "epochs", "synthetic_train_size",
-                     "synthetic_val_size", "num_classes", "stop_epoch", "cpu_threads", "log_every"), _POSITIVE_INT),
+    **dict.fromkeys(("input_size", "batch_size", "grad_accum", "epochs", "num_classes", "stop_epoch",
+                     "cpu_threads", "log_every"), _POSITIVE_INT),
+    # an epoch's sample order is a permutation of this many indices, made before the first step
+    **dict.fromkeys(("synthetic_train_size", "synthetic_val_size"),
+                    (lambda v: 1 <= v <= 10**8, "a whole number from 1 to 100,000,000")),
     "checkpoint_every": (lambda v: checkpoint_interval(v) is not None,
                          "a number of optimizer steps (500) or of minutes (30m), above 0"),
-    **dict.fromkeys(("workers", "re_count", "seed"), _COUNT),
+    "workers": (lambda v: 0 <= v <= 1024, "a whole number from 0 to 1,024"),
+    "re_count": _COUNT,
+    # torch.manual_seed takes 64 bits and every seed derived from this one adds to it
+    "seed": (lambda v: 0 <= v < 2**32, "a whole number in [0, 2^32)"),
     **dict.fromkeys(("lr", "opt_eps", "clip_grad"), _POSITIVE),
     **dict.fromkeys(("weight_decay", "mixup", "cutmix", "color_jitter"), _NON_NEGATIVE),
     **dict.fromkeys(("hflip", "re_prob", "mixup_prob", "mixup_switch_prob", "ema_decay"), _PROBABILITY),
@@ -201,9 +208,11 @@ def _expected(hint: Any) -> tuple[type, bool, type | None]:
 
 def _coerce(key: str, value: Any) -> Any:
     """`value` as `key`'s type, checked against the key's domain."""
+    if key == "checkpoint_every" and isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)  # YAML reads `checkpoint_every: 500` as a number: that many steps
     value = _typed(key, value)
     if value is not None and key in DOMAINS and not DOMAINS[key][0](value):
-        raise ConfigError(f"{key} must be {DOMAINS[key][1]}, got {value!r}")
+        raise ConfigError(f"{key} must be {DOMAINS[key][1]}, got {brief(value)}")
     return value
 
 
@@ -211,12 +220,12 @@ def _model_args(values: dict[str, Any]) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
         if key not in MODEL_ARG_DOMAINS:
-            raise ConfigError(f"unknown model_args key {key!r}; known keys: {', '.join(MODEL_ARG_DOMAINS)}")
+            raise ConfigError(f"unknown model_args key {brief(key)}; known keys: {', '.join(MODEL_ARG_DOMAINS)}")
         kind, ok, text = MODEL_ARG_DOMAINS[key]
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or isinstance(value, bool) or not ok(value):
-            raise ConfigError(f"model_args {key} must be {text}, got {value!r}")
+            raise ConfigError(f"model_args {key} must be {text}, got {brief(value)}")
         out[key] = value
     return out
 
@@ -230,7 +239,7 @@ def _typed(key: str, value: Any) -> Any:
 
     def bad() -> ConfigError:
         return ConfigError(f"{key} must be {base.__name__}"
-                           f"{' of ' + item.__name__ if item else ''}, got {value!r}")
+                           f"{' of ' + item.__name__ if item else ''}, got {brief(value)}")
 
     if base is bool:
         if not isinstance(value, bool):
@@ -248,7 +257,7 @@ def _typed(key: str, value: Any) -> Any:
         if not isinstance(value, str):
             raise bad()
         if key in CHOICES and value not in CHOICES[key]:
-            raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(CHOICES[key])}, got {brief(value)}")
         return value
     if base is list:
         if not isinstance(value, list | tuple) or not all(isinstance(v, int | float) and not isinstance(v, bool)
@@ -266,7 +275,7 @@ def apply(cfg: TrainConfig, values: dict[str, Any]) -> TrainConfig:
     """A copy of `cfg` with `values` set; unknown keys and ill-typed values raise ConfigError."""
     for key in values:
         if key not in FIELDS:
-            raise ConfigError(f"unknown config key {key!r}")
+            raise ConfigError(f"unknown config key {brief(key)}")
     updates = {k: _coerce(k, v) for k, v in values.items()}
     if "model_args" in updates:  # merged, so a flag can change one size without restating the others
         updates["model_args"] = {**cfg.model_args, **updates["model_args"]}
@@ -279,7 +288,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if problem:
         raise ConfigError(f"{path}: {'config file not found' if problem == 'no such file' else problem}")
     try:
-        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        data = parse_yaml(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from None
     except yaml.YAMLError as e:
@@ -322,6 +331,10 @@ def check(cfg: TrainConfig) -> None:
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("resume and overwrite contradict each other: continue the run or start it over")
     arch = {**variant_arch(cfg.model), **cfg.model_args}
+    try:  # before data or a model is built
+        check_sizes({**arch, "num_classes": cfg.num_classes}, cfg.input_size)
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     if cfg.input_size < arch["patch_size"]:
         raise ConfigError(f"input_size {cfg.input_size} is smaller than one {arch['patch_size']}-pixel patch "
                           f"of {cfg.model}")
@@ -334,8 +347,12 @@ def _flag(name: str) -> str:
 def _parse_model_arg(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, yaml.safe_load(value)
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {brief(text)}")
+    try:
+        return key, parse_yaml(value)
+    except yaml.YAMLError as e:  # argparse reports this one line with exit status 2
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise argparse.ArgumentTypeError(f"{brief(text)}: the value is not valid YAML ({reason})") from None
 
 
 def _none_or(kind: type) -> Any:

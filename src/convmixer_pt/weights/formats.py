@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, about
+from ..errors import CheckpointError, about, brief
 from ..model import ConvMixer
 from ..variants import ACTIVATIONS, VARIANTS, activation, match_variant, mindcv_activation
 from . import keymap
@@ -198,7 +198,7 @@ def cast_state(state: Mapping[str, torch.Tensor], dtype: str,
             continue
         problem = overflow(value, target)
         if problem and not clamp:
-            raise CheckpointError(f"tensor {key!r} {problem}; pass --clamp to saturate such values")
+            raise CheckpointError(f"tensor {brief(key)} {problem}; pass --clamp to saturate such values")
         if problem:
             limit = torch.finfo(target).max
             finite = torch.isfinite(value)

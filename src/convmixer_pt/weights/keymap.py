@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 
 LAYOUTS = ("timm", "official", "mindspore")
 
@@ -46,9 +46,10 @@ PARAMS: dict[str, tuple[str, ...]] = {
 }
 MS_PREFIX = "network."
 
-_TIMM_RE = re.compile(r"^(stem\.[02]|blocks\.(\d+)\.(?:0\.fn\.[02]|[13])|head)\.(\w+)$")
-_OFFICIAL_RE = re.compile(r"^(\d+)((?:\.0\.fn\.[02]|\.[13])?)\.(\w+)$")
-_OFFICIAL_BLOCK_RE = re.compile(r"^(\d+)\.0\.fn\.0\.")
+# Indices have at most 9 digits: int() of a longer run is slow or refused, and no model has that many blocks.
+_TIMM_RE = re.compile(r"^(stem\.[02]|blocks\.(\d{1,9})\.(?:0\.fn\.[02]|[13])|head)\.(\w+)$")
+_OFFICIAL_RE = re.compile(r"^(\d{1,9})((?:\.0\.fn\.[02]|\.[13])?)\.(\w+)$")
+_OFFICIAL_BLOCK_RE = re.compile(r"^(\d{1,9})\.0\.fn\.0\.")
 
 
 class LayoutError(CheckpointError):
@@ -81,7 +82,7 @@ def convert_key(key: str, src: str, dst: str, depth: int) -> str | None:
     if src == "mindspore" and row is not None and row[2] == "bn":
         param = BN_MS_TO_TORCH.get(param, param)
     if row is None or param not in PARAMS[row[2]]:
-        raise LayoutError(f"tensor {key!r} is not part of a depth-{depth} ConvMixer in the {src} layout")
+        raise LayoutError(f"tensor {brief(key)} is not part of a depth-{depth} ConvMixer in the {src} layout")
     timm_mod, official_mod, kind = row
     out_mod = {"timm": timm_mod, "official": official_mod, "mindspore": MS_PREFIX + official_mod}[dst]
     if dst == "mindspore" and kind == "bn":
@@ -104,22 +105,30 @@ def detect_layout(keys: list[str] | Any) -> str:
         return "official"
     odd = [k for k in keys if not (_TIMM_RE.match(k) or _OFFICIAL_RE.match(k) or k.startswith(MS_PREFIX))]
     if odd:
-        raise LayoutError(f"unrecognised tensor name {odd[0]!r}: not a timm, official (locuslab) or MindSpore "
+        raise LayoutError(f"unrecognised tensor name {brief(odd[0])}: not a timm, official (locuslab) or MindSpore "
                           "ConvMixer layout")
     raise LayoutError("the tensor names mix the timm, official (locuslab) and MindSpore layouts")
 
 
 def infer_depth(keys: list[str] | Any, layout: str) -> int:
-    """The number of blocks, from the names alone."""
+    """The number of blocks, from the names alone; at most the number of tensors, so that a name with a huge
+    block index is refused before tables or models of that many blocks are built."""
     keys = list(keys)
     if layout == "timm":
-        idx = [int(m.group(2)) for k in keys if (m := _TIMM_RE.match(k)) and m.group(2) is not None]
-        return max(idx) + 1 if idx else 0
-    names = [k[len(MS_PREFIX):] if layout == "mindspore" else k for k in keys]
-    # Blocks sit at indices 3 .. depth+2 of the official Sequential; an extra tensor elsewhere then shows up
-    # as unexpected instead of shifting the depth.
-    blocks = [int(m.group(1)) for n in names if (m := _OFFICIAL_BLOCK_RE.match(n))]
-    return max(blocks) - 2 if blocks else 0
+        found = [(int(m.group(2)), k) for k in keys if (m := _TIMM_RE.match(k)) and m.group(2) is not None]
+        index, key = max(found, default=(-1, ""))
+        depth = index + 1
+    else:
+        names = [(k[len(MS_PREFIX):] if layout == "mindspore" else k, k) for k in keys]
+        # Blocks sit at indices 3 .. depth+2 of the official Sequential; an extra tensor elsewhere then shows up
+        # as unexpected instead of shifting the depth.
+        found = [(int(m.group(1)), k) for n, k in names if (m := _OFFICIAL_BLOCK_RE.match(n))]
+        index, key = max(found, default=(2, ""))
+        depth = index - 2
+    if depth > len(keys):
+        raise LayoutError(f"tensor {brief(key)} puts a block at index {index}, but the file holds only {len(keys)} "
+                          f"tensors, far fewer than {depth} blocks need")
+    return depth
 
 
 V = TypeVar("V")

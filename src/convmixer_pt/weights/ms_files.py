@@ -30,7 +30,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from safetensors.torch import save
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 
 if sys.byteorder != "little":  # MindSpore writes host order; every host it supports is little-endian
     raise ImportError("convmixer_pt's MindSpore file support assumes a little-endian host")
@@ -103,6 +103,23 @@ def raw_bytes(tensor: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
+def unshared(tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Detached contiguous tensors, none sharing storage with another: a checkpoint may hold one tensor under
+    two names (or views of one storage), which safetensors refuses to write; the values are unchanged."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in tensors:
+        tensor = tensor.detach().contiguous()
+        if tensor.numel():
+            pointer = tensor.untyped_storage().data_ptr()
+            if pointer in seen:
+                tensor = tensor.clone()
+                pointer = tensor.untyped_storage().data_ptr()
+            seen.add(pointer)
+        out[name] = tensor
+    return out
+
+
 def from_raw(data: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """A tensor owning a copy of `data`, read as `dtype` of `shape`."""
     if not data:
@@ -112,7 +129,7 @@ def from_raw(data: bytes | bytearray, dtype: torch.dtype, shape: tuple[int, ...]
 
 def type_name(name: str, tensor: torch.Tensor) -> str:
     if tensor.dtype not in TYPE_NAMES:
-        raise CheckpointError(f"tensor {name!r} has dtype {str(tensor.dtype).removeprefix('torch.')}, which "
+        raise CheckpointError(f"tensor {brief(name)} has dtype {str(tensor.dtype).removeprefix('torch.')}, which "
                               "MindSpore checkpoints cannot hold")
     return TYPE_NAMES[tensor.dtype]
 
@@ -192,8 +209,11 @@ def _join(records: Any) -> dict[str, Entry]:
     while i < len(records):
         record = records[i]
         tag = record.tag
+        if not isinstance(tag, str):  # protobuf hands a proto2 string that is not UTF-8 over as bytes
+            raise CheckpointError(f"the name of entry {len(out) + 1}, {brief(tag)}, is not UTF-8 text; the file is "
+                                  "corrupt")
         if not record.HasField("tensor"):
-            raise CheckpointError(f"entry {tag!r} is a MindSpore MapTensor, which only embedding tables use; it "
+            raise CheckpointError(f"entry {brief(tag)} is a MindSpore MapTensor, which only embedding tables use; it "
                                   "is not a ConvMixer checkpoint")
         kind, dims = record.tensor.tensor_type, list(record.tensor.dims)
         pieces = [record.tensor.tensor_content]
@@ -201,7 +221,8 @@ def _join(records: Any) -> dict[str, Entry]:
         while i < len(records) and records[i].tag == tag:
             piece = records[i].tensor
             if piece.tensor_type != kind or list(piece.dims) != dims:
-                raise CheckpointError(f"the slices of entry {tag!r} disagree on type or shape; the file is corrupt")
+                raise CheckpointError(f"the slices of entry {brief(tag)} disagree on type or shape; the file is "
+                                      "corrupt")
             pieces.append(piece.tensor_content)
             i += 1
         raw = pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -211,20 +232,59 @@ def _join(records: Any) -> dict[str, Entry]:
 
 
 def _entry(tag: str, kind: str, dims: list[int], raw: bytes) -> Entry:
+    """One entry from its joined bytes; its declared shape is checked against the bytes it holds before anything
+    of that shape is made."""
     if kind == "str":
-        return raw.decode("utf-32-le").rstrip("\0")
+        try:
+            return raw.decode("utf-32-le").rstrip("\0")
+        except UnicodeDecodeError:
+            raise CheckpointError(f"entry {brief(tag)} is a string but not valid UTF-32 text; the file is "
+                                  "corrupt") from None
     if kind not in DTYPES:
-        raise CheckpointError(f"entry {tag!r} has MindSpore type {kind!r}, which has no PyTorch counterpart here")
+        raise CheckpointError(f"entry {brief(tag)} has MindSpore type {brief(kind)}, which has no PyTorch "
+                              "counterpart here")
     dtype = DTYPES[kind]
     shape = tuple(dims)
+    if any(d < 0 for d in shape) or len(shape) > 64 or math.prod(max(d, 1) for d in shape) >= 2**63:
+        raise CheckpointError(f"entry {brief(tag)} declares the shape {brief(list(shape))}, which no tensor has; "
+                              "the file is corrupt")
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(raw) != expected:
-        raise CheckpointError(f"entry {tag!r} holds {len(raw)} bytes where {list(shape)} x {kind} needs {expected}; "
-                              "the file is truncated or corrupt")
+        raise CheckpointError(f"entry {brief(tag)} holds {len(raw)} bytes where {brief(list(shape))} x {kind} needs "
+                              f"{expected}; the file is truncated or corrupt")
     return from_raw(raw, dtype, shape)
 
 
 # ---- safetensors as MindSpore writes them --------------------------------------------------------------------
+
+def _gf2_apply(matrix: list[int], vector: int) -> int:
+    """A 32x32 matrix over GF(2) (one int per column) times a 32-bit vector."""
+    out, column = 0, 0
+    while vector:
+        if vector & 1:
+            out ^= matrix[column]
+        vector >>= 1
+        column += 1
+    return out
+
+
+def crc32_zeros(checksum: int, count: int) -> int:
+    """`zlib.crc32(b"\\0" * count, checksum)` in O(log count) steps, as zlib's crc32_combine does it: appending
+    zeros is linear in the CRC register, and the operator for 2^k zero bytes is the square of the one for 2^(k-1).
+    MindSpore's CRC counts a 0-d integer n as n zero bytes; a file of a few bytes must not cost seconds."""
+    register = checksum ^ 0xFFFFFFFF  # zlib's pre- and post-conditioning
+    one_bit = [0xEDB88320] + [1 << i for i in range(31)]  # the register after one zero bit
+    operator = one_bit
+    for _ in range(3):  # one zero byte = eight zero bits
+        operator = [_gf2_apply(operator, column) for column in operator]
+    while count:
+        if count & 1:
+            register = _gf2_apply(operator, register)
+        count >>= 1
+        if count:
+            operator = [_gf2_apply(operator, column) for column in operator]
+    return register ^ 0xFFFFFFFF
+
 
 def ms_safetensors_crc(tensors: Mapping[str, torch.Tensor]) -> int:
     """The `crc_num` MindSpore stores: over the sorted names, each name's UTF-8 then `bytes(array)`.
@@ -239,12 +299,9 @@ def ms_safetensors_crc(tensors: Mapping[str, torch.Tensor]) -> int:
         if tensor.dim() == 0 and tensor.dtype in _INTEGERS:
             count = int(tensor)
             if not 0 <= count <= 2**32:
-                raise CheckpointError(f"tensor {name!r} is a 0-d integer {count}, whose CRC MindSpore computes as "
+                raise CheckpointError(f"tensor {brief(name)} is a 0-d integer {count}, whose CRC MindSpore computes as "
                                       f"{count} zero bytes; it cannot be written with a CRC")
-            zeros = b"\0" * min(count, 1 << 20)
-            while count > 0:
-                checksum = zlib.crc32(zeros[:count], checksum)
-                count -= len(zeros)
+            checksum = crc32_zeros(checksum, count)
         else:
             checksum = zlib.crc32(raw_bytes(tensor), checksum)
     return checksum
@@ -284,9 +341,9 @@ def write_ms_safetensors(entries: Iterable[tuple[str, torch.Tensor]], path: str 
         tensors[name] = tensor
     clash = sorted(set(tensors) & (set(MS_METADATA_KEYS) | set(extra_metadata or {})))
     if clash:
-        raise CheckpointError(f"tensor {clash[0]!r} has the name of a metadata key, which MindSpore's loader "
+        raise CheckpointError(f"tensor {brief(clash[0])} has the name of a metadata key, which MindSpore's loader "
                               "cannot tell apart from it")
-    ordered = {k: tensors[k].detach().cpu().contiguous() for k in sorted(tensors)}
+    ordered = unshared((k, tensors[k].cpu()) for k in sorted(tensors))
     metadata = {"format": "ms"}
     if crc:
         metadata["crc_num"] = str(ms_safetensors_crc(ordered))

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, brief
 from . import keymap
 from .ms_files import ms_safetensors_crc
 
@@ -96,8 +96,8 @@ def split_training_state(entries: Mapping[str, V], use_ema: bool = False) -> MSW
     unknown = [name for name, kind in kinds.items() if kind is None]
     if unknown:
         more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
-        raise CheckpointError(f"entry {unknown[0]!r}{more} is neither a ConvMixer weight (network.*) nor MindSpore "
-                              "training state (optimizer, step, loss scale, EMA)")
+        raise CheckpointError(f"entry {brief(unknown[0])}{more} is neither a ConvMixer weight (network.*) nor "
+                              "MindSpore training state (optimizer, step, loss scale, EMA)")
     taken = "EMA" if use_ema else "weights"
     if use_ema and not any(n.startswith(EMA_PREFIX) for n in entries):
         raise CheckpointError("EMA weights were asked for, but it has none (no ema.network.* entries)")
@@ -108,7 +108,7 @@ def split_training_state(entries: Mapping[str, V], use_ema: bool = False) -> MSW
         if kind == taken and (kind == "weights" or name.startswith(EMA_PREFIX)):
             key = name.removeprefix(EMA_PREFIX) if use_ema else _unwrapped(name)
             if isinstance(value, str):
-                raise CheckpointError(f"entry {name!r} is a string, not a tensor")
+                raise CheckpointError(f"entry {brief(name)} is a string, not a tensor")
             network[key] = value
         else:
             dropped.setdefault(kind, []).append(name)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import pickletools
 import re
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +21,11 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from ..errors import CheckpointError, about
+from ..errors import CheckpointError, about, brief
 from ..files import atomic_path, input_problem, writing
 from ..variants import VARIANTS
 from . import keymap
-from .ms_files import canonical_metadata
+from .ms_files import canonical_metadata, unshared
 
 # What training checkpoints in the wild pickle besides tensors and builtins: timm's train.py stores
 # its `args` as an argparse.Namespace.
@@ -34,6 +36,11 @@ COUNTER_SUFFIX = ".num_batches_tracked"  # BatchNorm's integer counter, the one 
 WRAPPER_KEYS = ("state_dict", "model", "module", "net", "network")
 EMA_KEYS = ("state_dict_ema", "model_ema", "ema")
 PREFIXES = ("module.", "_orig_mod.")
+# How deeply a pickle may nest containers. Checkpoints nest a few levels (a dict of dicts of tensors, each a
+# reduce of a tuple); hashing a tuple nested some 100,000 deep overflows the C stack inside the unpickler.
+MAX_PICKLE_DEPTH = 100
+# Opcodes that add to a container already on the stack instead of building a new one.
+_MUTATORS = frozenset({"APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD"})
 
 
 def file_format(path: str | Path) -> str:
@@ -63,7 +70,104 @@ def unreadable(path: str | Path, what: str, error: BaseException) -> CheckpointE
     return CheckpointError(f"{path}: cannot read it as {what}; the file is truncated or corrupt ({reason})")
 
 
+class _Node:
+    """An object on the simulated pickle stack: how deeply it nests, and whether a container holds it."""
+
+    __slots__ = ("depth", "held")
+
+    def __init__(self, depth: int) -> None:
+        self.depth, self.held = depth, False
+
+
+def pickle_depth(stream: Any, limit: int = MAX_PICKLE_DEPTH) -> int | None:
+    """How deeply the next pickle in `stream` nests its containers, found from its opcodes alone (no object is
+    built, nothing recurses); None for bytes that are not a pickle, which the unpickler then reports. The scan
+    stops once `limit` is passed. An object mutated after a container took it (possible through the memo) may
+    deepen containers it cannot see: each such deepening is added to every depth, so the count never falls
+    short of the truth."""
+    stack: list[_Node] = []
+    marks: list[int] = []
+    memo: dict[Any, _Node] = {}
+    deepest = unseen = 0
+    try:
+        for op, arg, _ in pickletools.genops(stream):
+            name = op.name
+            if name == "STOP":
+                break
+            if name in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
+                memo[arg if name != "MEMOIZE" else len(memo)] = stack[-1]
+                continue
+            if name in ("GET", "BINGET", "LONG_BINGET"):
+                stack.append(memo[arg])
+                continue
+            if name == "MARK":
+                marks.append(len(stack))
+                continue
+            if name == "DUP":
+                stack.append(stack[-1])
+                continue
+            before = [s.name for s in op.stack_before]
+            taken: list[_Node] = []
+            if "mark" in before:
+                start = marks.pop()
+                taken, fixed = stack[start:], before.index("mark")
+                del stack[start:]
+            else:
+                fixed = len(before)
+            if fixed:
+                if fixed > len(stack):
+                    return None
+                taken = stack[len(stack) - fixed:] + taken
+                del stack[len(stack) - fixed:]
+            for node in taken[1:] if name in _MUTATORS else taken:
+                node.held = True
+            if name in _MUTATORS:
+                node = taken[0]
+                depth = max([node.depth] + [n.depth + 1 for n in taken[1:]])
+                if node.held:
+                    unseen += depth - node.depth
+                node.depth = depth
+            elif op.stack_after:
+                node = _Node(max((n.depth for n in taken), default=-1) + 1)
+            else:
+                continue
+            stack.append(node)
+            deepest = max(deepest, node.depth)
+            if deepest + unseen > limit:
+                break
+    except (ValueError, IndexError, KeyError, EOFError):
+        return None
+    return deepest + unseen
+
+
+def _pickles(path: Path) -> Iterator[Any]:
+    """Streams positioned at each pickle torch.load would unpickle from `path`: a zip archive's data.pkl, or
+    the first pickles of a legacy file (magic number, protocol, system info, the object, its storage keys)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if re.fullmatch(r"[^/]+/data\.pkl", name):
+                    with archive.open(name) as stream:
+                        yield stream
+        return
+    with open(path, "rb") as stream:
+        for _ in range(5):
+            yield stream
+
+
+def check_pickle_depth(path: Path, limit: int = MAX_PICKLE_DEPTH) -> None:
+    """Refuse a PyTorch file whose pickle nests containers more than `limit` deep, before it is unpickled."""
+    try:
+        depth = max((pickle_depth(stream, limit) or 0 for stream in _pickles(path)), default=0)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        return  # torch.load reports a corrupt file in its own words
+    if depth > limit:
+        raise CheckpointError(f"{path}: refused to unpickle it: it nests containers more than {limit} deep, which "
+                              "no checkpoint does")
+
+
 def _torch_load(path: Path) -> Any:
+    check_pickle_depth(path)
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -103,9 +207,9 @@ def unwrap(obj: Any, use_ema: bool = False) -> dict[str, torch.Tensor]:
             return dict(obj[key])
     if use_ema:
         raise CheckpointError(f"EMA weights were asked for, but it has none (looked for "
-                              f"{', '.join(EMA_KEYS)}; found {', '.join(map(str, obj)) or 'nothing'})")
+                              f"{', '.join(EMA_KEYS)}; found {brief(list(obj)) if obj else 'nothing'})")
     raise CheckpointError(f"no model weights found (looked for {', '.join(WRAPPER_KEYS)}; "
-                          f"found {', '.join(map(str, obj)) or 'nothing'})")
+                          f"found {brief(list(obj)) if obj else 'nothing'})")
 
 
 def weight_problem(key: str, tensor: torch.Tensor, float64: bool = False) -> str | None:
@@ -138,7 +242,7 @@ def check_weights(state: Mapping[str, torch.Tensor], float64: bool = False) -> N
     for key, tensor in state.items():
         problem = weight_problem(key, tensor, float64)
         if problem:
-            raise CheckpointError(f"tensor {key!r} {problem}")
+            raise CheckpointError(f"tensor {brief(key)} {problem}")
 
 
 def strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -208,7 +312,7 @@ def mismatch_problems(expected: Mapping[str, Any], found: Mapping[str, Any], opt
     """Every missing, unexpected, mis-shaped (and, if asked, mis-typed) tensor, as short phrases."""
 
     def listed(items: list[str], sep: str = ", ") -> str:
-        return sep.join(items[:8]) + (" ..." if len(items) > 8 else "")
+        return sep.join(brief(item, 120).strip("'\"") for item in items[:8]) + (" ..." if len(items) > 8 else "")
 
     missing = [k for k in expected if k not in found and not k.endswith(optional)]
     unexpected = [k for k in found if k not in expected]
@@ -251,7 +355,7 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor]) 
     for key, value in state.items():
         problem = overflow(value, model_state[key].dtype)
         if problem:
-            raise CheckpointError(f"tensor {key!r} {problem}")
+            raise CheckpointError(f"tensor {brief(key)} {problem}")
     full = dict(state)
     for key, value in model.state_dict().items():
         full.setdefault(key, value)
@@ -282,5 +386,5 @@ def write_safetensors(state: Mapping[str, torch.Tensor], path: str | Path,
                       metadata: dict[str, str] | None = None) -> None:
     """A safetensors file of `state` with `metadata` in the order given, so the same tensors give the same bytes
     (callers that need it to appear whole write to a staging path)."""
-    blob = save({k: v.detach().contiguous() for k, v in state.items()}, metadata=metadata)
+    blob = save(unshared(state.items()), metadata=metadata)
     Path(path).write_bytes(canonical_metadata(blob, metadata or {}))

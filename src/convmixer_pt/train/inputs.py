@@ -125,10 +125,13 @@ def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Seeded, Dataset, int
 def shelter_from_stop_signals(worker_id: int) -> None:
     """In a loader worker: a stop signal is for the training process, which finishes its step and checkpoints,
     and a worker it killed would fail that step. Workers ignore SIGUSR1 and leave the training process's
-    process group, so that signals sent to the group (a terminal's Ctrl-C, a scheduler's) pass them by. They
-    keep SIGTERM's default, with which the loader shuts them down."""
+    process group, so that signals sent to the group (a terminal's Ctrl-C, a scheduler's) pass them by, and
+    ignore Ctrl-C (the training process ends them). SIGTERM gets its default back (a forked worker inherits
+    the training process's handler), with which the loader shuts down a worker that does not end."""
     os.setpgrp()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def build_loaders(cfg: TrainConfig, train: Seeded, val: Dataset, env: DistEnv

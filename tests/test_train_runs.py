@@ -366,3 +366,19 @@ def test_the_lock_is_released_when_a_run_ends_in_the_same_process(data, tmp_path
     values = dict(VALUES, data_dir=str(data), output=str(tmp_path / "run"), epochs=1)
     assert train_cli.main(cli_args(values)) == 0
     assert train_cli.main(cli_args(dict(values, overwrite=True))) == 0
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_bad_image_on_one_process_is_one_error_line(tmp_path) -> None:
+    """Item 19: the process that meets the image names it; the other one, whose collective finds its peer gone,
+    says that in one line instead of gloo's traceback."""
+    data = make_train_val(tmp_path / "data")
+    bad = sorted((data / "train" / "c1").iterdir())[3]
+    bad.write_bytes(bad.read_bytes()[:40])
+    proc = torchrun(dict(TINY, data_dir=str(data), output=str(tmp_path / "o"), batch_size=2))
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert sum(f"{bad}: cannot read the image" in line for line in lines) == 1, proc.stderr[-3000:]
+    assert all("cannot read the image" in line or "another process of this run ended" in line
+               or line == "error: terminated; resume with --resume auto" for line in lines), lines
+    assert "pair.cc" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]

@@ -278,3 +278,33 @@ def test_cuda_without_a_gpu_is_a_clear_error(data, checkpoints) -> None:
         pytest.skip("this machine has a GPU")
     with pytest.raises(UserError, match=r"^device cuda was asked for, but PyTorch sees no CUDA GPU here$"):
         validate(NAME, checkpoints[1], data[0], device="cuda", img_size=SIZE)
+
+
+# SIGTERM to the whole process group (a scheduler's, `timeout`'s) as validate.py's `k`-th batch is taken from its
+# loader workers.
+TERM_AT_BATCH = """
+import os, subprocess, sys
+from torch.utils.data import dataloader
+k, argv = int(sys.argv[1]), sys.argv[2:]
+real, count = dataloader._MultiProcessingDataLoaderIter._next_data, [0]
+def next_data(self):
+    count[0] += 1
+    if count[0] == k:  # from another process, as a scheduler's would come (PyTorch's workers tell them apart)
+        subprocess.Popen(["kill", "-s", "TERM", "--", f"-{os.getpgrp()}"]).wait()
+    return real(self)
+dataloader._MultiProcessingDataLoaderIter._next_data = next_data
+from convmixer_pt.cli.validate import main
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_sigterm_with_loader_workers_is_one_line(data, checkpoints, k) -> None:
+    root, _ = data
+    _, pth, _ = checkpoints
+    args = ["--model", NAME, "--checkpoint", str(pth), "--data-dir", str(root), "--img-size", str(SIZE),
+            "--batch-size", "2", "--workers", "2", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", TERM_AT_BATCH, str(k), *args], capture_output=True, text=True,
+                          timeout=300, start_new_session=True)
+    assert proc.returncode == 143, proc.stderr
+    assert proc.stderr == "error: terminated\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 from dataclasses import dataclass
 from types import ModuleType
@@ -117,6 +118,24 @@ def init_distributed(device: str) -> DistEnv:
                                 store=dist.PrefixStore(f"convmixer_pt/attempt_{attempt}", store), **extra)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev,
                    has_group=under_torchrun)
+
+
+class ProcessLost(UserError):
+    """Another process of the run ended (its own message, or torchrun's, says why), so this one cannot go on."""
+
+
+def lost_process(error: RuntimeError, env: DistEnv) -> ProcessLost | None:
+    """The one line for a collective that failed because a peer process is gone (gloo says "Connection closed
+    by peer"), instead of the backend's traceback; None for any other error."""
+    text = str(error)
+    if not env.distributed or not any(cause in text for cause in PEER_GONE):
+        return None
+    detail = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0]).split(". ")[0][:120]
+    return ProcessLost(f"process {env.rank}: another process of this run ended, so this one cannot go on "
+                       f"({detail})")
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def shutdown(env: DistEnv) -> None:

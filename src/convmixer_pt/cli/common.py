@@ -24,8 +24,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
+def _terminating(owner: int) -> Callable[[int, object], None]:
+    """SIGTERM's handler for process `owner`; a DataLoader worker forked from it ignores it until the worker
+    sets its own (`data.shelter_loader_worker`): the main process ends its workers."""
+    def terminate(signum: int, frame: object) -> None:
+        if os.getpid() == owner:
+            raise Terminated
+    return terminate
 
 
 def run(body: Callable[[], int], hint: str = "") -> int:
@@ -37,7 +42,7 @@ def run(body: Callable[[], int], hint: str = "") -> int:
     Once a run is stopping, what the stop left half-built (a loader interrupted while it started its workers)
     may fail again in its finalizer or in the loader's SIGCHLD handler as its workers end: that is the stop's
     doing, not another error, so neither is reported."""
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = signal.signal(signal.SIGTERM, _terminating(os.getpid()))
     unraisable, chld = sys.unraisablehook, signal.getsignal(signal.SIGCHLD)
     try:
         return body()

@@ -22,7 +22,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import ImageFolder, RankSampler, ShardDataset
+from ..data import ImageFolder, RankSampler, ShardDataset, shelter_loader_worker
 from ..errors import UserError, error_line
 from ..files import atomic_path, write_text, writing
 from ..runtime import autocast, barrier, init_distributed, require_mindspore, resolve_device, shutdown
@@ -232,7 +232,7 @@ def validate(
             predict = mindspore_predictor(net)
         sampler = RankSampler(len(dataset), env)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                            pin_memory=torch_device.type == "cuda")
+                            pin_memory=torch_device.type == "cuda", worker_init_fn=shelter_loader_worker)
         eval_device = torch_device if framework == "torch" else torch.device("cpu")
         (result,) = evaluate([predict], loader, env, eval_device, indices=sampler.indices,
                              progress=progress and env.is_main)

@@ -21,7 +21,7 @@ from types import FrameType
 
 import torch
 
-from ..errors import Stopped
+from ..errors import ReportedElsewhere, Stopped
 from .config import TrainConfig, checkpoint_interval
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -56,6 +56,8 @@ class Interrupts:
         if os.getpid() != self._pid:
             return  # a loader worker that has not left the process group yet
         if not self.training:
+            if not self.is_main:  # every process of the run got it: the first one says so
+                raise ReportedElsewhere(128 + signum)
             raise Stopped(f"{signal.Signals(signum).name} before the first step, with nothing to save; the same "
                           "command starts it again", 128 + signum)
         self.signal = signum  # acted on at the end of the step under way

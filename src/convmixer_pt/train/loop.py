@@ -8,7 +8,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +17,18 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import derive_seed
-from ..errors import Stopped, UserError
+from ..errors import ReportedElsewhere, Stopped, UserError
 from ..evaluation.loop import EvalResult, evaluate
-from ..runtime import DistEnv, all_gather_objects, all_reduce_sum, autocast, average_bn_stats, barrier, resolve_amp
+from ..runtime import (
+    DistEnv,
+    all_gather_objects,
+    all_reduce_sum,
+    autocast,
+    average_bn_stats,
+    barrier,
+    lost_process,
+    resolve_amp,
+)
 from ..weights.torch_io import save_torch
 from .config import ConfigError, TrainConfig, check, save_yaml
 from .inputs import build_datasets, build_loaders
@@ -145,7 +154,10 @@ def place(epoch: int, batch: int, steps: int) -> str:
     return f"the end of epoch {epoch}" if epoch else "the start"
 
 
-def stopped(run: Session, progress: Progress, steps: int) -> Stopped:
+def stopped(run: Session, progress: Progress, steps: int) -> Exception:
+    """Every process stops alike; the first one says so."""
+    if not run.env.is_main:
+        return ReportedElsewhere(128 + run.interrupts.stopping)
     name = signal.Signals(run.interrupts.stopping).name
     return Stopped(f"{name} at {place(progress.epoch, progress.batch, steps)}; {Path(run.cfg.output) / 'last.pth'} "
                    f"holds it: continue with --resume auto", 128 + run.interrupts.stopping)
@@ -245,6 +257,18 @@ def restore_outputs(parts: Parts, progress: Progress, cfg: TrainConfig) -> None:
         plot_summary(progress.history, out / "summary.png")
 
 
+@contextlib.contextmanager
+def said_once(env: DistEnv) -> Iterator[None]:
+    """Around checks that every process makes alike (the same file, the same config): where they fail, the first
+    process says why, and the others end quietly, so that a torchrun log holds the line once."""
+    try:
+        yield
+    except UserError:
+        if env.is_main:
+            raise
+        raise ReportedElsewhere(1) from None
+
+
 def run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts | None = None) -> Progress:
     """Train (or continue) the configured run and write everything into `cfg.output`, which it holds
     (`rundir.claimed`) from before anything is read or written there. `interrupts`: the command's signal
@@ -257,8 +281,11 @@ def run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts | None = None) ->
         stack.enter_context(claimed(cfg, env))
         try:
             return _run(cfg, env, interrupts)
-        except RuntimeError:
+        except RuntimeError as e:
             interrupts.check()  # a loader worker that Ctrl-C ended is Ctrl-C's doing
+            lost = lost_process(e, env)
+            if lost is not None:
+                raise lost from None
             raise
 
 
@@ -269,14 +296,16 @@ def _run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts) -> Progress:
     train_set, val_set, num_classes = build_datasets(cfg, env)
     parts = build_parts(cfg, env, num_classes, amp)
     if resume is not None:
-        progress = load_training_checkpoint(resume, parts, env, cfg)
+        with said_once(env):
+            progress = load_training_checkpoint(resume, parts, env, cfg)
     else:
         progress = Progress()
         seed_globals(derive_seed(cfg.seed, env.rank))
     train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set, env)
-    if resume is not None:
-        check_place(progress, sampler.steps, resume)
-    prepare_output(cfg, resume is not None, env)
+    with said_once(env):
+        if resume is not None:
+            check_place(progress, sampler.steps, resume)
+        prepare_output(cfg, resume is not None, env)
     if resume is not None and env.is_main:
         restore_outputs(parts, progress, cfg)
     log(env, run_line(cfg, parts.model, len(train_set), len(val_set), num_classes, env.world_size,
@@ -296,6 +325,8 @@ def _run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts) -> Progress:
             try:
                 row = run_epoch(session, (train_loader, val_loader), sampler.steps, epoch, progress)
             except TrainingDiverged as e:
+                if not env.is_main:  # every process saw the same reduced loss
+                    raise ReportedElsewhere(1) from None
                 last = out / "last.pth"
                 kept = (f"{last} (at the end of epoch {recorded_epoch(last)}) is the last good checkpoint"
                         if last.exists() else "no checkpoint had been written yet")

@@ -266,7 +266,7 @@ CORRUPTIONS = {
     "epoch a string": (_set(("epoch",), "1"), "epoch is '1'"),
     "negative batch": (_set(("batch",), -3), "batch is -3"),
     "batch beyond the epoch": (lambda state: state.update(batch=40, step=46),
-                               "was written at epoch 2, step 40, but an epoch of this training set has 6 steps"),
+                               "was written at epoch 2, step 40 of 6, but an epoch of this training set has 6 steps"),
     "step below batch": (_set(("step",), -1), "step is -1"),
     "history too short": (_set(("history",), []), "history is not a list of 1 epoch rows"),
     "history row": (_set(("history", 0, "val_top1"), "high"), "history row 1 is not a summary row of epoch 1"),

@@ -42,8 +42,9 @@ from .state import (
     best_checkpoint,
     check_place,
     load_training_checkpoint,
+    place,
     process_state,
-    recorded_epoch,
+    recorded_place,
     resume_path,
     seed_globals,
     training_checkpoint,
@@ -146,14 +147,6 @@ def save_last(run: Session, progress: Progress) -> None:
     run.interrupts.saved()
 
 
-def place(epoch: int, batch: int, steps: int) -> str:
-    """Where a run stands, in the words of every message about it: `epoch N, step S of T` within an epoch (N
-    counted from 1, S steps of it done), `the end of epoch N` between epochs."""
-    if batch:
-        return f"epoch {epoch + 1}, step {batch} of {steps}"
-    return f"the end of epoch {epoch}" if epoch else "the start"
-
-
 def stopped(run: Session, progress: Progress, steps: int) -> Exception:
     """Every process stops alike; the first one says so."""
     if not run.env.is_main:
@@ -250,7 +243,7 @@ def restore_outputs(parts: Parts, progress: Progress, cfg: TrainConfig) -> None:
     out = Path(cfg.output)
     best = out / "best.pth"
     at_epoch_end = progress.batch == 0 and progress.epoch > 0
-    if at_epoch_end and progress.best_epoch == progress.epoch and recorded_epoch(best) != progress.epoch:
+    if at_epoch_end and progress.best_epoch == progress.epoch and recorded_place(best) != (progress.epoch, 0):
         save_torch(best_checkpoint(parts, progress, cfg), best)  # the resumed weights are the best ones
     if progress.history:
         write_summary(progress.history, out / "summary.csv")
@@ -328,8 +321,9 @@ def _run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts) -> Progress:
                 if not env.is_main:  # every process saw the same reduced loss
                     raise ReportedElsewhere(1) from None
                 last = out / "last.pth"
-                kept = (f"{last} (at the end of epoch {recorded_epoch(last)}) is the last good checkpoint"
-                        if last.exists() else "no checkpoint had been written yet")
+                kept_at = recorded_place(last)
+                kept = (f"{last} (at {place(*kept_at, sampler.steps)}) is the last good checkpoint" if kept_at
+                        else "no checkpoint had been written yet")
                 raise TrainingDiverged(f"{e}, {kept}") from None
             record_epoch(row, session, progress)
             log(env, epoch_line(row, cfg.epochs))

@@ -72,6 +72,14 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def place(epoch: int, batch: int, steps: int) -> str:
+    """Where a run stands, in the words of every message about it: `epoch N, step S of T` within an epoch (N
+    counted from 1, S steps of it done), `the end of epoch N` between epochs."""
+    if batch:
+        return f"epoch {epoch + 1}, step {batch} of {steps}"
+    return f"the end of epoch {epoch}" if epoch else "the start"
+
+
 def process_state(parts: Parts, device: torch.device) -> dict[str, Any]:
     """What differs between processes and must come back to each: its generators, and its BatchNorm running
     statistics (and the EMA's), which stay per process between the epoch-end averages (or for good without
@@ -119,15 +127,18 @@ def best_checkpoint(parts: Parts, progress: Progress, cfg: TrainConfig) -> dict[
     return state
 
 
-def recorded_epoch(path: Path) -> int | None:
-    """The epoch a checkpoint of this trainer says it holds; None where there is no readable one."""
+def recorded_place(path: Path) -> tuple[int, int] | None:
+    """(epoch, batch): where a checkpoint of this trainer says it was written (best.pth: at an epoch's end); None
+    where there is no readable one."""
     if not path.is_file():
         return None
     try:
         obj, _ = read_torch_checkpoint(path)
     except CheckpointError:
         return None
-    return obj.get("epoch") if isinstance(obj, dict) else None
+    if not isinstance(obj, dict) or not _whole(obj.get("epoch")) or not _whole(obj.get("batch", 0)):
+        return None
+    return obj["epoch"], obj.get("batch", 0)
 
 
 def resume_path(cfg: TrainConfig) -> Path | None:
@@ -214,8 +225,8 @@ def check_place(progress: Progress, steps: int, path: Path) -> None:
     """A place within an epoch must be one of the epoch's steps (the global batch is checked to be the same, so
     the count of steps is too, unless the training set changed)."""
     if progress.batch >= steps:
-        raise CheckpointError(f"{path}: was written at epoch {progress.epoch + 1}, step {progress.batch}, but an "
-                              f"epoch of this training set has {steps} steps; resume with the run's data")
+        raise CheckpointError(f"{path}: was written at {place(progress.epoch, progress.batch, steps)}, but an epoch "
+                              f"of this training set has {steps} steps; resume with the run's data")
 
 
 def _rng_problem(state: Any) -> str | None:

@@ -24,13 +24,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def _terminating(owner: int) -> Callable[[int, object], None]:
-    """SIGTERM's handler for process `owner`; a DataLoader worker forked from it ignores it until the worker
-    sets its own (`data.shelter_loader_worker`): the main process ends its workers."""
-    def terminate(signum: int, frame: object) -> None:
+def _raising(owner: int, error: type[BaseException]) -> Callable[[int, object], None]:
+    """A signal's handler for process `owner`, raising `error` there; a DataLoader worker forked from it ignores
+    the signal until the worker sets its own handlers (`data.shelter_loader_worker`): the main process ends its
+    workers, and a worker that died of the signal first would only add a second error."""
+    def handler(signum: int, frame: object) -> None:
         if os.getpid() == owner:
-            raise Terminated
-    return terminate
+            raise error
+    return handler
 
 
 def run(body: Callable[[], int], hint: str = "") -> int:
@@ -42,7 +43,8 @@ def run(body: Callable[[], int], hint: str = "") -> int:
     Once a run is stopping, what the stop left half-built (a loader interrupted while it started its workers)
     may fail again in its finalizer or in the loader's SIGCHLD handler as its workers end: that is the stop's
     doing, not another error, so neither is reported."""
-    previous = signal.signal(signal.SIGTERM, _terminating(os.getpid()))
+    previous = {sig: signal.signal(sig, _raising(os.getpid(), error))
+                for sig, error in ((signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt))}
     unraisable, chld = sys.unraisablehook, signal.getsignal(signal.SIGCHLD)
     try:
         return body()
@@ -71,7 +73,8 @@ def run(body: Callable[[], int], hint: str = "") -> int:
               f"--workers 0 an error in the data shows itself, and less memory is used{hint}", file=sys.stderr)
         return 1
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         if chld is not None:
             signal.signal(signal.SIGCHLD, chld)
         sys.unraisablehook = unraisable

@@ -26,7 +26,7 @@ from ..runtime import (
     autocast,
     average_bn_stats,
     barrier,
-    lost_process,
+    peer_loss_as_error,
     resolve_amp,
 )
 from ..weights.torch_io import save_torch
@@ -271,14 +271,12 @@ def run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts | None = None) ->
         if interrupts is None:
             interrupts = stack.enter_context(Interrupts(cfg))
         interrupts.is_main = env.is_main
+        stack.enter_context(peer_loss_as_error(env))
         stack.enter_context(claimed(cfg, env))
         try:
             return _run(cfg, env, interrupts)
-        except RuntimeError as e:
+        except RuntimeError:
             interrupts.check()  # a loader worker that Ctrl-C ended is Ctrl-C's doing
-            lost = lost_process(e, env)
-            if lost is not None:
-                raise lost from None
             raise
 
 

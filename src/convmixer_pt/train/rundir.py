@@ -16,7 +16,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import ReportedElsewhere
+from ..errors import ReportedElsewhere, UserError
 from ..runtime import DistEnv, all_gather_objects
 from .config import ConfigError, TrainConfig
 
@@ -76,12 +76,12 @@ def claimed(cfg: TrainConfig, env: DistEnv) -> Iterator[None]:
     """Hold `cfg.output` for the block. The first process takes the lock; if it cannot, it raises the one-line
     refusal and every other process ends quietly (`ReportedElsewhere`), so a torchrun log says it once."""
     lock = RunLock(Path(cfg.output)) if env.is_main else None
-    refusal: ConfigError | None = None
+    refusal: Exception | None = None
     if lock is not None:
         try:
             check_resume_folder(cfg)
             lock.acquire()
-        except ConfigError as e:
+        except (UserError, OSError) as e:  # OSError: a folder that cannot be made
             refusal = e
     if all_gather_objects(refusal is not None, env)[0]:
         if refusal is not None:

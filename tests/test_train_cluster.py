@@ -132,7 +132,7 @@ def test_sigterm_under_torchrun_stops_both_processes_and_resumes_bit_exactly(dat
     run = dict(values, output=str(tmp_path / "run"))
     proc = disturbed("sigterm", 2, 0, run, tmp_path, nproc=2)
     assert proc.returncode != 0
-    assert "stopped: SIGTERM after step" in proc.stderr and "continue with --resume auto" in proc.stderr
+    assert proc.stderr.count("stopped: SIGTERM at epoch 1, step ") == 1 and "continue with --resume auto" in proc.stderr
     mid = load(tmp_path / "run" / "last.pth")
     assert mid["batch"] > 0 and len(mid["rng"]) == 2  # within the epoch, both processes' generators
     resumed = torchrun(dict(run, resume="auto"))
@@ -155,7 +155,7 @@ def test_sigusr1_stops_at_the_end_of_the_step_with_its_exit_status(data, tmp_pat
         rc = train_cli.main(["--device", "cpu", *cli_args(values)])
     err = capsys.readouterr().err
     assert rc == 128 + signal.SIGUSR1
-    assert err.strip().splitlines()[-1] == (f"stopped: SIGUSR1 after step 2 of 6 in epoch 1; "
+    assert err.strip().splitlines()[-1] == (f"stopped: SIGUSR1 at epoch 1, step 2 of 6; "
                                             f"{tmp_path / 'run' / 'last.pth'} holds it: continue with --resume auto")
     assert load(tmp_path / "run" / "last.pth")["batch"] == 2
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the handlers are the training's only

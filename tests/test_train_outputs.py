@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,9 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, config.Trai
 
 def test_output_files(run_dir: tuple[Path, config.TrainConfig]) -> None:
     out, cfg = run_dir
-    assert sorted(p.name for p in out.iterdir()) == ["args.yaml", "best.pth", "last.pth", "summary.csv",
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "args.yaml", "best.pth", "last.pth", "summary.csv",
                                                      "summary.png"]
+    assert (out / ".lock").read_text().startswith(f"pid {os.getpid()} on ")  # the trainer that held the folder
     assert (out / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert Image.open(out / "summary.png").size[0] > 0
     assert config.resolve(out / "args.yaml", {}) == cfg

@@ -308,3 +308,63 @@ def test_an_image_size_beyond_the_bound_is_refused_before_work(tmp_path) -> None
     assert preprocessing(weights, img_size=8192).img_size == 8192
     with pytest.raises(UserError, match=r"^image size 1000000 is above the largest this package takes, 8,192 pixels$"):
         preprocessing(weights, img_size=1_000_000)
+
+
+# A signal to the whole process group (a scheduler's SIGTERM, `timeout`'s, a terminal's Ctrl-C) as validate.py's
+# `k`-th batch is taken from its loader workers, or (k = 0) as its first worker starts.
+SIGNAL_AT_BATCH = """
+import os, subprocess, sys
+import multiprocessing.process as mp
+from torch.utils.data import dataloader
+name, k, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+def send():  # from another process, as a scheduler's would come (PyTorch's workers tell them apart)
+    subprocess.Popen(["kill", "-s", name, "--", f"-{os.getpgrp()}"]).wait()
+real, count = dataloader._MultiProcessingDataLoaderIter._next_data, [0]
+def next_data(self):
+    count[0] += 1
+    if count[0] == k:
+        send()
+    return real(self)
+dataloader._MultiProcessingDataLoaderIter._next_data = next_data
+real_start = mp.BaseProcess.start
+def start(self):
+    real_start(self)
+    if k == 0:
+        send()
+mp.BaseProcess.start = start
+from convmixer_pt.cli.validate import main
+sys.exit(main(argv))
+"""
+
+
+@pytest.mark.parametrize(("name", "status", "line"), [("TERM", 143, "terminated"), ("INT", 130, "interrupted")])
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_a_signal_with_loader_workers_is_one_line(data, checkpoints, k, name, status, line) -> None:
+    root, _ = data
+    _, pth, _ = checkpoints
+    args = ["--model", NAME, "--checkpoint", str(pth), "--data-dir", str(root), "--img-size", str(SIZE),
+            "--batch-size", "2", "--workers", "2", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_BATCH, name, str(k), *args], capture_output=True,
+                          text=True, timeout=300, start_new_session=True)
+    assert proc.returncode == status, proc.stderr
+    assert proc.stderr == f"error: {line}\n"
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_bad_image_on_one_process_is_one_error_line(checkpoints, tmp_path) -> None:
+    """The process that meets the image names it; the other one, whose gather finds its peer gone, says that in
+    one line instead of gloo's traceback."""
+    _, pth, _ = checkpoints
+    make_image_folder(tmp_path / "val", classes=CLASSES, images=8)
+    bad = sorted((tmp_path / "val").rglob("*.*"))[1]
+    bad.write_bytes(bad.read_bytes()[:40])
+    args = ["--model", NAME, "--checkpoint", str(pth), "--data-dir", str(tmp_path / "val"), "--img-size",
+            str(SIZE), "--batch-size", "1", "--workers", "0", "--device", "cpu", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           *VALIDATE[1:], *args], capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert sum(f"{bad}: cannot read the image" in line for line in lines) == 1, proc.stderr[-3000:]
+    assert all("cannot read the image" in line or "another process of this run ended" in line
+               or line == "error: terminated" for line in lines), lines
+    assert "pair.cc" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]

@@ -20,6 +20,7 @@ import json
 import os
 import random
 import re
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -465,3 +466,15 @@ class RankSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices)
+
+
+def shelter_loader_worker(worker_id: int) -> None:
+    """Every DataLoader's `worker_init_fn`. A stop signal or Ctrl-C is for the main process, which finishes or
+    unwinds and then ends its workers; a worker that one killed first would fail the main process's next batch
+    with a second error. So workers leave the main process's process group (signals sent to the group, a
+    terminal's Ctrl-C, a scheduler's, pass them by) and ignore SIGUSR1 and Ctrl-C; SIGTERM keeps PyTorch's
+    worker handler, with which the loader ends a worker that does not stop. Until a worker gets here it has the
+    handlers it inherited from the main process: the CLIs' own ignore a signal in a process other than theirs."""
+    os.setpgrp()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)

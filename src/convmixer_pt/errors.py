@@ -54,6 +54,15 @@ def brief(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
+class ReportedElsewhere(Exception):
+    """A failure that another process of the same run reports (the first process, or the one that failed):
+    this process ends with `exit_code` and prints nothing, so that a torchrun log holds the message once."""
+
+    def __init__(self, exit_code: int) -> None:
+        super().__init__(f"reported by another process (exit status {exit_code})")
+        self.exit_code = exit_code
+
+
 @contextlib.contextmanager
 def about(subject: object) -> Iterator[None]:
     """Name `subject` (a file, where a config came from) at the front of a UserError raised in the block, so

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -159,6 +161,28 @@ def init_distributed(device: str) -> DistEnv:
                                 store=dist.PrefixStore(f"convmixer_pt/attempt_{attempt}", store), **extra)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev,
                    has_group=under_torchrun)
+
+
+class ProcessLost(UserError):
+    """Another process of the run ended (its own message, or torchrun's, says why), so this one cannot go on."""
+
+
+@contextlib.contextmanager
+def peer_loss_as_error(env: DistEnv) -> Iterator[None]:
+    """Around work with collectives: one that fails because a peer process is gone (gloo says "Connection
+    closed by peer"; the peer said why, or torchrun did) becomes one line instead of the backend's traceback."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if not env.distributed or not any(cause in text for cause in PEER_GONE):
+            raise
+        detail = re.sub(r"^\[[^\]]*\]\s*", "", text.strip().splitlines()[0]).split(". ")[0][:120]
+        raise ProcessLost(f"process {env.rank}: another process of this run ended, so this one cannot go on "
+                          f"({detail})") from None
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
 
 
 def shutdown(env: DistEnv) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from ..runtime import init_distributed, resolve_device, shutdown
 from ..train import config
+from ..train.interrupts import Interrupts
 from ..train.loop import run as train
 from .common import Parser, run
 
@@ -28,15 +29,17 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         cfg = config.resolve(args.config, config.overrides_from_args(args))
-        env = init_distributed(resolve_device(cfg.device))
-        try:
-            if env.device.type == "cuda":
-                torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
-            elif cfg.cpu_threads is not None:
-                torch.set_num_threads(cfg.cpu_threads)
-            train(cfg, env)
-        finally:
-            shutdown(env)
+        # The signal handlers before anything that can take long (joining the process group, reading the data).
+        with Interrupts(cfg) as interrupts:
+            env = init_distributed(resolve_device(cfg.device))
+            try:
+                if env.device.type == "cuda":
+                    torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick its fastest kernels
+                elif cfg.cpu_threads is not None:
+                    torch.set_num_threads(cfg.cpu_threads)
+                train(cfg, env, interrupts)
+            finally:
+                shutdown(env)
         return 0
 
     return run(body, hint="; resume with --resume auto")

@@ -22,10 +22,18 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..data import ImageFolder, RankSampler, ShardDataset
+from ..data import ImageFolder, RankSampler, ShardDataset, shelter_loader_worker
 from ..errors import UserError, brief, error_line
 from ..files import atomic_path, parse_yaml, write_text, writing
-from ..runtime import autocast, barrier, init_distributed, require_mindspore, resolve_device, shutdown
+from ..runtime import (
+    autocast,
+    barrier,
+    init_distributed,
+    peer_loss_as_error,
+    require_mindspore,
+    resolve_device,
+    shutdown,
+)
 from ..variants import (
     EVAL_CROP_PCT,
     EVAL_INPUT_SIZE,
@@ -234,11 +242,12 @@ def validate(
             predict = mindspore_predictor(net)
         sampler = RankSampler(len(dataset), env)
         loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                            pin_memory=torch_device.type == "cuda")
+                            pin_memory=torch_device.type == "cuda", worker_init_fn=shelter_loader_worker)
         eval_device = torch_device if framework == "torch" else torch.device("cpu")
-        (result,) = evaluate([predict], loader, env, eval_device, indices=sampler.indices,
-                             progress=progress and env.is_main)
-        barrier(env)  # gloo aborts a process that leaves while a peer's gather is still sending to it
+        with peer_loss_as_error(env):
+            (result,) = evaluate([predict], loader, env, eval_device, indices=sampler.indices,
+                                 progress=progress and env.is_main)
+            barrier(env)  # gloo aborts a process that leaves while a peer's gather is still sending to it
     finally:
         shutdown(env)
     report = dict(model=model or model_name(weights), checkpoint=str(checkpoint), framework=framework,

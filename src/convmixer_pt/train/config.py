@@ -189,6 +189,12 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# The keys a resumed run may change: where and how it runs, not what it computes. Any other change is refused
+# (state.check_same_run). batch_size and grad_accum may change only as long as the global batch (batch_size x
+# grad_accum x processes) stays what it was, so that the epoch's remaining samples are the same.
+RESUME_MAY_CHANGE = frozenset({"data_dir", "output", "resume", "overwrite", "stop_epoch", "device", "workers",
+                               "cpu_threads", "progress", "checkpoint_every", "tensorboard", "log_every",
+                               "batch_size", "grad_accum", "channels_last", "compile"})
 HINTS = typing.get_type_hints(TrainConfig)
 
 

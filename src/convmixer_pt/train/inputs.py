@@ -7,8 +7,6 @@ decoding (random tensors of the configured size) so a GPU can be exercised witho
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +25,7 @@ from ..data import (
     ShardDataset,
     SyntheticImages,
     derive_seed,
+    shelter_loader_worker,
     write_digits_imagefolder,
     write_generated_imagefolder,
 )
@@ -122,15 +121,6 @@ def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Seeded, Dataset, int
     return Seeded(train), val, n
 
 
-def shelter_from_stop_signals(worker_id: int) -> None:
-    """In a loader worker: a stop signal is for the training process, which finishes its step and checkpoints,
-    and a worker it killed would fail that step. Workers ignore SIGUSR1 and leave the training process's
-    process group, so that signals sent to the group (a terminal's Ctrl-C, a scheduler's) pass them by. They
-    keep SIGTERM's default, with which the loader shuts them down."""
-    os.setpgrp()
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-
-
 def build_loaders(cfg: TrainConfig, train: Seeded, val: Dataset, env: DistEnv
                   ) -> tuple[DataLoader, DataLoader, GlobalBatchSampler]:
     """The train loader (its sampler, returned too, is set to each epoch and its first step), the val loader."""
@@ -141,7 +131,7 @@ def build_loaders(cfg: TrainConfig, train: Seeded, val: Dataset, env: DistEnv
                         f"{sampler.global_batch} (batch_size x grad_accum x processes)")
     pin = env.device.type == "cuda"
     train_loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                              pin_memory=pin, drop_last=True, worker_init_fn=shelter_from_stop_signals)
+                              pin_memory=pin, drop_last=True, worker_init_fn=shelter_loader_worker)
     val_loader = DataLoader(val, batch_size=cfg.batch_size, sampler=RankSampler(len(val), env),
-                            num_workers=cfg.workers, pin_memory=pin, worker_init_fn=shelter_from_stop_signals)
+                            num_workers=cfg.workers, pin_memory=pin, worker_init_fn=shelter_loader_worker)
     return train_loader, val_loader, sampler

@@ -8,7 +8,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,23 +17,34 @@ from torch import nn
 from tqdm import tqdm
 
 from ..data import derive_seed
-from ..errors import Stopped, UserError
+from ..errors import ReportedElsewhere, Stopped, UserError
 from ..evaluation.loop import EvalResult, evaluate
-from ..runtime import DistEnv, all_gather_objects, all_reduce_sum, autocast, average_bn_stats, barrier, resolve_amp
+from ..runtime import (
+    DistEnv,
+    all_gather_objects,
+    all_reduce_sum,
+    autocast,
+    average_bn_stats,
+    barrier,
+    peer_loss_as_error,
+    resolve_amp,
+)
 from ..weights.torch_io import save_torch
 from .config import ConfigError, TrainConfig, check, save_yaml
 from .inputs import build_datasets, build_loaders
 from .interrupts import Interrupts
 from .parts import Parts, build_parts
 from .report import TensorBoard, epoch_line, plot_summary, run_line, write_summary
+from .rundir import RUN_FILES, claimed, run_files, start_over
 from .schedule import lr_at_step, set_lr
 from .state import (
-    RUN_FILES,
     Progress,
     best_checkpoint,
+    check_place,
     load_training_checkpoint,
+    place,
     process_state,
-    recorded_epoch,
+    recorded_place,
     resume_path,
     seed_globals,
     training_checkpoint,
@@ -70,6 +81,7 @@ def train_one_epoch(run: Session, loader: Iterable, steps: int, epoch: int, prog
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, dynamic_ncols=True,
                disable=not (env.is_main and cfg.progress), file=sys.stderr)
     for step in range(first, steps):
+        run.interrupts.check()
         lr = lr_at_step(epoch, step, steps, cfg.epochs, cfg.lr)
         set_lr(parts.optimizer, lr)
         parts.optimizer.zero_grad(set_to_none=True)
@@ -95,8 +107,8 @@ def train_one_epoch(run: Session, loader: Iterable, steps: int, epoch: int, prog
         mean_loss, checkpoint_due, stop = totals[0] / env.world_size, totals[1] > 0, totals[2:]
         if not math.isfinite(mean_loss):
             bar.close()
-            raise TrainingDiverged(f"the training loss became {mean_loss} at epoch {epoch + 1}, step {step + 1}; "
-                                   "stopped before updating the weights")
+            raise TrainingDiverged(f"the training loss became {mean_loss} at epoch {epoch + 1}, step {step + 1} of "
+                                   f"{steps}; stopped before updating the weights")
         if cfg.clip_grad is not None:
             parts.scaler.unscale_(parts.optimizer)
             nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.clip_grad)
@@ -135,12 +147,13 @@ def save_last(run: Session, progress: Progress) -> None:
     run.interrupts.saved()
 
 
-def stopped(run: Session, progress: Progress, steps: int) -> Stopped:
+def stopped(run: Session, progress: Progress, steps: int) -> Exception:
+    """Every process stops alike; the first one says so."""
+    if not run.env.is_main:
+        return ReportedElsewhere(128 + run.interrupts.stopping)
     name = signal.Signals(run.interrupts.stopping).name
-    where = f"step {progress.batch} of {steps} in epoch {progress.epoch + 1}" if progress.batch else \
-        f"epoch {progress.epoch}"
-    return Stopped(f"{name} after {where}; {Path(run.cfg.output) / 'last.pth'} holds it: continue with "
-                   f"--resume auto", 128 + run.interrupts.stopping)
+    return Stopped(f"{name} at {place(progress.epoch, progress.batch, steps)}; {Path(run.cfg.output) / 'last.pth'} "
+                   f"holds it: continue with --resume auto", 128 + run.interrupts.stopping)
 
 
 def evaluate_models(models: list[nn.Module], loader: Iterable, env: DistEnv, amp: str,
@@ -207,20 +220,19 @@ def record_epoch(row: dict[str, float], run: Session, progress: Progress) -> Non
 
 
 def prepare_output(cfg: TrainConfig, resuming: bool, env: DistEnv) -> None:
-    """Refuse to start a new run over an existing one unless asked to (`overwrite`), then make the folder."""
+    """Refuse to start a new run over an existing one unless asked to (`overwrite`, which removes the old run's
+    own files, and nothing else), then record the config. The folder is the run's (`rundir.claimed`)."""
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} is a file, not a folder")
-    existing = [name for name in RUN_FILES if (out / name).exists()]
+    existing = run_files(out)
     if existing and not resuming:
         if not cfg.overwrite:
-            raise ConfigError(f"{out} already holds a run ({', '.join(existing)}): continue it with --resume auto, "
+            names = [p.name for p in existing if p.name in RUN_FILES]
+            names += ["TensorBoard events"] if len(names) < len(existing) else []
+            raise ConfigError(f"{out} already holds a run ({', '.join(names)}): continue it with --resume auto, "
                               "or start it over with --overwrite")
         if env.is_main:
-            for name in existing:
-                (out / name).unlink()
+            start_over(out)
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out / "args.yaml")
     barrier(env)
 
@@ -231,47 +243,84 @@ def restore_outputs(parts: Parts, progress: Progress, cfg: TrainConfig) -> None:
     out = Path(cfg.output)
     best = out / "best.pth"
     at_epoch_end = progress.batch == 0 and progress.epoch > 0
-    if at_epoch_end and progress.best_epoch == progress.epoch and recorded_epoch(best) != progress.epoch:
+    if at_epoch_end and progress.best_epoch == progress.epoch and recorded_place(best) != (progress.epoch, 0):
         save_torch(best_checkpoint(parts, progress, cfg), best)  # the resumed weights are the best ones
     if progress.history:
         write_summary(progress.history, out / "summary.csv")
         plot_summary(progress.history, out / "summary.png")
 
 
-def run(cfg: TrainConfig, env: DistEnv) -> Progress:
-    """Train (or continue) the configured run and write everything into `cfg.output`."""
+@contextlib.contextmanager
+def said_once(env: DistEnv) -> Iterator[None]:
+    """Around checks that every process makes alike (the same file, the same config): where they fail, the first
+    process says why, and the others end quietly, so that a torchrun log holds the line once."""
+    try:
+        yield
+    except UserError:
+        if env.is_main:
+            raise
+        raise ReportedElsewhere(1) from None
+
+
+def run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts | None = None) -> Progress:
+    """Train (or continue) the configured run and write everything into `cfg.output`, which it holds
+    (`rundir.claimed`) from before anything is read or written there. `interrupts`: the command's signal
+    handlers, where it installed them before joining the process group; installed here otherwise."""
     check(cfg)
+    with contextlib.ExitStack() as stack:
+        if interrupts is None:
+            interrupts = stack.enter_context(Interrupts(cfg))
+        interrupts.is_main = env.is_main
+        stack.enter_context(peer_loss_as_error(env))
+        stack.enter_context(claimed(cfg, env))
+        try:
+            return _run(cfg, env, interrupts)
+        except RuntimeError:
+            interrupts.check()  # a loader worker that Ctrl-C ended is Ctrl-C's doing
+            raise
+
+
+def _run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts) -> Progress:
     amp = resolve_amp(cfg.amp, env.device.type)
     out = Path(cfg.output)
     resume = resume_path(cfg)
     train_set, val_set, num_classes = build_datasets(cfg, env)
     parts = build_parts(cfg, env, num_classes, amp)
     if resume is not None:
-        progress = load_training_checkpoint(resume, parts, env, cfg)
+        with said_once(env):
+            progress = load_training_checkpoint(resume, parts, env, cfg)
     else:
         progress = Progress()
         seed_globals(derive_seed(cfg.seed, env.rank))
     train_loader, val_loader, sampler = build_loaders(cfg, train_set, val_set, env)
-    stop = cfg.stop_epoch or cfg.epochs
-    prepare_output(cfg, resume is not None, env)
+    with said_once(env):
+        if resume is not None:
+            check_place(progress, sampler.steps, resume)
+        prepare_output(cfg, resume is not None, env)
     if resume is not None and env.is_main:
         restore_outputs(parts, progress, cfg)
-    where = f"epoch {progress.epoch}" + (f", step {progress.batch}" if progress.batch else "")
     log(env, run_line(cfg, parts.model, len(train_set), len(val_set), num_classes, env.world_size,
                       sampler.global_batch, sampler.steps, env.device.type, amp)
-        + (f" | resumed from {resume} after {where}" if resume is not None else ""))
+        + (f" | resumed from {resume} at {place(progress.epoch, progress.batch, sampler.steps)}"
+           if resume is not None else ""))
     board = TensorBoard(out / "tensorboard", purge_step=progress.step) if cfg.tensorboard and env.is_main else None
-    with Interrupts(cfg, env.is_main) as interrupts, contextlib.ExitStack() as closing:
+    stop = cfg.stop_epoch or cfg.epochs
+    with contextlib.ExitStack() as closing:
         if board is not None:
             closing.callback(board.close)
         session = Session(cfg, env, amp, parts, interrupts, board)
+        interrupts.training = True
+        interrupts.check()
         for epoch in range(progress.epoch, stop):
             sampler.set_epoch(epoch, progress.batch)
             try:
                 row = run_epoch(session, (train_loader, val_loader), sampler.steps, epoch, progress)
             except TrainingDiverged as e:
+                if not env.is_main:  # every process saw the same reduced loss
+                    raise ReportedElsewhere(1) from None
                 last = out / "last.pth"
-                kept = (f"{last} (after epoch {recorded_epoch(last)}) is the last good checkpoint" if last.exists()
+                kept_at = recorded_place(last)
+                kept = (f"{last} (at {place(*kept_at, sampler.steps)}) is the last good checkpoint" if kept_at
                         else "no checkpoint had been written yet")
                 raise TrainingDiverged(f"{e}, {kept}") from None
             record_epoch(row, session, progress)
@@ -279,8 +328,9 @@ def run(cfg: TrainConfig, env: DistEnv) -> Progress:
             if interrupts.stopping is not None and epoch + 1 < stop:
                 raise stopped(session, progress, sampler.steps)
     barrier(env)
-    if stop < cfg.epochs:
-        log(env, f"stopped after epoch {stop} of {cfg.epochs}; continue with --resume auto --output {out}")
+    if progress.epoch < cfg.epochs:
+        log(env, f"stopped at {place(progress.epoch, 0, sampler.steps)} of {cfg.epochs}; continue with --resume auto "
+            f"--output {out}")
     log(env, f"done: best val top-1 {progress.best_score:.2f}% (epoch {progress.best_epoch}); outputs in {out}/ "
         "(last.pth, best.pth, summary.csv, summary.png, args.yaml)")
     return progress

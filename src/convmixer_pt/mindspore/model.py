@@ -10,8 +10,6 @@ Importing this module imports MindSpore; `import convmixer_pt` does not.
 
 from __future__ import annotations
 
-from typing import Any
-
 from mindspore import Tensor, nn, ops
 
 from ..variants import activation, check_sizes
@@ -78,11 +76,6 @@ class MSConvMixer(nn.Cell):
             nn.Dense(dim, num_classes),
         ])
         self.set_train(False)
-
-    @property
-    def arch(self) -> dict[str, Any]:
-        return dict(dim=self.dim, depth=self.depth, kernel_size=self.kernel_size, patch_size=self.patch_size,
-                    in_chans=self.in_chans, num_classes=self.num_classes, act=self.act)
 
     def construct(self, x: Tensor) -> Tensor:
         return self.network(x)

@@ -20,7 +20,7 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -57,13 +57,21 @@ class Encoded:
         return self.name
 
 
-def load_image(source: str | Path | Encoded) -> Image.Image:
+def load_image(source: str | Path | Encoded,
+               before_decode: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """PIL decode of a file or of encoded bytes to RGB; an image PIL cannot read, or one that would decompress
-    to more pixels than PIL's limit (a decompression bomb), becomes one DataError naming it."""
+    to more pixels than PIL's limit (a decompression bomb), becomes one DataError naming it.
+
+    `before_decode` sees the opened image (size and format known, pixels not decoded yet): where it may ask
+    PIL for a reduced-size decode (`Image.draft`). An RGB image is returned as decoded, without the copy
+    `convert("RGB")` would make."""
     try:
         with io.BytesIO(source.data) if isinstance(source, Encoded) else open(source, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB")
+            if before_decode is not None:
+                before_decode(img)
+            img.load()
+            return img if img.mode == "RGB" else img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"{source}: cannot read the image ({e})") from None
 
@@ -247,10 +255,11 @@ def _build_tree(root: Path, write: Callable[[Path], None]) -> Path:
 
 
 def write_generated_imagefolder(root: str | Path, classes: int, train_images: int, val_images: int,
-                                seed: int = 0) -> Path:
-    """JPEG photographs' stand-ins in `root/{train,val}/<class>/`: sizes from 160 to 480 pixels a side,
-    low-frequency random content tinted by class, so that decoding, resizing and every augmentation run as
-    on ImageNet without a dataset. Written once; the same arguments give the same files."""
+                                seed: int = 0, shapes: Sequence[tuple[int, int]] | None = None) -> Path:
+    """JPEG photographs' stand-ins in `root/{train,val}/<class>/`: sizes from 160 to 480 pixels a side (or
+    `shapes`, (height, width) pairs taken in turn), low-frequency random content tinted by class, so that
+    decoding, resizing and every augmentation run as on ImageNet without a dataset. Written once; the same
+    arguments give the same files."""
 
     def write(tmp: Path) -> None:
         rng = np.random.default_rng(seed)
@@ -258,7 +267,7 @@ def write_generated_imagefolder(root: str | Path, classes: int, train_images: in
         for split, count in (("train", train_images), ("val", val_images)):
             for i in range(count):
                 label = i % classes
-                h, w = (int(v) for v in rng.integers(160, 481, 2))
+                h, w = (int(v) for v in rng.integers(160, 481, 2)) if shapes is None else shapes[i % len(shapes)]
                 coarse = rng.uniform(0, 255, (h // 32 + 2, w // 32 + 2, 3)).astype(np.uint8)
                 smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), dtype=np.float64)
                 pixels = 0.6 * smooth + 0.4 * palette[label] + rng.normal(0, 8, smooth.shape)

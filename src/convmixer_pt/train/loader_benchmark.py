@@ -1,0 +1,207 @@
+"""How fast the trainer's input pipeline runs per core, against timm's own `train.py` loader in the same run.
+
+What is timed is a loader worker's work for a batch: decode, the paper's augmentation, collation (the CPU side;
+normalization and erasing run on the training device in the trainer and in timm's, so neither counts them). One
+process, one intra-op thread, CPU time (`time.process_time`), every pipeline over the same images in the same
+order; the pipelines take turns in each repeat, and the median pass counts, so that a machine shared with other
+work slows them alike. Rows:
+
+- `timm`: timm's trainer's loader (`create_transform(..., use_prefetcher=True)`, timm's `ImageDataset`,
+  `fast_collate`), the reference;
+- `timm_float`: timm's loader without its prefetcher (float tensors, normalization and erasing on the CPU,
+  `default_collate`), which is what this trainer ran before it sent uint8 to the device;
+- `ours`: the trainer's training set (`Seeded(ImageFolder(TrainCrop))`, each sample's augmentation seeded) and
+  `collate_train`;
+- `ours_reduced`: the same with `reduced_decoding`.
+
+timm's RandAugment posterize is guarded in every row as in the trainer (Pillow 13 refuses what timm asks of it
+about once in 700 images, see `inputs.posterize`). `identical_pixels` says whether a row's uint8 crops equal
+timm's for the same random draws (the first batch, each sample under its own seed).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL
+import torch
+from PIL import Image
+from torch.utils.data import default_collate
+
+from ..data import (
+    ImageFolder,
+    SampleKey,
+    Seeded,
+    derive_seed,
+    load_image,
+    seeded_rngs,
+    write_generated_imagefolder,
+)
+from .config import TrainConfig, resolve
+from .inputs import build_transforms, collate_train, guard_posterize
+
+PIPELINES = ("timm", "timm_float", "ours", "ours_reduced")
+# Training img/s per GPU of this project's model (one H200, bf16, batch 64, docs/performance.md "Model level").
+RECORDED_TRAIN_SPEEDS = {"convmixer_1536_20": 289.5, "convmixer_768_32": 555.7, "convmixer_1024_20": 1454.8}
+PHOTO_SHAPES = ((375, 500), (500, 375))  # ImageNet's most common sizes
+
+
+def generated_photos(workdir: Path, images: int, seed: int = 0) -> Path:
+    """`images` photo-like JPEGs of ImageNet's typical sizes in 10 class folders: `workdir/train`."""
+    write_generated_imagefolder(workdir, 10, images, 1, seed=seed, shapes=PHOTO_SHAPES)
+    return workdir / "train"
+
+
+def _timm_transform(cfg: TrainConfig, prefetcher: bool) -> Callable[[Image.Image], torch.Tensor]:
+    from timm.data import create_transform
+
+    return guard_posterize(create_transform(
+        input_size=cfg.input_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio),
+        hflip=cfg.hflip, color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment,
+        interpolation=cfg.interpolation, mean=tuple(cfg.mean), std=tuple(cfg.std),
+        re_prob=0.0 if prefetcher else cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count,
+        use_prefetcher=prefetcher))
+
+
+def _passes(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int],
+            paths: list[str]) -> dict[str, Callable[[], int]]:
+    """Per pipeline, one pass over `order` in batches: returns the images it produced."""
+    from timm.data import ImageDataset
+    from timm.data.loader import fast_collate
+
+    timm_sets = {name: ImageDataset(str(folder), transform=_timm_transform(cfg, prefetcher))
+                 for name, prefetcher in (("timm", True), ("timm_float", False))}
+    for dataset in timm_sets.values():  # the same files in the same order as ours
+        index = {str(Path(p).resolve()): k for k, (p, _) in enumerate(dataset.reader.samples)}
+        dataset.order = [index[str(Path(paths[i]).resolve())] for i in order]
+    ours = {name: Seeded(ImageFolder(folder, build_transforms(replace(cfg, reduced_decoding=reduced))[0]))
+            for name, reduced in (("ours", False), ("ours_reduced", True))}
+    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+    def timm_pass(name: str, collate: Callable[[list[Any]], Any]) -> Callable[[], int]:
+        dataset = timm_sets[name]
+        timm_batches = [dataset.order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+
+        def run() -> int:
+            return sum(len(collate([dataset[i] for i in b])[1]) for b in timm_batches)
+        return run
+
+    def our_pass(name: str) -> Callable[[], int]:
+        dataset = ours[name]
+
+        def run() -> int:
+            return sum(len(collate_train([dataset[SampleKey(i, derive_seed(0, i))] for i in b])[1])
+                       for b in batches)
+        return run
+
+    return dict(timm=timm_pass("timm", fast_collate), timm_float=timm_pass("timm_float", default_collate),
+                ours=our_pass("ours"), ours_reduced=our_pass("ours_reduced"))
+
+
+def identical_to_timm(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> dict[str, bool]:
+    """Per pipeline: are its uint8 crops (before normalization) timm's prefetcher crops for the same draws?"""
+    timm_tf, float_tf = _timm_transform(cfg, True), _timm_transform(replace(cfg, re_prob=0.0), False)
+    mean = torch.tensor(cfg.mean).view(3, 1, 1)
+    std = torch.tensor(cfg.std).view(3, 1, 1)
+    ours = {name: build_transforms(replace(cfg, reduced_decoding=reduced))[0]
+            for name, reduced in (("ours", False), ("ours_reduced", True))}
+    same = dict.fromkeys(PIPELINES, True)
+    for path, seed in zip(paths, seeds, strict=True):
+        with seeded_rngs(seed):
+            reference = timm_tf(Image.open(path).convert("RGB"))
+        with seeded_rngs(seed):
+            floats = float_tf(Image.open(path).convert("RGB"))
+        same["timm_float"] &= torch.equal(((floats * std + mean) * 255).round().to(torch.uint8), reference)
+        for name, transform in ours.items():
+            with seeded_rngs(seed):
+                crop, _ = transform(path)
+            same[name] &= torch.equal(torch.from_numpy(np.array(crop)).permute(2, 0, 1), reference)
+    return same
+
+
+def reduced_crop_psnr(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> dict[str, Any]:
+    """PSNR (dB, 8-bit peak) of the reduced-decoding RandomResizedCrop output against the full decode's for
+    the same draws (before flip and RandAugment, whose thresholds would magnify differences), over the crops
+    that were decoded reduced; and how many were, per scale."""
+    full, reduced = (build_transforms(replace(cfg, reduced_decoding=r))[0] for r in (False, True))
+    psnr, scales = [], dict.fromkeys(("1", "2", "4", "8"), 0)
+    for path, seed in zip(paths, seeds, strict=True):
+        crops = []
+        for transform in (full, reduced):
+            drawn: list[Any] = []
+            with seeded_rngs(seed):
+                img = load_image(path, lambda opened, t=transform, d=drawn: d.extend(t.draw(opened)))
+            crops.append(transform.resize(img, *drawn))
+        scale = drawn[2]
+        scales[str(round(scale))] += 1
+        if scale != 1:
+            mse = np.mean((np.asarray(crops[0], np.float64) - np.asarray(crops[1], np.float64)) ** 2)
+            psnr.append(10 * np.log10(255 ** 2 / max(mse, 1e-12)))
+    return dict(psnr_db_median=statistics.median(psnr) if psnr else None, psnr_db_min=min(psnr, default=None),
+                psnr_db_mean=statistics.fmean(psnr) if psnr else None, decoded_at_scale=scales)
+
+
+def loader_times(folder: Path, images: int = 256, batch_size: int = 64, repeats: int = 5, input_size: int = 224,
+                 log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """One row per pipeline (PIPELINES): img/s per core over the first `images` of the ImageFolder `folder` in
+    a shuffled order, the median of `repeats` passes; its ratio to timm's; the cores per GPU it needs to feed
+    this project's model at the training speeds recorded in docs/performance.md."""
+    cfg = resolve(None, dict(input_size=input_size))  # the paper's recipe
+    tree = ImageFolder(folder, transform=lambda path: path)
+    paths = [p for p, _ in tree.samples]
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(0)).tolist()[:images]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check = order[:batch_size]
+        log(f"checking pixels against timm's on {len(check)} images, PSNR of reduced decoding on {len(order)}")
+        seeds = [derive_seed(0, i) for i in order]
+        same = identical_to_timm(cfg, [paths[i] for i in check], seeds[:len(check)])
+        psnr = reduced_crop_psnr(cfg, [paths[i] for i in order], seeds)
+        passes = _passes(folder, cfg, batch_size, order, paths)
+        for run in passes.values():  # warm-up: file cache, lazy imports, allocator
+            run()
+        seconds: dict[str, list[float]] = {name: [] for name in PIPELINES}
+        for r in range(repeats):
+            for name in PIPELINES[r % len(PIPELINES):] + PIPELINES[:r % len(PIPELINES)]:
+                start = time.process_time()
+                count = passes[name]()
+                seconds[name].append(time.process_time() - start)
+            log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {len(order) / seconds[n][-1]:.0f}" for n in PIPELINES)
+                + " img/s per core")
+    finally:
+        torch.set_num_threads(threads)
+    import timm
+
+    rate = {name: count / statistics.median(seconds[name]) for name in PIPELINES}
+    rows = []
+    for name in PIPELINES:
+        rows.append(dict(
+            pipeline=name, identical_pixels=same[name], img_per_s_per_core=rate[name],
+            ms_cpu_per_image=1e3 / rate[name], ratio_to_timm=rate[name] / rate["timm"],
+            cores_per_gpu={model: speed / rate[name] for model, speed in RECORDED_TRAIN_SPEEDS.items()},
+            passes_s=seconds[name], images=len(order), batch_size=batch_size, input_size=input_size,
+            recipe=dict(auto_augment=cfg.auto_augment, interpolation=cfg.interpolation, hflip=cfg.hflip,
+                        re_prob=cfg.re_prob, re_mode=cfg.re_mode),
+            **(psnr if name == "ours_reduced" else {}),
+            cpu=platform.processor() or platform.machine(), load_average=os.getloadavg(), torch=torch.__version__,
+            timm=timm.__version__, pillow=PIL.__version__))
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    models = list(RECORDED_TRAIN_SPEEDS)
+    header = ("pipeline", "identical", "ms/img", "img/s/core", "x timm", *(f"cores/GPU {m[10:]}" for m in models))
+    lines = [header] + [(r["pipeline"], "yes" if r["identical_pixels"] else "no", f"{r['ms_cpu_per_image']:.2f}",
+                         f"{r['img_per_s_per_core']:.0f}", f"{r['ratio_to_timm']:.2f}",
+                         *(f"{r['cores_per_gpu'][m]:.1f}" for m in models)) for r in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)

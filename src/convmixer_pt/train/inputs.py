@@ -93,8 +93,8 @@ class ErasingBoxes:
 
 class TrainCrop:
     """A training sample in a loader worker: decode, timm's RandomResizedCrop, flip and RandAugment, as timm's
-    trainer computes them; the result is the uint8 RGB crop and its erasing plan (`plan_size` int64s: a seed
-    for the erased pixels, then (top, left, height, width) per box, zeros for no box), drawn after the crop.
+    trainer computes them; the result is the RGB crop and its erasing plan (`plan_size` integers: a seed for
+    the erased pixels, then (top, left, height, width) per box, zeros for no box), drawn after the crop.
 
     With `reduced`, a JPEG is decoded at the smallest of PIL's DCT scales (1/2, 1/4, 1/8) at which the crop's
     region still has at least the output's pixels in each direction: the crop is drawn on the full-size
@@ -106,7 +106,7 @@ class TrainCrop:
         self.crop, self.rest, self.eraser, self.reduced = crop, rest, eraser, reduced
         self.plan_size = 1 + 4 * erase_count
 
-    def __call__(self, source: str | Path | Encoded) -> tuple[Image.Image, torch.Tensor]:
+    def __call__(self, source: str | Path | Encoded) -> tuple[Image.Image, tuple[int, ...]]:
         drawn: list[Any] = []
         img = load_image(source, lambda opened: drawn.extend(self.draw(opened)))
         img = self.rest(self.resize(img, *drawn))
@@ -140,15 +140,12 @@ class TrainCrop:
                     scale = full_width / drafted[1][2]
         return params, interpolation, scale
 
-    def erasing_plan(self, height: int, width: int) -> torch.Tensor:
-        plan = torch.zeros(self.plan_size, dtype=torch.int64)
+    def erasing_plan(self, height: int, width: int) -> tuple[int, ...]:
+        boxes = ErasingBoxes((3, height, width))
         if self.eraser is not None:
-            boxes = ErasingBoxes((3, height, width))
             self.eraser(boxes)
-            for k, b in enumerate(boxes.boxes):
-                plan[1 + 4 * k:5 + 4 * k] = torch.tensor(b)
-        plan[0] = random.getrandbits(63)
-        return plan
+        plan = [random.getrandbits(63), *(v for box in boxes.boxes for v in box)]
+        return tuple(plan + [0] * (self.plan_size - len(plan)))
 
 
 def collate_train(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,7 +161,7 @@ def collate_train(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Ten
     pixels = images.numpy()
     for k, ((crop, _), _) in enumerate(batch):
         pixels[k] = np.asarray(crop)
-    return images, labels, torch.stack([plan for (_, plan), _ in batch])
+    return images, labels, torch.tensor([plan for (_, plan), _ in batch], dtype=torch.int64)
 
 
 class DeviceInputs:
@@ -215,7 +212,9 @@ def build_transforms(cfg: TrainConfig) -> tuple[TrainCrop, object]:
         raise ConfigError(f"auto_augment {cfg.auto_augment!r}: timm cannot build it ({type(e).__name__}: {e}); "
                           "the paper's policy is rand-m9-mstd0.5-inc1") from None
     crop, *flip = primary.transforms
-    eraser = RandomErasing(cfg.re_prob, mode=cfg.re_mode, max_count=cfg.re_count, device="meta") \
+    # The boxes only: they are drawn alike in every mode, and 'const' fills them at no cost (DeviceInputs
+    # makes the configured mode's pixels).
+    eraser = RandomErasing(cfg.re_prob, mode="const", max_count=cfg.re_count, device="cpu") \
         if cfg.re_prob > 0 else None
     train = TrainCrop(crop, Compose([*flip, *guard_posterize(secondary).transforms]), eraser, cfg.re_count,
                       reduced=cfg.reduced_decoding)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -71,35 +72,55 @@ def _timm_transform(cfg: TrainConfig, prefetcher: bool) -> Callable[[Image.Image
         use_prefetcher=prefetcher))
 
 
-def _passes(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int],
-            paths: list[str]) -> dict[str, Callable[[], int]]:
-    """Per pipeline, one pass over `order` in batches: returns the images it produced."""
+def _seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+
+
+def _passes(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], seeds: list[int],
+            paths: list[str]) -> dict[str, Callable[[], float]]:
+    """Per pipeline, one pass over `order` in batches, returning the CPU seconds it took. Every pipeline draws
+    the same augmentation for the same image (timm's are seeded before each sample, outside the timed work;
+    ours seed themselves, inside it, as in the trainer), so that all do the same image work."""
     from timm.data import ImageDataset
     from timm.data.loader import fast_collate
 
     timm_sets = {name: ImageDataset(str(folder), transform=_timm_transform(cfg, prefetcher))
                  for name, prefetcher in (("timm", True), ("timm_float", False))}
-    for dataset in timm_sets.values():  # the same files in the same order as ours
-        index = {str(Path(p).resolve()): k for k, (p, _) in enumerate(dataset.reader.samples)}
-        dataset.order = [index[str(Path(paths[i]).resolve())] for i in order]
+    index = {str(Path(p).resolve()): k for k, (p, _) in enumerate(timm_sets["timm"].reader.samples)}
+    timm_order = [index[str(Path(paths[i]).resolve())] for i in order]  # the same files in the same order
     ours = {name: Seeded(ImageFolder(folder, build_transforms(replace(cfg, reduced_decoding=reduced))[0]))
             for name, reduced in (("ours", False), ("ours_reduced", True))}
-    batches = [order[k:k + batch_size] for k in range(0, len(order), batch_size)]
+    spans = range(0, len(order), batch_size)
 
-    def timm_pass(name: str, collate: Callable[[list[Any]], Any]) -> Callable[[], int]:
+    def timm_pass(name: str, collate: Callable[[list[Any]], Any]) -> Callable[[], float]:
         dataset = timm_sets[name]
-        timm_batches = [dataset.order[k:k + batch_size] for k in range(0, len(order), batch_size)]
 
-        def run() -> int:
-            return sum(len(collate([dataset[i] for i in b])[1]) for b in timm_batches)
+        def run() -> float:
+            spent = 0.0
+            for k in spans:
+                items = []
+                for i, seed in zip(timm_order[k:k + batch_size], seeds[k:k + batch_size], strict=True):
+                    _seed(seed)
+                    start = time.process_time()
+                    items.append(dataset[i])
+                    spent += time.process_time() - start
+                start = time.process_time()
+                collate(items)
+                spent += time.process_time() - start
+            return spent
         return run
 
-    def our_pass(name: str) -> Callable[[], int]:
+    def our_pass(name: str) -> Callable[[], float]:
         dataset = ours[name]
+        keys = [SampleKey(i, seed) for i, seed in zip(order, seeds, strict=True)]  # the sampler's, in the trainer
 
-        def run() -> int:
-            return sum(len(collate_train([dataset[SampleKey(i, derive_seed(0, i))] for i in b])[1])
-                       for b in batches)
+        def run() -> float:
+            start = time.process_time()
+            for k in spans:
+                collate_train([dataset[key] for key in keys[k:k + batch_size]])
+            return time.process_time() - start
         return run
 
     return dict(timm=timm_pass("timm", fast_collate), timm_float=timm_pass("timm_float", default_collate),
@@ -166,22 +187,20 @@ def loader_times(folder: Path, images: int = 256, batch_size: int = 64, repeats:
         seeds = [derive_seed(0, i) for i in order]
         same = identical_to_timm(cfg, [paths[i] for i in check], seeds[:len(check)])
         psnr = reduced_crop_psnr(cfg, [paths[i] for i in order], seeds)
-        passes = _passes(folder, cfg, batch_size, order, paths)
+        passes = _passes(folder, cfg, batch_size, order, seeds, paths)
         for run in passes.values():  # warm-up: file cache, lazy imports, allocator
             run()
         seconds: dict[str, list[float]] = {name: [] for name in PIPELINES}
         for r in range(repeats):
             for name in PIPELINES[r % len(PIPELINES):] + PIPELINES[:r % len(PIPELINES)]:
-                start = time.process_time()
-                count = passes[name]()
-                seconds[name].append(time.process_time() - start)
+                seconds[name].append(passes[name]())
             log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {len(order) / seconds[n][-1]:.0f}" for n in PIPELINES)
                 + " img/s per core")
     finally:
         torch.set_num_threads(threads)
     import timm
 
-    rate = {name: count / statistics.median(seconds[name]) for name in PIPELINES}
+    rate = {name: len(order) / statistics.median(seconds[name]) for name in PIPELINES}
     rows = []
     for name in PIPELINES:
         rows.append(dict(

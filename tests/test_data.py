@@ -60,10 +60,11 @@ def test_eval_transform_is_resize_then_center_crop(tmp_path: Path) -> None:
     torch.testing.assert_close(evaluate(img), ref)
 
 
-def test_train_transform_output_shape() -> None:
+def test_train_transform_output_shape(tmp_path: Path) -> None:
     train, _ = build_transforms(config.TrainConfig(input_size=24))
-    img = Image.fromarray(np.zeros((40, 30, 3), dtype=np.uint8))
-    assert train(img).shape == (3, 24, 24)
+    Image.fromarray(np.zeros((40, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    crop, plan = train(tmp_path / "a.png")
+    assert crop.size == (24, 24) and crop.mode == "RGB" and len(plan) == 5
 
 
 def test_global_batches_do_not_depend_on_the_process_layout() -> None:

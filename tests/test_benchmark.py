@@ -123,3 +123,35 @@ def test_shard_benchmark_reads_every_order_from_real_shards(tmp_path):
     assert all(r["ms"] > 0 for r in rows) and rows[1]["reads"] == rows[2]["reads"] == 25
     dataset = ShardDataset(write_test_shards(tmp_path, 3, 10), transform=lambda encoded: encoded.data)
     assert len(dataset) == 30 and dataset[29] == (bytes(range(100)), 0)
+
+
+def test_cli_loader_rows_per_pipeline_from_generated_jpegs(tmp_path, monkeypatch, capsys):
+    """`--loader` with no folder: generated JPEGs in a temporary folder it removes; one row per pipeline, timm's
+    trainer's as "timm"; the trainer's crops are timm's pixels, reduced decoding's not where it decoded less."""
+    import tempfile
+
+    from convmixer_pt.cli import benchmark as cli
+    from convmixer_pt.train.loader_benchmark import PIPELINES, RECORDED_TRAIN_SPEEDS
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = tmp_path / "loader.json"
+    assert cli.main(["--loader", "--num-images", "6", "--batch-size", "4", "--repeats", "1", "--img-size", "48",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["pipeline"] for r in rows] == list(PIPELINES) and not any(scratch.iterdir())
+    by_name = {r["pipeline"]: r for r in rows}
+    assert by_name["timm"]["identical_pixels"] and by_name["ours"]["identical_pixels"]
+    assert by_name["timm_float"]["identical_pixels"]
+    reduced = by_name["ours_reduced"]  # at 48 pixels every crop of a 375-pixel side has 96 pixels or more
+    assert reduced["decoded_at_scale"]["1"] == 0 and sum(reduced["decoded_at_scale"].values()) == 6
+    assert not reduced["identical_pixels"] and 25 < reduced["psnr_db_min"] <= reduced["psnr_db_median"] < 80
+    for r in rows:
+        assert r["images"] == 6 and r["img_per_s_per_core"] > 0 and r["identical_pixels"] in (True, False)
+        assert r["ratio_to_timm"] == pytest.approx(r["img_per_s_per_core"] / by_name["timm"]["img_per_s_per_core"])
+        for model, speed in RECORDED_TRAIN_SPEEDS.items():
+            assert r["cores_per_gpu"][model] == pytest.approx(speed / r["img_per_s_per_core"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["pipeline", "identical", "ms/img", "img/s/core"]
+    assert [line.split()[0] for line in table[1:]] == list(PIPELINES)

@@ -181,8 +181,9 @@ class DeviceInputs:
         images = images.to(self.device, non_blocking=True)
         if images.dtype != torch.uint8:
             return images
-        x = images.permute(0, 3, 1, 2).float().sub_(self.mean).div_(self.std)
-        x = x.contiguous(memory_format=self.memory_format)
+        # The layout changes while the pixels are bytes: a quarter of the memory traffic of floats.
+        x = images.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
+        x = x.float().sub_(self.mean).div_(self.std)
         for k, plan in enumerate(plans.tolist()):
             boxes = [plan[b:b + 4] for b in range(1, len(plan), 4) if plan[b + 2] > 0]
             if not boxes:

@@ -150,6 +150,7 @@ def test_cli_loader_rows_per_pipeline_from_generated_jpegs(tmp_path, monkeypatch
     for r in rows:
         assert r["images"] == 6 and r["img_per_s_per_core"] > 0 and r["identical_pixels"] in (True, False)
         assert r["ratio_to_timm"] == pytest.approx(r["img_per_s_per_core"] / by_name["timm"]["img_per_s_per_core"])
+        assert r["paired_ratio_to_timm"] == pytest.approx(by_name["timm"]["passes_s"][0] / r["passes_s"][0])
         for model, speed in RECORDED_TRAIN_SPEEDS.items():
             assert r["cores_per_gpu"][model] == pytest.approx(speed / r["img_per_s_per_core"])
     table = capsys.readouterr().out.splitlines()

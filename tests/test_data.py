@@ -137,6 +137,9 @@ def test_a_seeded_sample_is_augmented_alike_wherever_it_is_decoded() -> None:
     random.random(), np.random.rand(3), torch.rand(5)
     state = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     assert data[SampleKey(1, 77)] == first and data[SampleKey(1, 78)] != first
+    # A DataLoader's batch (`__getitems__`): each sample as alone, whatever comes before it in the batch.
+    keys = [SampleKey(2, 5), SampleKey(1, 77), SampleKey(1, 78)]
+    assert data.__getitems__(keys) == [data[k] for k in keys] and data.__getitems__(keys[1:2]) == [first]
     assert random.getstate() == state[0] and (np.random.get_state()[1] == state[1]).all()
     assert torch.equal(torch.get_rng_state(), state[2])
 

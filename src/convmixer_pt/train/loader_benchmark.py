@@ -118,8 +118,8 @@ def _passes(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], s
 
         def run() -> float:
             start = time.process_time()
-            for k in spans:
-                collate_train([dataset[key] for key in keys[k:k + batch_size]])
+            for k in spans:  # as the trainer's DataLoader asks for a batch
+                collate_train(dataset.__getitems__(keys[k:k + batch_size]))
             return time.process_time() - start
         return run
 

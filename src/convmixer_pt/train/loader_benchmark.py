@@ -3,7 +3,7 @@
 What is timed is a loader worker's work for a batch: decode, the paper's augmentation, collation (the CPU side;
 normalization and erasing run on the training device in the trainer and in timm's, so neither counts them). One
 process, one intra-op thread, CPU time (`time.process_time`), every pipeline over the same images in the same
-order; the pipelines take turns in each repeat, and the median pass counts, so that a machine shared with other
+order; the pipelines take turns batch by batch, and the median pass counts, so that a machine shared with other
 work slows them alike. Rows:
 
 - `timm`: timm's trainer's loader (`create_transform(..., use_prefetcher=True)`, timm's `ImageDataset`,
@@ -78,11 +78,11 @@ def _seed(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
-def _passes(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], seeds: list[int],
-            paths: list[str]) -> dict[str, Callable[[], float]]:
-    """Per pipeline, one pass over `order` in batches, returning the CPU seconds it took. Every pipeline draws
-    the same augmentation for the same image (timm's are seeded before each sample, outside the timed work;
-    ours seed themselves, inside it, as in the trainer), so that all do the same image work."""
+def _batches(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], seeds: list[int],
+             paths: list[str]) -> dict[str, Callable[[int], float]]:
+    """Per pipeline, a function that makes batch k of `order` and returns the CPU seconds it took. Every
+    pipeline draws the same augmentation for the same image (timm's are seeded before each sample, outside the
+    timed work; ours seed themselves, inside it, as in the trainer), so that all do the same image work."""
     from timm.data import ImageDataset
     from timm.data.loader import fast_collate
 
@@ -92,39 +92,34 @@ def _passes(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], s
     timm_order = [index[str(Path(paths[i]).resolve())] for i in order]  # the same files in the same order
     ours = {name: Seeded(ImageFolder(folder, build_transforms(replace(cfg, reduced_decoding=reduced))[0]))
             for name, reduced in (("ours", False), ("ours_reduced", True))}
-    spans = range(0, len(order), batch_size)
+    keys = [SampleKey(i, seed) for i, seed in zip(order, seeds, strict=True)]  # the trainer's sampler makes these
 
-    def timm_pass(name: str, collate: Callable[[list[Any]], Any]) -> Callable[[], float]:
+    def timm_batch(name: str, collate: Callable[[list[Any]], Any]) -> Callable[[int], float]:
         dataset = timm_sets[name]
 
-        def run() -> float:
-            spent = 0.0
-            for k in spans:
-                items = []
-                for i, seed in zip(timm_order[k:k + batch_size], seeds[k:k + batch_size], strict=True):
-                    _seed(seed)
-                    start = time.process_time()
-                    items.append(dataset[i])
-                    spent += time.process_time() - start
+        def run(k: int) -> float:
+            spent, items = 0.0, []
+            for i, seed in zip(timm_order[k:k + batch_size], seeds[k:k + batch_size], strict=True):
+                _seed(seed)
                 start = time.process_time()
-                collate(items)
+                items.append(dataset[i])
                 spent += time.process_time() - start
-            return spent
+            start = time.process_time()
+            collate(items)
+            return spent + time.process_time() - start
         return run
 
-    def our_pass(name: str) -> Callable[[], float]:
+    def our_batch(name: str) -> Callable[[int], float]:
         dataset = ours[name]
-        keys = [SampleKey(i, seed) for i, seed in zip(order, seeds, strict=True)]  # the sampler's, in the trainer
 
-        def run() -> float:
+        def run(k: int) -> float:
             start = time.process_time()
-            for k in spans:  # as the trainer's DataLoader asks for a batch
-                collate_train(dataset.__getitems__(keys[k:k + batch_size]))
+            collate_train(dataset.__getitems__(keys[k:k + batch_size]))  # as the trainer's DataLoader asks
             return time.process_time() - start
         return run
 
-    return dict(timm=timm_pass("timm", fast_collate), timm_float=timm_pass("timm_float", default_collate),
-                ours=our_pass("ours"), ours_reduced=our_pass("ours_reduced"))
+    return dict(timm=timm_batch("timm", fast_collate), timm_float=timm_batch("timm_float", default_collate),
+                ours=our_batch("ours"), ours_reduced=our_batch("ours_reduced"))
 
 
 def identical_to_timm(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> dict[str, bool]:
@@ -189,14 +184,20 @@ def loader_times(folder: Path, images: int = 256, batch_size: int = 64, repeats:
         seeds = [derive_seed(0, i) for i in order]
         same = identical_to_timm(cfg, [paths[i] for i in check], seeds[:len(check)])
         psnr = reduced_crop_psnr(cfg, [paths[i] for i in order], seeds)
-        passes = _passes(folder, cfg, batch_size, order, seeds, paths)
-        for run in passes.values():  # warm-up: file cache, lazy imports, allocator
-            run()
+        batches = _batches(folder, cfg, batch_size, order, seeds, paths)
+        starts = range(0, len(order), batch_size)
+        for run in batches.values():  # warm-up: file cache, lazy imports, allocator
+            run(0)
         seconds: dict[str, list[float]] = {name: [] for name in PIPELINES}
         for r in range(repeats):
-            for name in PIPELINES[r % len(PIPELINES):] + PIPELINES[:r % len(PIPELINES)]:
-                seconds[name].append(passes[name]())
-            log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {len(order) / seconds[n][-1]:.0f}" for n in PIPELINES)
+            spent = dict.fromkeys(PIPELINES, 0.0)
+            for b, k in enumerate(starts):  # the pipelines take turns batch by batch
+                turn = (r + b) % len(PIPELINES)
+                for name in PIPELINES[turn:] + PIPELINES[:turn]:
+                    spent[name] += batches[name](k)
+            for name in PIPELINES:
+                seconds[name].append(spent[name])
+            log(f"repeat {r + 1}/{repeats}: " + ", ".join(f"{n} {len(order) / spent[n]:.0f}" for n in PIPELINES)
                 + " img/s per core")
     finally:
         torch.set_num_threads(threads)

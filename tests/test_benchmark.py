@@ -156,3 +156,15 @@ def test_cli_loader_rows_per_pipeline_from_generated_jpegs(tmp_path, monkeypatch
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:4] == ["pipeline", "identical", "ms/img", "img/s/core"]
     assert [line.split()[0] for line in table[1:]] == list(PIPELINES)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "{tmp}/absent"], "{tmp}/absent: data folder not found"),
+    (["--num-images", "0"], "--num-images must be at least 1, got 0"),
+])
+def test_cli_loader_bad_input_is_one_line(tmp_path, capsys, args, message):
+    from convmixer_pt.cli import benchmark as cli
+
+    assert cli.main(["--loader", *(a.format(tmp=tmp_path) for a in args)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message.format(tmp=tmp_path)}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import platform
-import random
 import statistics
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from ..data import (
     Seeded,
     derive_seed,
     load_image,
+    seed_rngs,
     seeded_rngs,
     write_generated_imagefolder,
 )
@@ -72,12 +72,6 @@ def _timm_transform(cfg: TrainConfig, prefetcher: bool) -> Callable[[Image.Image
         use_prefetcher=prefetcher))
 
 
-def _seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
-
-
 def _batches(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], seeds: list[int],
              paths: list[str]) -> dict[str, Callable[[int], float]]:
     """Per pipeline, a function that makes batch k of `order` and returns the CPU seconds it took. Every
@@ -100,7 +94,7 @@ def _batches(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], 
         def run(k: int) -> float:
             spent, items = 0.0, []
             for i, seed in zip(timm_order[k:k + batch_size], seeds[k:k + batch_size], strict=True):
-                _seed(seed)
+                seed_rngs(seed)
                 start = time.process_time()
                 items.append(dataset[i])
                 spent += time.process_time() - start
@@ -131,10 +125,12 @@ def identical_to_timm(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> d
             for name, reduced in (("ours", False), ("ours_reduced", True))}
     same = dict.fromkeys(PIPELINES, True)
     for path, seed in zip(paths, seeds, strict=True):
+        with Image.open(path) as opened:
+            decoded = opened.convert("RGB")  # as timm's ImageDataset decodes
         with seeded_rngs(seed):
-            reference = timm_tf(Image.open(path).convert("RGB"))
+            reference = timm_tf(decoded)
         with seeded_rngs(seed):
-            floats = float_tf(Image.open(path).convert("RGB"))
+            floats = float_tf(decoded)
         same["timm_float"] &= torch.equal(((floats * std + mean) * 255).round().to(torch.uint8), reference)
         for name, transform in ours.items():
             with seeded_rngs(seed):

@@ -141,3 +141,48 @@ def test_shard_benchmark_writes_a_folder_of_its_own_in_the_workdir(tmp_path, cap
     assert benchmark_cli.main(args) == 0  # its own folder is reused as it is
     assert (own / "train.json").stat().st_mtime_ns == stamp
     capsys.readouterr()
+
+
+def test_cli_loader_rows_per_pipeline_from_generated_jpegs(tmp_path, monkeypatch, capsys):
+    """`--loader` with no folder: generated JPEGs in a temporary folder it removes; one row per pipeline, timm's
+    trainer's as "timm"; the trainer's crops are timm's pixels, reduced decoding's not where it decoded less."""
+    import tempfile
+
+    from convmixer_pt.cli import benchmark as cli
+    from convmixer_pt.train.loader_benchmark import PIPELINES, RECORDED_TRAIN_SPEEDS
+
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    out = tmp_path / "loader.json"
+    assert cli.main(["--loader", "--num-images", "6", "--batch-size", "4", "--repeats", "1", "--img-size", "48",
+                     "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["pipeline"] for r in rows] == list(PIPELINES) and not any(scratch.iterdir())
+    by_name = {r["pipeline"]: r for r in rows}
+    assert by_name["timm"]["identical_pixels"] and by_name["ours"]["identical_pixels"]
+    assert by_name["timm_float"]["identical_pixels"]
+    reduced = by_name["ours_reduced"]  # at 48 pixels every crop of a 375-pixel side has 96 pixels or more
+    assert reduced["decoded_at_scale"]["1"] == 0 and sum(reduced["decoded_at_scale"].values()) == 6
+    assert not reduced["identical_pixels"] and 25 < reduced["psnr_db_min"] <= reduced["psnr_db_median"] < 80
+    for r in rows:
+        assert r["images"] == 6 and r["img_per_s_per_core"] > 0 and r["identical_pixels"] in (True, False)
+        assert r["ratio_to_timm"] == pytest.approx(r["img_per_s_per_core"] / by_name["timm"]["img_per_s_per_core"])
+        assert r["paired_ratio_to_timm"] == pytest.approx(by_name["timm"]["passes_s"][0] / r["passes_s"][0])
+        for model, speed in RECORDED_TRAIN_SPEEDS.items():
+            assert r["cores_per_gpu"][model] == pytest.approx(speed / r["img_per_s_per_core"])
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:4] == ["pipeline", "identical", "ms/img", "img/s/core"]
+    assert [line.split()[0] for line in table[1:]] == list(PIPELINES)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--data-dir", "{tmp}/absent"], "{tmp}/absent: data folder not found"),
+    (["--num-images", "0"], "--num-images must be at least 1, got 0"),
+])
+def test_cli_loader_bad_input_is_one_line(tmp_path, capsys, args, message):
+    from convmixer_pt.cli import benchmark as cli
+
+    assert cli.main(["--loader", *(a.format(tmp=tmp_path) for a in args)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {message.format(tmp=tmp_path)}"

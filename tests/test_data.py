@@ -113,10 +113,11 @@ def test_eval_transform_is_resize_then_center_crop(tmp_path: Path) -> None:
     torch.testing.assert_close(evaluate(img), ref)
 
 
-def test_train_transform_output_shape() -> None:
+def test_train_transform_output_shape(tmp_path: Path) -> None:
     train, _ = build_transforms(config.TrainConfig(input_size=24))
-    img = Image.fromarray(np.zeros((40, 30, 3), dtype=np.uint8))
-    assert train(img).shape == (3, 24, 24)
+    Image.fromarray(np.zeros((40, 30, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    crop, plan = train(tmp_path / "a.png")
+    assert crop.size == (24, 24) and crop.mode == "RGB" and len(plan) == 5
 
 
 def test_global_batches_do_not_depend_on_the_process_layout() -> None:
@@ -189,6 +190,9 @@ def test_a_seeded_sample_is_augmented_alike_wherever_it_is_decoded() -> None:
     random.random(), np.random.rand(3), torch.rand(5)
     state = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
     assert data[SampleKey(1, 77)] == first and data[SampleKey(1, 78)] != first
+    # A DataLoader's batch (`__getitems__`): each sample as alone, whatever comes before it in the batch.
+    keys = [SampleKey(2, 5), SampleKey(1, 77), SampleKey(1, 78)]
+    assert data.__getitems__(keys) == [data[k] for k in keys] and data.__getitems__(keys[1:2]) == [first]
     assert random.getstate() == state[0] and (np.random.get_state()[1] == state[1]).all()
     assert torch.equal(torch.get_rng_state(), state[2])
 

@@ -21,7 +21,7 @@ import os
 import random
 import re
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -58,13 +58,21 @@ class Encoded:
         return self.name
 
 
-def load_image(source: str | Path | Encoded) -> Image.Image:
+def load_image(source: str | Path | Encoded,
+               before_decode: Callable[[Image.Image], None] | None = None) -> Image.Image:
     """PIL decode of a file or of encoded bytes to RGB; an image PIL cannot read, or one that would decompress
-    to more pixels than PIL's limit (a decompression bomb), becomes one DataError naming it."""
+    to more pixels than PIL's limit (a decompression bomb), becomes one DataError naming it.
+
+    `before_decode` sees the opened image (size and format known, pixels not decoded yet): where it may ask
+    PIL for a reduced-size decode (`Image.draft`). An RGB image is returned as decoded, without the copy
+    `convert("RGB")` would make."""
     try:
         with io.BytesIO(source.data) if isinstance(source, Encoded) else open(source, "rb") as f:
             img = Image.open(f)
-            return img.convert("RGB")
+            if before_decode is not None:
+                before_decode(img)
+            img.load()
+            return img if img.mode == "RGB" else img.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else error_line(e)
         raise DataError(f"{source}: cannot read the image ({reason})") from None
@@ -325,11 +333,11 @@ def write_digits_imagefolder(root: str | Path) -> Path:
 
 
 def write_generated_imagefolder(root: str | Path, classes: int, train_images: int, val_images: int,
-                                seed: int = 0) -> Path:
-    """JPEG photographs' stand-ins in `root/{train,val}/<class>/`: sizes from 160 to 480 pixels a side,
-    low-frequency random content tinted by class, so that decoding, resizing and every augmentation run as
-    on ImageNet without a dataset. Written once (`files.generated_folder`); the same arguments give the same
-    files."""
+                                seed: int = 0, shapes: Sequence[tuple[int, int]] | None = None) -> Path:
+    """JPEG photographs' stand-ins in `root/{train,val}/<class>/`: sizes from 160 to 480 pixels a side (or
+    `shapes`, (height, width) pairs taken in turn), low-frequency random content tinted by class, so that
+    decoding, resizing and every augmentation run as on ImageNet without a dataset. Written once
+    (`files.generated_folder`); the same arguments give the same files."""
 
     def write(tmp: Path) -> None:
         rng = np.random.default_rng(seed)
@@ -337,7 +345,7 @@ def write_generated_imagefolder(root: str | Path, classes: int, train_images: in
         for split, count in (("train", train_images), ("val", val_images)):
             for i in range(count):
                 label = i % classes
-                h, w = (int(v) for v in rng.integers(160, 481, 2))
+                h, w = (int(v) for v in rng.integers(160, 481, 2)) if shapes is None else shapes[i % len(shapes)]
                 coarse = rng.uniform(0, 255, (h // 32 + 2, w // 32 + 2, 3)).astype(np.uint8)
                 smooth = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BILINEAR), dtype=np.float64)
                 pixels = 0.6 * smooth + 0.4 * palette[label] + rng.normal(0, 8, smooth.shape)
@@ -346,7 +354,7 @@ def write_generated_imagefolder(root: str | Path, classes: int, train_images: in
                 Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:06d}.jpg", quality=90)
 
     signature = (f"convmixer_pt generated images: {classes} classes, {train_images} train and {val_images} val "
-                 f"images, seed {seed}")
+                 f"images, seed {seed}" + (f", shapes {list(shapes)}" if shapes is not None else ""))
     return generated_folder(root, signature, write)
 
 
@@ -363,6 +371,8 @@ class SyntheticImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         g = torch.Generator().manual_seed(derive_seed(self.seed, i))
         return torch.randn(3, self.input_size, self.input_size, generator=g), i % self.num_classes
+
+
 class SampleKey(NamedTuple):
     """What a training loader asks a `Seeded` dataset for: an index and the seed of that sample's augmentation."""
 
@@ -371,19 +381,33 @@ class SampleKey(NamedTuple):
 
 
 @contextlib.contextmanager
-def seeded_rngs(seed: int) -> Iterator[None]:
-    """Python's, NumPy's and torch's global generators seeded from `seed` inside the block and restored after
-    it, so that what runs inside draws the same numbers wherever and whenever it runs."""
-    states = random.getstate(), np.random.get_state(), torch.get_rng_state()
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def restored_rngs() -> Iterator[None]:
+    """Python's, NumPy's and torch's global CPU generators as they were before the block, after it."""
+    cpu = torch.default_generator
+    states = random.getstate(), np.random.get_state(), cpu.get_state()
     try:
         yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
-        torch.set_rng_state(states[2])
+        cpu.set_state(states[2])
+
+
+def seed_rngs(seed: int) -> None:
+    """Python's, NumPy's and torch's global CPU generators seeded from `seed` (torch's CPU generator alone:
+    `torch.manual_seed` would also seed every accelerator's, at ~100x the cost, per sample)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """The global CPU generators seeded from `seed` inside the block and restored after it, so that what runs
+    inside draws the same numbers wherever and whenever it runs."""
+    with restored_rngs():
+        seed_rngs(seed)
+        yield
 
 
 class Seeded(Dataset):
@@ -401,6 +425,16 @@ class Seeded(Dataset):
     def __getitem__(self, key: SampleKey) -> Any:
         with seeded_rngs(key.seed):
             return self.dataset[key.index]
+
+    def __getitems__(self, keys: list[SampleKey]) -> list[Any]:
+        """A batch's items, as a DataLoader asks for them: each sample seeded as by `__getitem__`, the caller's
+        generators saved and restored once per batch (NumPy's state alone costs ~80 us each way)."""
+        items = []
+        with restored_rngs():
+            for key in keys:
+                seed_rngs(key.seed)
+                items.append(self.dataset[key.index])
+        return items
 
 
 class GlobalBatchSampler(Sampler[SampleKey]):

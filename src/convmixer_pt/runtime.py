@@ -104,6 +104,7 @@ class DistEnv:
     world_size: int
     device: torch.device
     has_group: bool = False  # a process group is joined (the trainer then wraps the model in DDP)
+    local_world_size: int = 1  # processes on this machine (they share its cores)
 
     @property
     def distributed(self) -> bool:
@@ -160,7 +161,7 @@ def init_distributed(device: str) -> DistEnv:
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank, world_size=world_size,
                                 store=dist.PrefixStore(f"convmixer_pt/attempt_{attempt}", store), **extra)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=dev,
-                   has_group=under_torchrun)
+                   has_group=under_torchrun, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 class ProcessLost(UserError):

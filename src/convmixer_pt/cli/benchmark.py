@@ -8,6 +8,7 @@
     python scripts/benchmark.py --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
     taskset -c 0 python scripts/benchmark.py --convert --workdir /tmp/bench --json convert.json   # conversion
     taskset -c 0 python scripts/benchmark.py --shards --workdir /tmp/shards --json shards.json    # tar shards
+    python scripts/benchmark.py --loader --json loader.json     # the training input pipeline per core vs timm's
 
 Training steps are forward + backward + AdamW under autocast; inference is a forward pass under
 inference_mode. timm's ConvMixer is the peer: it runs in each --peer-layouts layout (default: the run's),
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -33,6 +35,8 @@ from ..fast import FastOptions
 from ..fast.settings import KERNEL_SETS
 from ..files import check_output, write_text
 from ..runtime import AMP_DTYPES, resolve_device
+from ..train.loader_benchmark import PHOTO_SHAPES, generated_photos, loader_times
+from ..train.loader_benchmark import format_table as format_loader_table
 from ..variants import check_sizes, list_models, variant_arch
 from .common import Parser, run
 
@@ -76,6 +80,12 @@ def parser() -> Parser:
                    help="time reading tar shards instead: the trainer's chunked order against one global shuffle "
                         "(--num-shards shards of 1000 small samples, written to --workdir once)")
     p.add_argument("--num-shards", type=int, default=160, help="--shards: how many shards of 1000 samples")
+    p.add_argument("--loader", action="store_true",
+                   help="time the trainer's input pipeline per core (one process, one thread, CPU time) against "
+                        "timm's train.py loader instead, at --img-size, in batches of --batch-size, --repeats passes")
+    p.add_argument("--data-dir", help="--loader: an ImageFolder tree to read (default: generated photo-like JPEGs "
+                                      "in a temporary folder, removed afterwards)")
+    p.add_argument("--num-images", type=int, default=256, help="--loader: images per pass")
     p.add_argument("--workdir", default="convert_benchmark",
                    help="--convert, --shards: the folder in which they make a folder of their own for their files")
     return p
@@ -89,6 +99,21 @@ def fast_options(args: argparse.Namespace) -> FastOptions:
             (args.fused_bn, env.fused_batchnorm), (args.kernel_set, env.kernel_set)]
     enabled, channels_last, fused, kernel_set = (flag if flag is not None else default for flag, default in pick)
     return FastOptions(enabled=enabled, channels_last=channels_last, fused_batchnorm=fused, kernel_set=kernel_set)
+
+
+def loader_rows(args: argparse.Namespace) -> list[dict]:
+    """`--loader`: the rows of `loader_times` on --data-dir, or on JPEGs generated into a temporary folder."""
+    def log(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    common = dict(images=args.num_images, batch_size=args.batch_size, repeats=args.repeats,
+                  input_size=args.img_size, log=log)
+    if args.data_dir:
+        return loader_times(Path(args.data_dir), **common)
+    with tempfile.TemporaryDirectory(prefix="convmixer-loader-") as tmp:
+        log(f"writing {args.num_images} photo-like JPEGs ({PHOTO_SHAPES[0][1]}x{PHOTO_SHAPES[0][0]} and "
+            f"{PHOTO_SHAPES[1][1]}x{PHOTO_SHAPES[1][0]}) to {tmp}")
+        return loader_times(generated_photos(Path(tmp), args.num_images), **common)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -114,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.set_device(device)  # CUDA events, do_bench and Triton launches use the current device
         if args.depthwise_op and device.type != "cuda":
             raise UserError("--depthwise-op needs a CUDA device")
-        if args.shards:
+        if args.num_images < 1:
+            raise UserError(f"--num-images must be at least 1, got {args.num_images}")
+        if args.loader:
+            rows = loader_rows(args)
+            print(format_loader_table(rows))
+        elif args.shards:
             rows = shard_read_times(Path(args.workdir), shards=args.num_shards,
                                     log=lambda line: print(line, flush=True))
         elif args.convert:

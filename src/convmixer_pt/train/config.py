@@ -133,6 +133,9 @@ class TrainConfig:
     synthetic_train_size: int = 1280  # images per epoch of the generated and synthetic datasets
     synthetic_val_size: int = 256
     input_size: int = EVAL_INPUT_SIZE
+    # decode each training JPEG at 1/2, 1/4 or 1/8 size where its random crop still has input_size pixels a side
+    # there (PIL's draft mode: faster, pixels close to but not those of a full decode; docs/performance.md)
+    reduced_decoding: bool = False
     crop_pct: float = EVAL_CROP_PCT  # eval: resize the shorter side to floor(input_size / crop_pct), center crop
     eval_interpolation: str = EVAL_INTERPOLATION
     mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
@@ -176,7 +179,7 @@ class TrainConfig:
     # run
     device: str = "auto"
     amp: str = "auto"  # bf16 on CUDA, none on CPU
-    workers: int = 4
+    workers: int | None = None  # loader workers per process (None: from the cores and the device)
     cpu_threads: int | None = None  # intra-op threads on CPU (None: PyTorch's default, one per core)
     seed: int = 0
     output: str = "runs/train"

@@ -3,21 +3,37 @@
 ImageNet and the embedded digits run take the same path: an ImageFolder tree (`train/<class>/*`,
 `val/<class>/*`) read with PIL, transformed by timm's `create_transform`. The synthetic dataset skips
 decoding (random tensors of the configured size) so a GPU can be exercised without any data.
+
+Training images leave the loader's workers as timm's trainer sends them (its `use_prefetcher` path): uint8
+crops, collated without a float copy; normalization and random erasing run on the training device
+(`DeviceInputs`). The erasing boxes are drawn in the worker with the rest of the sample's augmentation (from
+its seed, see `data.Seeded`), and the erased pixels come from a generator seeded per sample, so that a run
+resumes exactly and a sample is augmented alike whatever process or batch it lands in.
 """
 
 from __future__ import annotations
 
+import os
+import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from PIL import Image
 from timm.data import auto_augment, create_transform
+from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import Compose
+from torchvision.transforms import functional as TF
 
 from ..data import (
     CACHE,
     DIGITS_CACHE,
     Decoded,
+    Encoded,
     GlobalBatchSampler,
     ImageFolder,
     RankSampler,
@@ -25,6 +41,7 @@ from ..data import (
     ShardDataset,
     SyntheticImages,
     derive_seed,
+    load_image,
     shelter_loader_worker,
     write_digits_imagefolder,
     write_generated_imagefolder,
@@ -56,20 +73,155 @@ def guard_posterize(transform: Any) -> Any:
     return transform
 
 
-def build_transforms(cfg: TrainConfig) -> tuple[object, object]:
-    """timm's training pipeline (RandomResizedCrop, flip, RandAugment, erasing) and its eval pipeline."""
+class ErasingBoxes:
+    """What timm's `RandomErasing` erases, drawn as it draws it and recorded instead of filled in: it stands for
+    an image tensor of `shape` (channels, height, width)."""
+
+    dtype = torch.float32
+
+    def __init__(self, shape: tuple[int, int, int]) -> None:
+        self.shape = shape
+        self.boxes: list[tuple[int, int, int, int]] = []  # (top, left, height, width)
+
+    def size(self) -> tuple[int, int, int]:
+        return self.shape
+
+    def __setitem__(self, key: tuple[slice, slice, slice], value: Any) -> None:
+        _, rows, cols = key
+        self.boxes.append((rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start))
+
+
+class TrainCrop:
+    """A training sample in a loader worker: decode, timm's RandomResizedCrop, flip and RandAugment, as timm's
+    trainer computes them; the result is the RGB crop and its erasing plan (`plan_size` integers: a seed for
+    the erased pixels, then (top, left, height, width) per box, zeros for no box), drawn after the crop.
+
+    With `reduced`, a JPEG is decoded at the smallest of PIL's DCT scales (1/2, 1/4, 1/8) at which the crop's
+    region still has at least the output's pixels in each direction: the crop is drawn on the full-size
+    geometry first (the same draws as without), then its box is mapped onto the reduced image. Other images,
+    and JPEG crops that need the full resolution, take the same path as without."""
+
+    def __init__(self, crop: RandomResizedCropAndInterpolation, rest: Callable[[Image.Image], Image.Image],
+                 eraser: RandomErasing | None, erase_count: int, reduced: bool = False) -> None:
+        self.crop, self.rest, self.eraser, self.reduced = crop, rest, eraser, reduced
+        self.plan_size = 1 + 4 * erase_count
+
+    def __call__(self, source: str | Path | Encoded) -> tuple[Image.Image, tuple[int, ...]]:
+        drawn: list[Any] = []
+        img = load_image(source, lambda opened: drawn.extend(self.draw(opened)))
+        img = self.rest(self.resize(img, *drawn))
+        return img, self.erasing_plan(img.height, img.width)
+
+    def resize(self, img: Image.Image, box: tuple[int, int, int, int], interpolation: Any,
+               scale: float) -> Image.Image:
+        """The crop `box` (top, left, height, width on the full-size image) of `img`, decoded at 1/`scale`,
+        resized to the output size: at full size timm's own crop and resize."""
+        i, j, h, w = box
+        if scale == 1:
+            return TF.resized_crop(img, i, j, h, w, list(self.crop.size), interpolation)
+        return img.resize(self.crop.size[::-1], TF.pil_modes_mapping[interpolation],
+                          box=(j / scale, i / scale, (j + w) / scale, (i + h) / scale))
+
+    def draw(self, img: Image.Image) -> tuple[tuple[int, int, int, int], Any, float]:
+        """The crop's box on the full-size image and its interpolation, drawn as timm's transform draws them,
+        and the scale at which to decode (asked of PIL here, before decoding)."""
+        params = self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+        interpolation = self.crop.interpolation
+        if isinstance(interpolation, list | tuple):
+            interpolation = random.choice(interpolation)
+        scale: float = 1
+        if self.reduced and img.format == "JPEG":
+            (_, _, h, w), (out_h, out_w) = params, self.crop.size
+            factor = next((f for f in (8, 4, 2) if h >= f * out_h and w >= f * out_w), 1)
+            if factor > 1:
+                full_width = img.width
+                drafted = img.draft("RGB", (img.width // factor, img.height // factor))
+                if drafted is not None:  # PIL decodes this image only at full size
+                    scale = full_width / drafted[1][2]
+        return params, interpolation, scale
+
+    def erasing_plan(self, height: int, width: int) -> tuple[int, ...]:
+        boxes = ErasingBoxes((3, height, width))
+        if self.eraser is not None:
+            self.eraser(boxes)
+        plan = [random.getrandbits(63), *(v for box in boxes.boxes for v in box)]
+        return tuple(plan + [0] * (self.plan_size - len(plan)))
+
+
+def collate_train(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images, labels, erasing plans) of a training batch. `TrainCrop` samples become one uint8 (N, H, W, 3)
+    tensor, each crop's bytes copied once (timm's `fast_collate` copies through a CHW view); tensors
+    (the synthetic dataset's, already normalized) are stacked, with empty plans."""
+    labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
+    first = batch[0][0]
+    if not isinstance(first, tuple):
+        return torch.stack([x for x, _ in batch]), labels, torch.zeros(len(batch), 0, dtype=torch.int64)
+    img = first[0]
+    images = torch.empty(len(batch), img.height, img.width, 3, dtype=torch.uint8)
+    pixels = images.numpy()
+    for k, ((crop, _), _) in enumerate(batch):
+        pixels[k] = np.asarray(crop)
+    return images, labels, torch.tensor([plan for (_, plan), _ in batch], dtype=torch.int64)
+
+
+class DeviceInputs:
+    """The training device's half of the input pipeline: a uint8 (N, H, W, 3) batch normalized as timm's
+    prefetcher normalizes it ((x - 255 mean) / (255 std) in float32), in NCHW or channels_last, then erased
+    where its plans say, with pixels as timm's `re_mode` makes them ('pixel': per-pixel normal, 'rand': one
+    normal colour per box, 'const': zeros) from a generator seeded by the sample's plan. Float batches
+    (synthetic) pass unchanged."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.device, self.mode = device, cfg.re_mode
+        self.mean = torch.tensor([255 * m for m in cfg.mean], device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor([255 * s for s in cfg.std], device=device).view(1, 3, 1, 1)
+        self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+    def __call__(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        if images.dtype != torch.uint8:
+            return images
+        # The layout changes while the pixels are bytes: a quarter of the memory traffic of floats.
+        x = images.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
+        x = x.float().sub_(self.mean).div_(self.std)
+        for k, plan in enumerate(plans.tolist()):
+            boxes = [plan[b:b + 4] for b in range(1, len(plan), 4) if plan[b + 2] > 0]
+            if not boxes:
+                continue
+            g = torch.Generator(self.device).manual_seed(plan[0])
+            for top, left, h, w in boxes:
+                region = x[k, :, top:top + h, left:left + w]
+                if self.mode == "pixel":
+                    region.copy_(torch.empty(region.shape, device=self.device).normal_(generator=g))
+                elif self.mode == "rand":
+                    region.copy_(torch.empty(3, 1, 1, device=self.device).normal_(generator=g).expand_as(region))
+                else:
+                    region.zero_()
+        return x
+
+
+def build_transforms(cfg: TrainConfig) -> tuple[TrainCrop, object]:
+    """The training sample's worker side (`TrainCrop`: timm's RandomResizedCrop, flip, RandAugment; erasing
+    drawn) and timm's eval pipeline."""
     common = dict(input_size=cfg.input_size, mean=tuple(cfg.mean), std=tuple(cfg.std))
     try:
-        train = create_transform(
+        primary, secondary, _ = create_transform(
             is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
             color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
-            re_prob=cfg.re_prob, re_mode=cfg.re_mode, re_count=cfg.re_count, **common)
+            use_prefetcher=True, separate=True, **common)
     except (AssertionError, KeyError, ValueError) as e:  # timm's checks of the auto_augment string
         raise ConfigError(f"auto_augment {cfg.auto_augment!r}: timm cannot build it ({type(e).__name__}: {e}); "
                           "the paper's policy is rand-m9-mstd0.5-inc1") from None
+    crop, *flip = primary.transforms
+    # The boxes only: they are drawn alike in every mode, and 'const' fills them at no cost (DeviceInputs
+    # makes the configured mode's pixels).
+    eraser = RandomErasing(cfg.re_prob, mode="const", max_count=cfg.re_count, device="cpu") \
+        if cfg.re_prob > 0 else None
+    train = TrainCrop(crop, Compose([*flip, *guard_posterize(secondary).transforms]), eraser, cfg.re_count,
+                      reduced=cfg.reduced_decoding)
     evaluate = create_transform(is_training=False, interpolation=cfg.eval_interpolation, crop_pct=cfg.crop_pct,
                                 **common)
-    return guard_posterize(train), evaluate
+    return train, evaluate
 
 
 def data_root(cfg: TrainConfig, env: DistEnv) -> Path:
@@ -106,10 +258,10 @@ def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Seeded, Dataset, int
     root = data_root(cfg, env)
     train_tf, eval_tf = build_transforms(cfg)
     if cfg.dataset == "shards":
-        train = ShardDataset(root / f"{cfg.train_split}.json", Decoded(train_tf))
+        train = ShardDataset(root / f"{cfg.train_split}.json", train_tf)
         val = ShardDataset(root / f"{cfg.val_split}.json", Decoded(eval_tf))
     else:
-        train = ImageFolder(root / cfg.train_split, Decoded(train_tf))
+        train = ImageFolder(root / cfg.train_split, train_tf)
         val = ImageFolder(root / cfg.val_split, Decoded(eval_tf))
     if train.classes != val.classes:
         raise DataError(f"{root}: the classes of {cfg.train_split} ({len(train.classes)}) and "
@@ -121,17 +273,41 @@ def build_datasets(cfg: TrainConfig, env: DistEnv) -> tuple[Seeded, Dataset, int
     return Seeded(train), val, n
 
 
+def default_workers(device: torch.device, cores: int, processes_here: int) -> int:
+    """Loader workers per training process when the config leaves them to the machine: the cores this process
+    may use (`cores` among `processes_here` training processes) less one for the training process itself on
+    a GPU, which mostly waits on the device; on the CPU the model's own threads need the cores, and one worker
+    decodes while they compute. Never more than the cores (PyTorch warns above that), at most 16."""
+    share = max(1, cores // max(1, processes_here))
+    return min(16, max(1, share - 1)) if device.type == "cuda" else min(1, share - 1)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a scheduler's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def build_loaders(cfg: TrainConfig, train: Seeded, val: Dataset, env: DistEnv
                   ) -> tuple[DataLoader, DataLoader, GlobalBatchSampler]:
-    """The train loader (its sampler, returned too, is set to each epoch and its first step), the val loader."""
+    """The train loader (its sampler, returned too, is set to each epoch and its first step), the val loader.
+
+    Workers follow the machine unless configured (`default_workers`); each keeps at least 4 batches of the
+    process in flight in all (PyTorch's default is 2 per worker), which smooths the uneven cost of RandAugment's
+    operations when there are only one or two workers. Batches go to pinned memory only for a CUDA device,
+    where that lets the copy to the device run asynchronously."""
     shards = train.dataset.shard_sizes if isinstance(train.dataset, ShardDataset) else None
     sampler = GlobalBatchSampler(len(train), cfg.batch_size, cfg.grad_accum, env, cfg.seed, shards=shards)
     if sampler.steps == 0:
         raise DataError(f"the training set has {len(train)} images, fewer than one global batch of "
                         f"{sampler.global_batch} (batch_size x grad_accum x processes)")
     pin = env.device.type == "cuda"
-    train_loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
-                              pin_memory=pin, drop_last=True, worker_init_fn=shelter_loader_worker)
+    workers = cfg.workers if cfg.workers is not None else \
+        default_workers(env.device, usable_cores(), env.local_world_size)
+    prefetch = dict(prefetch_factor=max(2, -(-4 // workers))) if workers else {}
+    train_loader = DataLoader(train, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
+                              collate_fn=collate_train, pin_memory=pin, drop_last=True,
+                              worker_init_fn=shelter_loader_worker, **prefetch)
     val_loader = DataLoader(val, batch_size=cfg.batch_size, sampler=RankSampler(len(val), env),
-                            num_workers=cfg.workers, pin_memory=pin, worker_init_fn=shelter_loader_worker)
+                            num_workers=workers, pin_memory=pin, worker_init_fn=shelter_loader_worker,
+                            **prefetch)
     return train_loader, val_loader, sampler

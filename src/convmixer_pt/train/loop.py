@@ -31,7 +31,7 @@ from ..runtime import (
 )
 from ..weights.torch_io import save_torch
 from .config import ConfigError, TrainConfig, check, save_yaml
-from .inputs import build_datasets, build_loaders
+from .inputs import DeviceInputs, build_datasets, build_loaders
 from .interrupts import Interrupts
 from .parts import Parts, build_parts
 from .report import TensorBoard, epoch_line, plot_summary, run_line, write_summary
@@ -65,6 +65,7 @@ class Session:
     amp: str
     parts: Parts
     interrupts: Interrupts
+    inputs: DeviceInputs
     board: TensorBoard | None = None
 
 
@@ -87,8 +88,8 @@ def train_one_epoch(run: Session, loader: Iterable, steps: int, epoch: int, prog
         parts.optimizer.zero_grad(set_to_none=True)
         step_loss = torch.zeros(1, device=env.device)
         for micro in range(cfg.grad_accum):
-            images, targets = next(batches)
-            images = images.to(env.device, non_blocking=True)
+            images, targets, erasing = next(batches)
+            images = run.inputs(images, erasing)
             targets = targets.to(env.device, non_blocking=True)
             if parts.mixup is not None:
                 images, targets = parts.mixup(images, targets)
@@ -308,7 +309,7 @@ def _run(cfg: TrainConfig, env: DistEnv, interrupts: Interrupts) -> Progress:
     with contextlib.ExitStack() as closing:
         if board is not None:
             closing.callback(board.close)
-        session = Session(cfg, env, amp, parts, interrupts, board)
+        session = Session(cfg, env, amp, parts, interrupts, DeviceInputs(cfg, env.device), board)
         interrupts.training = True
         interrupts.check()
         for epoch in range(progress.epoch, stop):

@@ -1,13 +1,13 @@
 """Measure this project's ConvMixer against timm's in the same process: img/s, TFLOP/s, ratio, peak memory.
 
-    python scripts/benchmark.py --model convmixer_1536_20 --mode train infer --json bench.json
-    python scripts/benchmark.py --model convmixer_768_32 --channels-last --channels-last-kernels --fused-bn
-    python scripts/benchmark.py --model convmixer_1536_20 --compile --peer-layouts nchw channels_last
-    python scripts/benchmark.py --device cpu --model convmixer_128_4 --img-size 32 --batch-size 2 \\
+    convmixer-benchmark --model convmixer_1536_20 --mode train infer --json bench.json
+    convmixer-benchmark --model convmixer_768_32 --channels-last --channels-last-kernels --fused-bn
+    convmixer-benchmark --model convmixer_1536_20 --compile --peer-layouts nchw channels_last
+    convmixer-benchmark --device cpu --model convmixer_128_4 --img-size 32 --batch-size 2 \\
         --infer-batch-size 2 --steps 1 --repeats 1 --warmup 1          # a CPU smoke run
-    python scripts/benchmark.py --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
-    taskset -c 0 python scripts/benchmark.py --convert --workdir /tmp/bench --json convert.json   # conversion
-    taskset -c 0 python scripts/benchmark.py --shards --workdir /tmp/shards --json shards.json    # tar shards
+    convmixer-benchmark --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
+    taskset -c 0 convmixer-benchmark --convert --workdir /tmp/bench --json convert.json   # conversion
+    taskset -c 0 convmixer-benchmark --shards --workdir /tmp/shards --json shards.json    # tar shards
 
 Training steps are forward + backward + AdamW under autocast; inference is a forward pass under
 inference_mode. timm's ConvMixer is the peer: it runs in each --peer-layouts layout (default: the run's),

@@ -12,6 +12,7 @@ GELU, and nothing in the file says which).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..errors import CheckpointError, about
 from ..model import ConvMixer
@@ -146,6 +148,19 @@ def implied_act(arch: Mapping[str, int], recorded: str | None, training_state: b
     if training_state:
         return mindcv_activation(arch), "MindSpore training state: MindCV's cell"
     return None, ""
+
+
+def recorded_config(weights: Weights) -> tuple[dict[str, Any], str]:
+    """The training config a checkpoint of this trainer records, else its run's args.yaml, else nothing."""
+    if isinstance(weights.meta.get("config"), dict):
+        return weights.meta["config"], f"{weights.path} (its training config)"
+    args = weights.path.parent / "args.yaml"
+    if args.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = yaml.safe_load(args.read_text())
+            if isinstance(data, dict):
+                return data, str(args)
+    return {}, "defaults (ImageNet)"
 
 
 def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None, float64: bool = False) -> Weights:

@@ -4,8 +4,11 @@
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing.util
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,12 +16,16 @@ import torch
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """timm's test module (read by test_timm_suite.py where CONVMIXER_TIMM_TESTS names it) marks its tests
+    """This process's own multiprocessing folder (`pymp-*`, made on first use and removed when the process exits)
+    is made now, in the system's temp folder, not in the first test's (`temp_folder_per_test`).
+
+    timm's test module (read by test_timm_suite.py where CONVMIXER_TIMM_TESTS names it) marks its tests
     with timm's own markers: register them, or --strict-markers refuses the module."""
     timm_tests = os.environ.get("CONVMIXER_TIMM_TESTS")
     if timm_tests and Path(timm_tests).is_file():
         for name in sorted(set(re.findall(r"pytest\.mark\.(\w+)", Path(timm_tests).read_text()))):
             config.addinivalue_line("markers", f"{name}: a marker of timm's tests/test_models.py")
+    multiprocessing.util.get_temp_dir()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,3 +45,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def temp_folder_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Each test, and every process it starts, gets a temp folder of its own (TMPDIR and `tempfile.tempdir`),
+    so nothing it leaves reaches the system's temp folder. After the test, the `pymp-*` folders of processes
+    that did not exit cleanly (a trainer a test killed, on purpose) are removed; anything else left there is a
+    leak of the code under test (a temporary checkpoint, a staging file) and fails the test."""
+    folder = tmp_path_factory.mktemp("tmp")  # short: multiprocessing's socket paths must fit in 108 bytes
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    yield folder
+    monkeypatch.undo()
+    left = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("pymp-"):
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            left.append(entry.name)
+    assert not left, f"the test left {', '.join(left)} in its temp folder {folder}"

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """This process's own multiprocessing folder (`pymp-*`, made on first use and removed when the process exits)
-    is made now, in the system's temp folder, not in the first test's (`temp_folder_per_test`).
+    is made now, in the system's temp folder, not in the first test's (`temp_folder_per_test`); so is the path of
+    torch.compile's cache.
 
     timm's test module (read by test_timm_suite.py where CONVMIXER_TIMM_TESTS names it) marks its tests
     with timm's own markers: register them, or --strict-markers refuses the module."""
@@ -26,6 +28,8 @@ def pytest_configure(config: pytest.Config) -> None:
         for name in sorted(set(re.findall(r"pytest\.mark\.(\w+)", Path(timm_tests).read_text()))):
             config.addinivalue_line("markers", f"{name}: a marker of timm's tests/test_models.py")
     multiprocessing.util.get_temp_dir()
+    # torch.compile's cache stays where torch keeps it (the system's temp folder), shared by every test and run.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -47,12 +51,17 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# Left in the temp folder by other programs: multiprocessing's folder of a process that did not exit cleanly (a
+# trainer a test killed on purpose), torchrun's log folders (it keeps them), a native library's session file.
+TOOLS_LEAVE = ("pymp-", "torchelastic_", ".ses")
+
+
 @pytest.fixture(autouse=True)
 def temp_folder_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
     """Each test, and every process it starts, gets a temp folder of its own (TMPDIR and `tempfile.tempdir`),
-    so nothing it leaves reaches the system's temp folder. After the test, the `pymp-*` folders of processes
-    that did not exit cleanly (a trainer a test killed, on purpose) are removed; anything else left there is a
-    leak of the code under test (a temporary checkpoint, a staging file) and fails the test."""
+    so nothing it leaves reaches the system's temp folder. After the test, what other programs leave there is
+    removed (`TOOLS_LEAVE`); anything else is a leak of the code under test (a temporary checkpoint, a staging
+    file) and fails the test."""
     folder = tmp_path_factory.mktemp("tmp")  # short: multiprocessing's socket paths must fit in 108 bytes
     monkeypatch.setenv("TMPDIR", str(folder))
     monkeypatch.setattr(tempfile, "tempdir", str(folder))
@@ -60,8 +69,10 @@ def temp_folder_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
     monkeypatch.undo()
     left = []
     for entry in sorted(folder.iterdir()):
-        if entry.name.startswith("pymp-"):
+        if entry.name.startswith(TOOLS_LEAVE) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(TOOLS_LEAVE):
+            entry.unlink()
         else:
             left.append(entry.name)
     assert not left, f"the test left {', '.join(left)} in its temp folder {folder}"

@@ -54,8 +54,7 @@ RUN: dict[str, str | None] = {
     "convmixer-parity convmixer_1536_20_ks9_p7.pth.tar convmixer_1536_20.ckpt": "mindspore",
     "convmixer-export-mindir convmixer_1536_20_ks9_p7.pth.tar convmixer_1536_20.mindir --verify": "mindspore",
     "convmixer-make-shards --src ~/.cache/convmixer_pt/digits --out runs/digits-shards --shard-size 100": None,
-    "python scripts/benchmark.py --device cpu --model convmixer_128_4 --img-size 32 --batch-size 8 "
-    "--infer-batch-size 8 --steps 2 --repeats 3 --warmup 1 --json cpu_smoke.json": None,
+    "python scripts/benchmark.py --device cpu --model convmixer_128_4": None,
 }
 TRAINING = ("scripts/train.py",)
 
@@ -91,6 +90,11 @@ CHECKED: dict[str, str] = {
     "print(time.perf_counter() - t)": "a timing of MindSpore's import",
     "taskset -c 0 python scripts/benchmark.py --convert --model convmixer_1536_20 --repeats 5 --workdir /tmp/cb "
     "--json convert.json": "a timing run on full-size (207 MB) files; tests/test_convert_benchmark.py runs it small",
+    "python scripts/benchmark.py --device cpu --model convmixer_128_4 --img-size 32 --batch-size 8 "
+    "--infer-batch-size 8 --steps 2 --repeats 3 --warmup 1 --json cpu_smoke.json":
+        "the CPU smoke run above with its sizes given (a recorded measurement)",
+    "python scripts/benchmark.py --model convmixer_1536_20 convmixer_768_32 convmixer_1024_20 --json bench.json": GPU,
+    "python scripts/benchmark.py --model convmixer_768_32 --channels-last": GPU,
     "taskset -c 1 python scripts/benchmark.py --shards --workdir /tmp/shardbench2 --json shards.json":
         "a timing run over 160 shards",
 }

@@ -97,3 +97,48 @@ def test_plain_install_gives_working_console_commands(tmp_path):
     usage = subprocess.run([str(bin_dir / "convmixer-train"), "--help"], env=env, capture_output=True, text=True,
                            timeout=300)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: convmixer-train")
+
+
+@pytest.mark.slow
+def test_the_built_wheel_installs_with_an_extra_in_a_fresh_virtualenv(tmp_path):
+    """The documented install from a wheel: `python -m build`, then `pip install "dist/convmixer_pt-...whl[EXTRA]"`
+    into a new virtualenv. Its dependencies are this environment's (a .pth file puts its site-packages on the new
+    one's path, and pip may not use an index), so pip must find the extra's requirements among them: the extra
+    exists in the wheel's metadata with the requirements setup.cfg gives it."""
+    extra = next((name for name, module in (("mindspore", "mindspore"), ("onnx", "onnxruntime"))
+                  if importlib.util.find_spec(module) is not None), None)
+    if extra is None or importlib.util.find_spec("build") is None:
+        pytest.skip("needs the build package and MindSpore or onnxruntime installed (the dev extra)")
+    source = tmp_path / "source"
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    for name in tracked.split():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+                            str(source / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = (source / "dist").glob("convmixer_pt-*-py3-none-any.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    Path(site, "outer.pth").write_text("\n".join(ours) + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--python", str(python),
+                              "install", "--no-index", f"{wheel}[{extra}]"], capture_output=True, text=True,
+                             timeout=600)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
+    assert f"does not provide the extra '{extra}'" not in install.stderr
+    show = subprocess.run([str(python), "-c", "import importlib.metadata as m, convmixer_pt; d = m.distribution("
+                           "'convmixer_pt'); print(convmixer_pt.__file__); print(*d.requires, sep='\\n')"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=""))
+    assert show.returncode == 0, show.stderr[-3000:]
+    where, *requires = show.stdout.splitlines()
+    assert where.startswith(site)  # the wheel's copy, in the new virtualenv
+    wanted = {str(r.name) for r in requirements(CONFIG["options.extras_require"][extra])}
+    assert wanted <= {Requirement(line).name for line in requires
+                      if Requirement(line).marker is not None and Requirement(line).marker.evaluate({"extra": extra})}
+    usage = subprocess.run([str(venv / "bin" / "convmixer-parity"), "--help"], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, PYTHONPATH=""))
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: convmixer-parity")

@@ -64,7 +64,7 @@ CLUSTER = "needs a cluster (several nodes, SLURM)"
 CHECKED: dict[str, str] = {
     "python3 -m venv .venv": "the install: .ci/run runs it in a fresh virtualenv",
     "pip install -e .[dev]": "the install: .ci/run runs it in a fresh virtualenv",
-    "pytest -q -n 2": "this suite: .ci/run runs it",
+    "pytest -q -n 2 --dist loadfile": "this suite: .ci/run runs it",
     "pytest -q": "this suite",
     'pytest -q -m not slow': "this suite",
     "ruff check .": "the linter: .ci/run runs it",
@@ -281,3 +281,11 @@ def test_runnable_commands_run_as_written(tmp_path, capfd):
         ran.append(command)
     assert (work / "runs" / "digits" / "best.pth").is_file() and (work / "runs" / "digits-ddp" / "best.pth").is_file()
     assert len(ran) >= sum(1 for needs in RUN.values() if needs is None)
+
+
+def test_ci_installs_and_tests_as_the_quick_start_says():
+    """.ci/run is the Quick start on a clean checkout: the same install line and the same test command."""
+    quick = next(body for lang, body in FENCE.findall((REPO / "README.md").read_text()) if lang == "bash")
+    install, train, test = quick.strip().splitlines()
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert install in ci and test in ci and train == "python scripts/train.py --config configs/digits.yaml"

@@ -37,6 +37,9 @@ def install_hint(extra: str) -> str:
             f'pip install "dist/convmixer_pt-<version>-py3-none-any.whl[{extra}]" after python -m build')
 
 
+MINDSPORE_INSTALL = install_hint("mindspore")
+
+
 class MissingDependencyError(UserError):
     """An optional dependency that a command needs is not installed."""
 
@@ -53,7 +56,7 @@ def require_mindspore(purpose: str) -> ModuleType:
         where = " (MindSpore publishes wheels for Python {}.{} to {}.{} only)".format(
             *MINDSPORE_PYTHONS[0], *MINDSPORE_PYTHONS[1]) if unsupported else ""
         raise MissingDependencyError(f"{purpose} needs MindSpore, which is not installed here: "
-                                     f"{install_hint('mindspore')}{where}") from None
+                                     f"{MINDSPORE_INSTALL}{where}") from None
     return mindspore
 
 

@@ -64,19 +64,28 @@ def test_every_cli_has_a_console_command_and_the_scripts_wrap_the_same_mains():
         assert body in (["Expr", "Import", "ImportFrom", "If"], ["Expr", "ImportFrom", "If"]), path
 
 
-@pytest.mark.slow
-def test_plain_install_gives_working_console_commands(tmp_path):
-    """Build the wheel from the tracked files, install it (no dependencies: they are this environment's) into a
-    target directory, and convert with the installed `convmixer-convert` alone on the path."""
-    source = tmp_path / "source"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel `python -m build` makes from the tracked files (built once for this file's tests)."""
+    if importlib.util.find_spec("build") is None:
+        pytest.skip("needs the build package (the dev extra)")
+    source = tmp_path_factory.mktemp("source")
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for name in tracked.split():
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+                            str(source / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (path,) = (source / "dist").glob("convmixer_pt-*-py3-none-any.whl")
+    return path
+
+
+@pytest.mark.slow
+def test_plain_install_gives_working_console_commands(wheel, tmp_path):
+    """The built wheel installed (no dependencies: they are this environment's) into a target directory, and a
+    conversion with the installed `convmixer-convert` alone on the path."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=300)
-    (wheel,) = (tmp_path / "dist").glob("convmixer_pt-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
                    capture_output=True, timeout=300)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
@@ -100,24 +109,15 @@ def test_plain_install_gives_working_console_commands(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_built_wheel_installs_with_an_extra_in_a_fresh_virtualenv(tmp_path):
+def test_the_built_wheel_installs_with_an_extra_in_a_fresh_virtualenv(wheel, tmp_path):
     """The documented install from a wheel: `python -m build`, then `pip install "dist/convmixer_pt-...whl[EXTRA]"`
     into a new virtualenv. Its dependencies are this environment's (a .pth file puts its site-packages on the new
     one's path, and pip may not use an index), so pip must find the extra's requirements among them: the extra
     exists in the wheel's metadata with the requirements setup.cfg gives it."""
     extra = next((name for name, module in (("mindspore", "mindspore"), ("onnx", "onnxruntime"))
                   if importlib.util.find_spec(module) is not None), None)
-    if extra is None or importlib.util.find_spec("build") is None:
-        pytest.skip("needs the build package and MindSpore or onnxruntime installed (the dev extra)")
-    source = tmp_path / "source"
-    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    for name in tracked.split():
-        (source / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / name, source / name)
-    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
-                            str(source / "dist"), str(source)], capture_output=True, text=True, timeout=300)
-    assert built.returncode == 0, built.stderr[-3000:]
-    (wheel,) = (source / "dist").glob("convmixer_pt-*-py3-none-any.whl")
+    if extra is None:
+        pytest.skip("needs MindSpore or onnxruntime installed (the dev extra)")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
     python = venv / "bin" / "python"

@@ -289,3 +289,22 @@ def test_ci_installs_and_tests_as_the_quick_start_says():
     install, train, test = quick.strip().splitlines()
     ci = (REPO / ".ci" / "run").read_text().splitlines()
     assert install in ci and test in ci and train == "python scripts/train.py --config configs/digits.yaml"
+
+
+def test_every_named_command_script_and_flag_exists():
+    """Prose and tables too: each `convmixer-*` named is a console command, each scripts/ or tools/ file exists,
+    each `--flag` is a flag of one of the commands (or of torchrun, pytest or pip, which the docs also show)."""
+    from torch.distributed.run import get_args_parser
+
+    parsers = [importlib.import_module(target.split(":")[0]).parser() for target in console_scripts().values()]
+    flags = {flag for p in [*parsers, get_args_parser()] for flag in p._option_string_actions}
+    flags |= {"--dist", "--durations", "--no-deps", "--target", "--python", "--no-index", "--system-site-packages",
+              "--signal", "--requeue", "--open-mode", "--nodes", "--gpus-per-node", "--cpus-per-task", "--time",
+              "--ntasks-per-node", "--no-isolation", "--wheel", "--outdir"}
+    text = "\n".join(page.read_text() for page in DOCS)
+    for name in set(re.findall(r"\bconvmixer-[a-z-]+[a-z]", text)):
+        assert name in console_scripts(), name
+    for path in set(re.findall(r"\b(?:scripts|tools)/[\w.]+\.(?:py|sh)\b", text)):
+        assert (REPO / path).is_file(), path
+    unknown = sorted({flag for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9_-]*", text) if flag not in flags})
+    assert not unknown, unknown

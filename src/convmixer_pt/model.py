@@ -176,7 +176,6 @@ def feature_indices(count: int, indices: int | list[int] | None = None) -> tuple
     return take, max(take)
 
 
-
 class ConvMixer(nn.Module):
     """Patch embedding, then `depth` blocks of depthwise mixing (residual) and pointwise mixing, then pooling
     (`global_pool`: 'avg', '' for the unpooled map, or timm's other pool types) and the classifier.

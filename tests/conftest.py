@@ -52,8 +52,9 @@ def one_thread():
 
 
 # Left in the temp folder by other programs: multiprocessing's folder of a process that did not exit cleanly (a
-# trainer a test killed on purpose), torchrun's log folders (it keeps them), a native library's session file.
-TOOLS_LEAVE = ("pymp-", "torchelastic_", ".ses")
+# trainer a test killed on purpose), torchrun's log folders (it keeps them), a cache of torch.compile's that
+# ignores TORCHINDUCTOR_CACHE_DIR (torch._inductor.runtime.caching), a native library's session file.
+TOOLS_LEAVE = ("pymp-", "torchelastic_", "torchinductor_", ".ses")
 
 
 @pytest.fixture(autouse=True)

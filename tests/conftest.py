@@ -18,8 +18,8 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 def pytest_configure(config: pytest.Config) -> None:
     """This process's own multiprocessing folder (`pymp-*`, made on first use and removed when the process exits)
-    is made now, in the system's temp folder, not in the first test's (`temp_folder_per_test`); so is the path of
-    torch.compile's cache.
+    is made now, in the system's temp folder, not in the session's (`temp_folder_per_session`); so is the path of
+    torch.compile's cache, shared by every test and run.
 
     timm's test module (read by test_timm_suite.py where CONVMIXER_TIMM_TESTS names it) marks its tests
     with timm's own markers: register them, or --strict-markers refuses the module."""
@@ -57,17 +57,8 @@ def one_thread():
 TOOLS_LEAVE = ("pymp-", "torchelastic_", "torchinductor_", ".ses")
 
 
-@pytest.fixture(autouse=True)
-def temp_folder_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
-    """Each test, and every process it starts, gets a temp folder of its own (TMPDIR and `tempfile.tempdir`),
-    so nothing it leaves reaches the system's temp folder. After the test, what other programs leave there is
-    removed (`TOOLS_LEAVE`); anything else is a leak of the code under test (a temporary checkpoint, a staging
-    file) and fails the test."""
-    folder = tmp_path_factory.mktemp("tmp")  # short: multiprocessing's socket paths must fit in 108 bytes
-    monkeypatch.setenv("TMPDIR", str(folder))
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    yield folder
-    monkeypatch.undo()
+def check_left(folder: Path, who: str) -> None:
+    """Removes what other programs left in `folder`; anything else is a leak and fails `who`."""
     left = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith(TOOLS_LEAVE) and entry.is_dir():
@@ -76,4 +67,27 @@ def temp_folder_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: 
             entry.unlink()
         else:
             left.append(entry.name)
-    assert not left, f"the test left {', '.join(left)} in its temp folder {folder}"
+    assert not left, f"{who} left {', '.join(left)} in its temp folder {folder}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_folder_per_session(tmp_path_factory: pytest.TempPathFactory):
+    """The test process's temp folder (`tempfile.tempdir`): one for the session, since libraries keep paths in
+    it for the life of the process (torch.compile's precompiled headers); checked when the session ends."""
+    folder = tmp_path_factory.mktemp("session-tmp")
+    saved, tempfile.tempdir = tempfile.tempdir, str(folder)
+    yield folder
+    tempfile.tempdir = saved
+    check_left(folder, "the session")
+
+
+@pytest.fixture(autouse=True)
+def temp_folder_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                         temp_folder_per_session: Path):
+    """Every process a test starts gets a temp folder of the test's own (TMPDIR), so nothing it leaves reaches
+    the system's temp folder; what is left there after the test is checked (`check_left`)."""
+    folder = tmp_path_factory.mktemp("tmp")  # short: multiprocessing's socket paths must fit in 108 bytes
+    monkeypatch.setenv("TMPDIR", str(folder))
+    yield folder
+    monkeypatch.undo()
+    check_left(folder, "the test")

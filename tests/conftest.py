@@ -4,21 +4,32 @@
 from __future__ import annotations
 
 import importlib.util
+import multiprocessing.util
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """timm's test module (read by test_timm_suite.py where CONVMIXER_TIMM_TESTS names it) marks its tests
+    """This process's own multiprocessing folder (`pymp-*`, made on first use and removed when the process exits)
+    is made now, in the system's temp folder, not in the session's (`temp_folder_per_session`); so is the path of
+    torch.compile's cache, shared by every test and run.
+
+    timm's test module (read by test_timm_suite.py where CONVMIXER_TIMM_TESTS names it) marks its tests
     with timm's own markers: register them, or --strict-markers refuses the module."""
     timm_tests = os.environ.get("CONVMIXER_TIMM_TESTS")
     if timm_tests and Path(timm_tests).is_file():
         for name in sorted(set(re.findall(r"pytest\.mark\.(\w+)", Path(timm_tests).read_text()))):
             config.addinivalue_line("markers", f"{name}: a marker of timm's tests/test_models.py")
+    multiprocessing.util.get_temp_dir()
+    # torch.compile's cache stays where torch keeps it (the system's temp folder), shared by every test and run.
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -38,3 +49,45 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Left in the temp folder by other programs: multiprocessing's folder of a process that did not exit cleanly (a
+# trainer a test killed on purpose), torchrun's log folders (it keeps them), a cache of torch.compile's that
+# ignores TORCHINDUCTOR_CACHE_DIR (torch._inductor.runtime.caching), a native library's session file.
+TOOLS_LEAVE = ("pymp-", "torchelastic_", "torchinductor_", ".ses")
+
+
+def check_left(folder: Path, who: str) -> None:
+    """Removes what other programs left in `folder`; anything else is a leak and fails `who`."""
+    left = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(TOOLS_LEAVE) and entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.name.startswith(TOOLS_LEAVE):
+            entry.unlink()
+        else:
+            left.append(entry.name)
+    assert not left, f"{who} left {', '.join(left)} in its temp folder {folder}"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def temp_folder_per_session(tmp_path_factory: pytest.TempPathFactory):
+    """The test process's temp folder (`tempfile.tempdir`): one for the session, since libraries keep paths in
+    it for the life of the process (torch.compile's precompiled headers); checked when the session ends."""
+    folder = tmp_path_factory.mktemp("session-tmp")
+    saved, tempfile.tempdir = tempfile.tempdir, str(folder)
+    yield folder
+    tempfile.tempdir = saved
+    check_left(folder, "the session")
+
+
+@pytest.fixture(autouse=True)
+def temp_folder_per_test(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+                         temp_folder_per_session: Path):
+    """Every process a test starts gets a temp folder of the test's own (TMPDIR), so nothing it leaves reaches
+    the system's temp folder; what is left there after the test is checked (`check_left`)."""
+    folder = tmp_path_factory.mktemp("tmp")  # short: multiprocessing's socket paths must fit in 108 bytes
+    monkeypatch.setenv("TMPDIR", str(folder))
+    yield folder
+    monkeypatch.undo()
+    check_left(folder, "the test")

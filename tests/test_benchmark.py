@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch import nn
 
+from convmixer_pt.cli import benchmark as benchmark_cli
 from convmixer_pt.evaluation.benchmark import BenchConfig, build, forward_macs, plan, row_label
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,27 @@ def test_cli_cpu_smoke_run_writes_rows_for_both_implementations(tmp_path):
         assert ours["ratio_to_best_peer"] == pytest.approx(ours["img_per_s"] / timm_row["img_per_s"])
     table = proc.stdout.splitlines()
     assert table[0].split()[:6] == ["model", "mode", "layout", "batch", "impl", "compiled"] and len(table) == 5
+    progress = proc.stderr.splitlines()  # per row: what it measures, the warm-up's estimate, the result
+    assert progress[0] == "[1/4] timm NCHW eager convmixer_128_4 train: forward + backward + AdamW steps of 2 " \
+                          "images at 16x16 on cpu, 1 warm-up + 2 x 1 timed"
+    assert progress[1].startswith("  warm-up ") and progress[1].endswith(" s for 2 x 1 timed steps")
+    assert progress[2].startswith("  ") and progress[2].endswith(" ms/step)")
+    assert progress[9] == "[4/4] convmixer_pt NCHW eager convmixer_128_4 infer: forward passes of 3 images at " \
+                          "16x16 on cpu, 1 warm-up + 2 x 1 timed" and len(progress) == 12
+
+
+def test_sizes_default_to_a_cpu_smoke_run_on_a_cpu_and_help_says_so():
+    args = benchmark_cli.parser().parse_args(["--device", "cpu", "--steps", "7"])
+    benchmark_cli.fill_sizes(args, torch.device("cpu"))
+    assert (args.batch_size, args.infer_batch_size, args.img_size, args.steps, args.repeats, args.warmup) == \
+        (4, 8, 32, 7, 2, 1)
+    args = benchmark_cli.parser().parse_args([])
+    benchmark_cli.fill_sizes(args, torch.device("cuda"))
+    assert (args.batch_size, args.infer_batch_size, args.img_size, args.steps, args.repeats, args.warmup) == \
+        (64, 256, 224, 10, 5, 3)
+    usage = " ".join(benchmark_cli.parser().format_help().split())
+    assert "images per training step, and the --depthwise-op batch (default: 64 on CUDA, 4 on a CPU)" in usage
+    assert "input height = width in pixels (default: 224 on CUDA, the published models' size; 32 on a CPU)" in usage
 
 
 def test_rows_are_timm_in_every_peer_configuration_then_ours():

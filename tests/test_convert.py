@@ -299,7 +299,7 @@ def test_cli_verify_and_summary_without_mindspore_on_either_side(tmp_path, capfd
     assert rc == 0, err
     assert out.splitlines()[0].startswith("match: max relative logit difference 0 (tolerance 1e-05)")
     assert f"wrote {tmp_path / 'out.safetensors'}: 51 tensors" in out
-    assert "activation unknown (unknown), none recorded" in out
+    assert "activation unknown (no record, no --act, no registered variant of these shapes), none recorded" in out
     assert err.startswith("note: no registered variant has these shapes") and len(err.splitlines()) == 1
 
 
@@ -502,8 +502,9 @@ def test_package_converts_without_mindspore_and_names_what_needs_it(tmp_path):
     assert [line for line in run.stdout.splitlines() if line.startswith("@@ ")] == [
         "@@ converted", "@@ verify refused", "@@ parity refused", "@@ export refused", "@@ validate refused"]
     errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 4 and all('needs MindSpore, which is not installed here: pip install '
-                                    '"convmixer_pt[mindspore]"' in line for line in errors), run.stderr
+    assert len(errors) == 4 and all('needs MindSpore, which is not installed here: pip install ".[mindspore]" in a '
+                                    'checkout of convmixer_pt, or pip install "dist/convmixer_pt-<version>-py3-none-'
+                                    'any.whl[mindspore]" after python -m build' in line for line in errors), run.stderr
     assert not (tmp_path / "v.ckpt").exists() and not (tmp_path / "w.mindir").exists()
 
 

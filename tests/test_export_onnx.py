@@ -128,7 +128,9 @@ def test_refusals_are_one_line(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err == f"error: {tmp_path / 'folder.onnx'}: is a folder, not a file\n"
     monkeypatch.setattr(export, "NEEDED", ("onnx", "not_a_package_here"))
     assert cli.main([str(checkpoint), str(tmp_path / "c.onnx")]) == 1
-    assert capsys.readouterr().err == "error: ONNX export needs not_a_package_here: pip install 'convmixer_pt[onnx]'\n"
+    assert capsys.readouterr().err == 'error: ONNX export needs not_a_package_here: pip install ".[onnx]" in a ' \
+        'checkout of convmixer_pt, or pip install "dist/convmixer_pt-<version>-py3-none-any.whl[onnx]" after ' \
+        'python -m build\n'
     assert not [p for p in tmp_path.glob("*.onnx") if p.is_file()]
 
 
@@ -154,3 +156,17 @@ def test_the_opset_asked_for_is_the_one_written(tmp_path, capsys):
         out = tmp_path / f"m{opset}.onnx"
         assert cli.main([str(checkpoint), str(out), "--opset", str(opset), "--img-size", "32"]) == 0
         assert export.written_opset(out) == opset
+
+
+def test_the_image_size_defaults_to_what_the_checkpoints_training_recorded(tmp_path, capsys):
+    """validate.py evaluates a trainer's checkpoint at its recorded input size; ONNX export agrees with it."""
+    checkpoint = write_checkpoint(tmp_path)
+    (tmp_path / "args.yaml").write_text("input_size: 21\n")  # the trainer's record beside its checkpoints
+    assert cli.main([str(checkpoint), str(tmp_path / "recorded.onnx")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("input N x 3 x 21 x 21")
+    (tmp_path / "args.yaml").unlink()
+    assert cli.main([str(checkpoint), str(tmp_path / "default.onnx")]) == 0
+    assert capsys.readouterr().out.rstrip().endswith("input N x 3 x 224 x 224")
+    shapes = [onnx.load(str(tmp_path / f"{name}.onnx")).graph.input[0].type.tensor_type.shape.dim[2].dim_value
+              for name in ("recorded", "default")]
+    assert shapes == [21, 224]

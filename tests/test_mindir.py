@@ -38,6 +38,7 @@ def test_export_reproduces_pytorch_at_any_batch_size(tmp_path, capfd):
     rc, out, err = run(capfd, tmp_path / "w.pth", tmp_path / "w.mindir", "--image-size", "16", "--verify")
     assert rc == 0, err
     assert out.startswith("match: ") and f"wrote {tmp_path / 'w.mindir'}: MindIR, input [batch, 3, 16, 16]" in out
+    assert out.splitlines()[0].endswith(f"vs MindIR {tmp_path / 'w.mindir'}")  # the user's file, not its staging
     cell = graph(tmp_path / "w.mindir")
     for batch in (1, 3):
         x = np.random.default_rng(batch).standard_normal((batch, 3, 16, 16)).astype(np.float32)

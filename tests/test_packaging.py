@@ -58,25 +58,34 @@ def test_every_cli_has_a_console_command_and_the_scripts_wrap_the_same_mains():
     wrappers = [*sorted((REPO / "scripts").glob("*.py")), *sorted((REPO / "tools").glob("*.py"))]
     wrapped = {re.search(r"from (convmixer_pt\.cli\.\w+) import (main|command)", p.read_text()).group(1)
                for p in wrappers}
-    assert wrapped <= {target.split(":")[0] for target in scripts.values()}
+    assert wrapped == {target.split(":")[0] for target in scripts.values()}  # every command has a wrapper
     for path in wrappers:  # thin: a docstring, the imports, the call
         body = [type(node).__name__ for node in ast.parse(path.read_text()).body]
         assert body in (["Expr", "Import", "ImportFrom", "If"], ["Expr", "ImportFrom", "If"]), path
 
 
-@pytest.mark.slow
-def test_plain_install_gives_working_console_commands(tmp_path):
-    """Build the wheel from the tracked files, install it (no dependencies: they are this environment's) into a
-    target directory, and convert with the installed `convmixer-convert` alone on the path."""
-    source = tmp_path / "source"
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel `python -m build` makes from the tracked files (built once for this file's tests)."""
+    if importlib.util.find_spec("build") is None:
+        pytest.skip("needs the build package (the dev extra)")
+    source = tmp_path_factory.mktemp("source")
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     for name in tracked.split():
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir",
+                            str(source / "dist"), str(source)], capture_output=True, text=True, timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (path,) = (source / "dist").glob("convmixer_pt-*-py3-none-any.whl")
+    return path
+
+
+@pytest.mark.slow
+def test_plain_install_gives_working_console_commands(wheel, tmp_path):
+    """The built wheel installed (no dependencies: they are this environment's) into a target directory, and a
+    conversion with the installed `convmixer-convert` alone on the path."""
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(source)],
-                   check=True, capture_output=True, timeout=300)
-    (wheel,) = (tmp_path / "dist").glob("convmixer_pt-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)], check=True,
                    capture_output=True, timeout=300)
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "site"))
@@ -97,3 +106,39 @@ def test_plain_install_gives_working_console_commands(tmp_path):
     usage = subprocess.run([str(bin_dir / "convmixer-train"), "--help"], env=env, capture_output=True, text=True,
                            timeout=300)
     assert usage.returncode == 0 and usage.stdout.startswith("usage: convmixer-train")
+
+
+@pytest.mark.slow
+def test_the_built_wheel_installs_with_an_extra_in_a_fresh_virtualenv(wheel, tmp_path):
+    """The documented install from a wheel: `python -m build`, then `pip install "dist/convmixer_pt-...whl[EXTRA]"`
+    into a new virtualenv. Its dependencies are this environment's (a .pth file puts its site-packages on the new
+    one's path, and pip may not use an index), so pip must find the extra's requirements among them: the extra
+    exists in the wheel's metadata with the requirements setup.cfg gives it."""
+    extra = next((name for name, module in (("mindspore", "mindspore"), ("onnx", "onnxruntime"))
+                  if importlib.util.find_spec(module) is not None), None)
+    if extra is None:
+        pytest.skip("needs MindSpore or onnxruntime installed (the dev extra)")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=300)
+    python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = [p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir()]
+    Path(site, "outer.pth").write_text("\n".join(ours) + "\n")
+    install = subprocess.run([sys.executable, "-m", "pip", "--disable-pip-version-check", "--python", str(python),
+                              "install", "--no-index", f"{wheel}[{extra}]"], capture_output=True, text=True,
+                             timeout=600)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
+    assert f"does not provide the extra '{extra}'" not in install.stderr
+    show = subprocess.run([str(python), "-c", "import importlib.metadata as m, convmixer_pt; d = m.distribution("
+                           "'convmixer_pt'); print(convmixer_pt.__file__); print(*d.requires, sep='\\n')"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=""))
+    assert show.returncode == 0, show.stderr[-3000:]
+    where, *requires = show.stdout.splitlines()
+    assert where.startswith(site)  # the wheel's copy, in the new virtualenv
+    wanted = {str(r.name) for r in requirements(CONFIG["options.extras_require"][extra])}
+    assert wanted <= {Requirement(line).name for line in requires
+                      if Requirement(line).marker is not None and Requirement(line).marker.evaluate({"extra": extra})}
+    usage = subprocess.run([str(venv / "bin" / "convmixer-parity"), "--help"], capture_output=True, text=True,
+                           timeout=300, env=dict(os.environ, PYTHONPATH=""))
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: convmixer-parity")

@@ -26,22 +26,27 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # a different thread count sums in a different order.
 RECIPE = dict(TINY, ema=True, ema_decay=0.9, device="cpu", epochs=2, cpu_threads=1)
 
-# Runs the trainer's CLI and kills the process (os._exit: no cleanup runs, as with SIGKILL) just before or just
-# after its k-th rename of a finished file onto its name, the moments at which outputs change.
+# For each (k, side, argv): runs the trainer's CLI in a process of its own and kills it (os._exit: no cleanup
+# runs, as with SIGKILL) just before or just after its k-th rename of a finished file onto its name, the moments
+# at which outputs change; prints each process's exit status. The processes are forked from one that has
+# imported the trainer once (one intra-op thread, so forking is safe), not started afresh.
 KILL_AT_RENAME = """
 import os, sys, json
-k, side, argv = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
-real, count = os.replace, [0]
-def replace(src, dst):
-    count[0] += 1
-    if count[0] == k and side == "before":
-        os._exit(137)
-    real(src, dst)
-    if count[0] == k and side == "after":
-        os._exit(137)
-os.replace = replace
 from convmixer_pt.cli.train import main
-sys.exit(main(argv))
+for k, side, argv in json.loads(sys.argv[1]):
+    pid = os.fork()
+    if pid == 0:
+        real, count = os.replace, [0]
+        def replace(src, dst):
+            count[0] += 1
+            if count[0] == k and side == "before":
+                os._exit(137)
+            real(src, dst)
+            if count[0] == k and side == "after":
+                os._exit(137)
+        os.replace = replace
+        os._exit(main(argv))
+    print("@@", os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
 """
 
 
@@ -86,13 +91,14 @@ def test_a_kill_at_any_rename_leaves_outputs_that_agree_after_resume(clean_run, 
     reference = load(clean_dir / "run" / "last.pth")
     assert names.count("last.pth") == 2 and names[0] == "args.yaml"
     moments = [(k, side) for k in range(2, len(names) + 1) for side in ("before", "after")]
+    killed = [(k, side, ["--device", "cpu", *cli_args(dict(values, output=str(tmp_path / f"run-{k}-{side}")))])
+              for k, side in moments]
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_RENAME, json.dumps(killed)], capture_output=True,
+                          text=True, timeout=900, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    statuses = [line for line in proc.stdout.splitlines() if line.startswith("@@ ")]
+    assert proc.returncode == 0 and statuses == ["@@ 137"] * len(moments), proc.stderr[-2000:]
     for k, side in moments:
         out = tmp_path / f"run-{k}-{side}"
-        argv = ["--device", "cpu", *cli_args(dict(values, output=str(out)))]
-        proc = subprocess.run([sys.executable, "-c", KILL_AT_RENAME, str(k), side, json.dumps(argv)],
-                              capture_output=True, text=True, timeout=300, cwd=ROOT,
-                              env=dict(os.environ, OMP_NUM_THREADS="1"))
-        assert proc.returncode == 137, (k, side, proc.stderr[-2000:])
         if (out / "last.pth").exists():
             assert load(out / "last.pth")["epoch"] in (1, 2)  # a whole checkpoint, never half of one
         assert train_cli.main(["--device", "cpu", *cli_args(dict(values, output=str(out), resume="auto"))]) == 0

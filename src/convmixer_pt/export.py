@@ -24,9 +24,9 @@ from torch import nn
 
 from .errors import UserError, about
 from .files import atomic_path, check_output
-from .runtime import MissingDependencyError
-from .variants import check_sizes
-from .weights.formats import Weights, read_weights, torch_model
+from .runtime import MissingDependencyError, install_hint
+from .variants import EVAL_INPUT_SIZE, check_sizes
+from .weights.formats import Weights, read_weights, recorded_config, torch_model
 from .weights.parity import DEFAULT_TOL, random_batch, rel_diff
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
@@ -71,7 +71,7 @@ class OnnxVerificationError(UserError):
 def require_onnx() -> None:
     missing = [name for name in NEEDED if importlib.util.find_spec(name) is None]
     if missing:
-        raise MissingDependencyError(f"ONNX export needs {', '.join(missing)}: pip install 'convmixer_pt[onnx]'")
+        raise MissingDependencyError(f"ONNX export needs {', '.join(missing)}: {install_hint('onnx')}")
 
 
 def max_opset() -> int:
@@ -131,18 +131,25 @@ def verify_onnx(model: nn.Module, path: str | Path, img_size: int, batch_size: i
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, act: str | None = None, use_ema: bool = False,
-                      img_size: int = 224, opset: int | None = None, verify: bool = False,
-                      overwrite: bool = False) -> tuple[Weights, OnnxCheck | None]:
-    """The model of a checkpoint file as ONNX in `out` (verified first when `verify`); the weights as read and
-    the check, if it ran."""
+                      img_size: int | None = None, opset: int | None = None, verify: bool = False,
+                      overwrite: bool = False) -> tuple[Weights, int, OnnxCheck | None]:
+    """The model of a checkpoint file as ONNX in `out` (verified first when `verify`); the weights as read, the
+    image size exported (`img_size`, else the size the checkpoint's training recorded, else 224) and the check,
+    if it ran."""
     require_onnx()
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ExportError(f"{out}: an ONNX file's name ends in .onnx")
     check_output(out, overwrite)
-    check_sizes({}, img_size)
     check_opset(opset)
     weights = read_weights(checkpoint, use_ema=use_ema, act=act)
+    if img_size is None:
+        recorded, source = recorded_config(weights)
+        try:
+            img_size = int(recorded.get("input_size", EVAL_INPUT_SIZE))
+        except (TypeError, ValueError):
+            raise ExportError(f"{source}: its input_size is not a number of pixels") from None
+    check_sizes({}, img_size)
     if img_size < weights.arch["patch_size"]:
         raise ExportError(f"image size {img_size} is smaller than the model's patch size {weights.arch['patch_size']}")
     model = torch_model(weights, fast=False)
@@ -154,4 +161,4 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, act: str | None =
             check = verify_onnx(model, staged, img_size)
             if not check.ok:
                 raise OnnxVerificationError(check)
-    return weights, check
+    return weights, img_size, check

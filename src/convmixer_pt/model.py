@@ -9,8 +9,8 @@ What timm's models offer, this one does too: `pretrained_cfg` / `default_cfg` (w
 `timm.data.resolve_model_data_config` reads), `num_features`, `head_hidden_size`, `get_classifier`,
 `reset_classifier`, `global_pool`, `set_grad_checkpointing`, `group_matcher`, `feature_info`,
 `forward_intermediates` and `prune_intermediate_layers` (timm's `features_only=True` uses the last two), and
-`device` / `dtype` arguments. It scripts (TorchScript runs the plain modules), traces with torch.fx (one
-`run_block` node per block while the fast path can run, the plain modules when it is off), compiles with
+`device` / `dtype` arguments. It scripts (TorchScript runs the plain modules), traces with torch.fx (each block one
+`call_module` leaf while the fast path can run, which then scripts too; the plain modules when it is off), compiles with
 torch.compile (the kernels stay in the graph as operators) and exports (torch.export and ONNX get the
 plain modules).
 
@@ -28,10 +28,6 @@ from torch.utils.checkpoint import checkpoint
 from .errors import UserError
 from .fast import FastOptions, resolve, run_block
 from .variants import EVAL_INPUT_SIZE, activation, check_sizes, eval_cfg
-
-# torch.fx's symbolic tracers (timm's and torchvision's included) record `run_block` as one call instead of
-# tracing into it: it branches on the input's device, dtype and layout, which a symbolic trace does not know.
-torch.fx.wrap("run_block")
 
 POOL_TYPES = ("", "avg", "max", "avgmax", "catavgmax")
 
@@ -57,6 +53,32 @@ class Block(nn.Sequential):
     which the fast path and every other reader use."""
 
     __jit_unused_properties__ = ["residual", "dw", "dw_act", "dw_bn", "pw", "pw_act", "pw_bn"]
+    # How the block runs; the model sets its own options on each of its blocks.
+    options = FastOptions(enabled=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():  # TorchScript compiles the plain modules, never the kernels
+            return self.plain(x)
+        return self._forward_fast(x)
+
+    def plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The block's own modules, in order."""
+        for layer in self:
+            x = layer(x)
+        return x
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """The kernels where `options` and the input allow (`fast.run_block`), else the plain modules. A symbolic
+        trace (torch.fx, timm's, torchvision's) records the block as one `call_module` leaf while the kernels
+        could run, since which run depends on the input's device, dtype and layout: the traced model then
+        decides per input as this one does, and TorchScript compiles the leaf's plain modules. With the
+        kernels off the trace goes through the plain modules."""
+        if self.options.enabled is False:
+            return self.plain(x)
+        if isinstance(x, torch.fx.Proxy):
+            return x.tracer.create_proxy("call_module", x.tracer.path_of_module(self), (x,), {})
+        return run_block(self, x, self.options)
 
     @classmethod
     def build(cls, dim: int, kernel_size: int, act: str, device: Any = None, dtype: Any = None) -> "Block":
@@ -154,11 +176,6 @@ def feature_indices(count: int, indices: int | list[int] | None = None) -> tuple
     return take, max(take)
 
 
-def _run(block: nn.Module, x: torch.Tensor, fast: FastOptions) -> torch.Tensor:
-    """A block's plain modules when the fast path is off (so torch.fx traces them), else `run_block`."""
-    return block(x) if fast.enabled is False else run_block(block, x, fast)
-
-
 class ConvMixer(nn.Module):
     """Patch embedding, then `depth` blocks of depthwise mixing (residual) and pointwise mixing, then pooling
     (`global_pool`: 'avg', '' for the unpooled map, or timm's other pool types) and the classifier.
@@ -204,6 +221,8 @@ class ConvMixer(nn.Module):
             nn.BatchNorm2d(dim, **dd),
         )
         self.blocks = nn.Sequential(*[Block.build(dim, kernel_size, act, **dd) for _ in range(depth)])
+        for block in self.blocks:
+            block.options = self.fast
         # Feature i is block i's output, as in timm's ConvMixer (the stem's is none).
         self.feature_info = [dict(num_chs=dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
         self.global_pool = GlobalPool(global_pool)
@@ -253,8 +272,8 @@ class ConvMixer(nn.Module):
     @torch.jit.unused
     def _forward_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing and torch.is_grad_enabled():
-            return checkpoint(_run, block, x, self.fast, use_reentrant=False)
-        return _run(block, x, self.fast)
+            return checkpoint(block, x, use_reentrant=False)
+        return block(x)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

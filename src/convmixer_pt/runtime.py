@@ -24,9 +24,23 @@ from torch import nn
 from .errors import SettingError, UserError, brief
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
-MINDSPORE_INSTALL = 'pip install "convmixer_pt[mindspore]"'
 MINDSPORE_PYTHONS = ((3, 10), (3, 12))  # the Python versions MindSpore 2.10 publishes wheels for
 MINDCV_MIN = (0, 3, 0)  # the release whose scripts and registry `convmixer_pt.mindcv` is written against
+
+
+def loader_workers(wanted: int = 4) -> int:
+    """`wanted` loader workers, at most one per CPU this process may run on: more only make PyTorch's DataLoader
+    warn ("suggested max number of worker ...") and compete for the same cores."""
+    return max(0, min(wanted, len(os.sched_getaffinity(0))))
+
+
+def install_hint(extra: str) -> str:
+    """How to add an extra: the package installs from a checkout or a wheel built from one, not from an index."""
+    return (f'pip install ".[{extra}]" in a checkout of convmixer_pt, or '
+            f'pip install "dist/convmixer_pt-<version>-py3-none-any.whl[{extra}]" after python -m build')
+
+
+MINDSPORE_INSTALL = install_hint("mindspore")
 
 
 class MissingDependencyError(UserError):

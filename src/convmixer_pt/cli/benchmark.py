@@ -1,15 +1,16 @@
 """Measure this project's ConvMixer against timm's in the same process: img/s, TFLOP/s, ratio, peak memory.
 
-    python scripts/benchmark.py --model convmixer_1536_20 --mode train infer --json bench.json
-    python scripts/benchmark.py --model convmixer_768_32 --channels-last --channels-last-kernels --fused-bn
-    python scripts/benchmark.py --model convmixer_1536_20 --compile --peer-layouts nchw channels_last
-    python scripts/benchmark.py --device cpu --model convmixer_128_4 --img-size 32 --batch-size 2 \\
-        --infer-batch-size 2 --steps 1 --repeats 1 --warmup 1          # a CPU smoke run
-    python scripts/benchmark.py --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
-    taskset -c 0 python scripts/benchmark.py --convert --workdir /tmp/bench --json convert.json   # conversion
-    taskset -c 0 python scripts/benchmark.py --shards --workdir /tmp/shards --json shards.json    # tar shards
-    python scripts/benchmark.py --loader --json loader.json     # the training input pipeline per core vs timm's
+    convmixer-benchmark --model convmixer_1536_20 --mode train infer --json bench.json
+    convmixer-benchmark --model convmixer_768_32 --channels-last --channels-last-kernels --fused-bn
+    convmixer-benchmark --model convmixer_1536_20 --compile --peer-layouts nchw channels_last
+    convmixer-benchmark --device cpu --model convmixer_128_4    # a CPU smoke run, under a minute
+    convmixer-benchmark --depthwise-op --dim 1536 --size 32 --kernel 9 --batch-size 64   # one op
+    taskset -c 0 convmixer-benchmark --convert --workdir /tmp/bench --json convert.json   # conversion
+    taskset -c 0 convmixer-benchmark --shards --workdir /tmp/shards --json shards.json    # tar shards
+    convmixer-benchmark --loader --json loader.json     # the training input pipeline per core vs timm's
 
+Each row says what it measures before it starts, then how long it will take. On a CPU the sizes default to a
+smoke run (batch 4, 32 x 32 images, 2 repeats of 2 steps); on CUDA to the published configuration.
 Training steps are forward + backward + AdamW under autocast; inference is a forward pass under
 inference_mode. timm's ConvMixer is the peer: it runs in each --peer-layouts layout (default: the run's),
 eager and, with --compile, under torch.compile, beside this project's model eager and compiled; every row's
@@ -45,12 +46,24 @@ def parser() -> Parser:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", nargs="+", default=["convmixer_1536_20"], choices=list_models())
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--batch-size", type=int, default=64, help="training batch (and --depthwise-op batch)")
-    p.add_argument("--infer-batch-size", type=int, default=256)
-    p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--steps", type=int, default=10, help="steps per timed repeat")
-    p.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    gpu, cpu = SIZES["cuda"], SIZES["cpu"]
+    p.add_argument("--batch-size", type=int,
+                   help="images per training step, and the --depthwise-op batch (default: "
+                        f"{gpu['batch_size']} on CUDA, {cpu['batch_size']} on a CPU)")
+    p.add_argument("--infer-batch-size", type=int,
+                   help=f"images per inference forward pass (default: {gpu['infer_batch_size']} on CUDA, "
+                        f"{cpu['infer_batch_size']} on a CPU)")
+    p.add_argument("--img-size", type=int,
+                   help=f"input height = width in pixels (default: {gpu['img_size']} on CUDA, the published "
+                        f"models' size; {cpu['img_size']} on a CPU)")
+    p.add_argument("--steps", type=int,
+                   help=f"steps per timed repeat (default: {gpu['steps']} on CUDA, {cpu['steps']} on a CPU)")
+    p.add_argument("--repeats", type=int,
+                   help=f"timed repeats, the median reported (default: {gpu['repeats']} on CUDA, {cpu['repeats']} "
+                        "on a CPU)")
+    p.add_argument("--warmup", type=int,
+                   help=f"untimed steps before each row (default: {gpu['warmup']} on CUDA, {cpu['warmup']} on a "
+                        "CPU)")
     p.add_argument("--amp", choices=sorted(AMP_DTYPES), help="autocast dtype (default: bf16 on CUDA, none on CPU)")
     p.add_argument("--channels-last", action="store_true", help="input and both models in channels_last")
     p.add_argument("--compile", action="store_true",
@@ -91,6 +104,21 @@ def parser() -> Parser:
     return p
 
 
+# Sizes by device: a GPU's measure the published configuration; a CPU's keep a small model's benchmark
+# (train and infer, timm and ours: four rows) under a minute on two cores.
+SIZES = {
+    "cuda": dict(batch_size=64, infer_batch_size=256, img_size=224, steps=10, repeats=5, warmup=3),
+    "cpu": dict(batch_size=4, infer_batch_size=8, img_size=32, steps=2, repeats=2, warmup=1),
+}
+
+
+def fill_sizes(args: argparse.Namespace, device: torch.device) -> None:
+    """The sizes not given on the command line, for `device`'s kind."""
+    for name, value in SIZES["cuda" if device.type == "cuda" else "cpu"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def fast_options(args: argparse.Namespace) -> FastOptions:
     """The flags over the environment's defaults (CONVMIXER_FAST*); the kernels wherever they can run unless
     --no-fast or CONVMIXER_FAST=0."""
@@ -121,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         device = torch.device(resolve_device(args.device))
+        fill_sizes(args, device)
         if min(args.batch_size, args.infer_batch_size, args.steps, args.repeats, args.dim, args.size,
                args.kernel) < 1 or args.warmup < 0:
             raise UserError("batch sizes, --steps, --repeats, --dim, --size and --kernel must be >= 1 and "

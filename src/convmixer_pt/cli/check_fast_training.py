@@ -1,6 +1,6 @@
 """Train a ConvMixer with the fast path and with plain PyTorch from one initialisation and compare the losses.
 
-    python scripts/check_fast_training.py --model convmixer_1536_20 --steps 50 --json train_equiv.json
+    convmixer-check-fast-training --model convmixer_1536_20 --steps 50 --json train_equiv.json
 
 Exit status 1 when the fast curve is farther from the plain bf16 curve than twice the bf16-to-fp32 noise
 (evaluation.fast_training says how that is measured). Meant for CUDA; `--device cpu` only exercises the

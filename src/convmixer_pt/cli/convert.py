@@ -87,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             where = "recorded in its metadata" if weights.act else "none recorded"
         else:
             where = "not recorded: this format cannot hold it"
-        print(f"{summary.line()}; activation {weights.act or 'unknown'} ({weights.act_source}), {where}")
+        act = (f"{weights.act} ({weights.act_source})" if weights.act
+               else "unknown (no record, no --act, no registered variant of these shapes)")
+        print(f"{summary.line()}; activation {act}, {where}")
         return 0
 
     return run(body, hint="; no output written")

@@ -1,13 +1,14 @@
 """Export a ConvMixer checkpoint to ONNX, optionally checked against onnxruntime first.
 
-  python tools/export_onnx.py convmixer_1536_20_ks9_p7.pth.tar convmixer_1536_20.onnx --verify
-  python tools/export_onnx.py convmixer_768_32.ckpt convmixer_768_32.onnx --img-size 224 --force
+  convmixer-export-onnx convmixer_1536_20_ks9_p7.pth.tar convmixer_1536_20.onnx --verify
+  convmixer-export-onnx runs/digits/best.pth digits.onnx --force   # 32 x 32: the size its training recorded
 
 Any checkpoint the converter reads (official locuslab files, timm state dicts, training checkpoints,
 safetensors, MindSpore .ckpt). The graph is standard ONNX in float32 with a dynamic batch axis; height and width
-are --img-size. With --verify, onnxruntime and PyTorch run one random batch on the CPU; above 1e-5 relative
+are --img-size, by default the size the checkpoint's training recorded (its config, or args.yaml beside it),
+else 224. With --verify, onnxruntime and PyTorch run one random batch on the CPU; above 1e-5 relative
 logit difference or with a different top-5, OUT is not written. Needs the onnx extra
-(pip install 'convmixer_pt[onnx]').
+(pip install ".[onnx]" from a checkout).
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def parser() -> Parser:
     p = Parser(description=summary, epilog=details, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="checkpoint to export")
     p.add_argument("output", help="the .onnx file to write")
-    p.add_argument("--img-size", "--image-size", type=int, default=224,
-                   help="input height and width (default: 224)")
+    p.add_argument("--img-size", "--image-size", type=int,
+                   help="input height and width (default: the size the checkpoint's training recorded, else 224)")
     p.add_argument("--act", choices=sorted(ACTIVATIONS),
                    help="activation the weights were trained with; default: the file's record, else the "
                         "registered variant with these shapes (768/32 is ReLU, the others GELU)")
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         try:
-            weights, check = export_checkpoint(args.checkpoint, args.output, act=args.act, use_ema=args.ema,
+            weights, img_size, check = export_checkpoint(args.checkpoint, args.output, act=args.act, use_ema=args.ema,
                                                img_size=args.img_size, opset=args.opset, verify=args.verify,
                                                overwrite=args.force)
         except OnnxVerificationError as e:
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         act = f"activation {weights.act} ({weights.act_source})" if weights.act else \
             "activation unknown, exported with GELU (pass --act)"
         print(f"wrote {args.output}: {weights.variant or 'ConvMixer'} ({arch}), {act}, input "
-              f"N x {weights.arch['in_chans']} x {args.img_size} x {args.img_size}")
+              f"N x {weights.arch['in_chans']} x {img_size} x {img_size}")
         return 0
 
     return run(body, hint="; no output written")

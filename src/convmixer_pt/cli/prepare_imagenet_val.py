@@ -1,10 +1,10 @@
 """Turn the flat ILSVRC2012 validation folder into the ImageFolder layout OUT/<synset>/<image>.
 
     # Kaggle's ground truth
-    python scripts/prepare_imagenet_val.py --images ILSVRC/Data/CLS-LOC/val \\
+    convmixer-prepare-imagenet-val --images ILSVRC/Data/CLS-LOC/val \\
         --labels LOC_val_solution.csv --out imagenet/val
     # the devkit's ground truth (ILSVRC2012_IDs) with its meta.mat
-    python scripts/prepare_imagenet_val.py --images ILSVRC2012_img_val \\
+    convmixer-prepare-imagenet-val --images ILSVRC2012_img_val \\
         --labels ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt \\
         --meta ILSVRC2012_devkit_t12/data/meta.mat --out imagenet/val
 

@@ -1,6 +1,6 @@
 """Train a ConvMixer with the paper's recipe: one process, several under torchrun, or on several nodes.
 
-    python scripts/train.py --config configs/digits.yaml
+    convmixer-train --config configs/digits.yaml
     torchrun --nproc_per_node 8 scripts/train.py --config configs/convmixer_1536_20.yaml --data-dir /data/imagenet
 """
 

@@ -1,6 +1,6 @@
 """Evaluate a ConvMixer checkpoint on an ImageFolder tree (ImageNet val) in PyTorch or MindSpore.
 
-    python scripts/validate.py --model convmixer_1536_20 --checkpoint convmixer_1536_20_ks9_p7.pth.tar \\
+    convmixer-validate --model convmixer_1536_20 --checkpoint convmixer_1536_20_ks9_p7.pth.tar \\
         --data-dir /data/imagenet/val --protocol timm --json out.json --save-predictions preds.csv
     torchrun --nproc_per_node 8 scripts/validate.py ...   # PyTorch path, every image counted once
 
@@ -19,7 +19,7 @@ from ..errors import UserError
 from ..evaluation.protocols import INTERPOLATIONS, PROTOCOLS
 from ..evaluation.validation import FRAMEWORKS, validate, write_json, write_predictions
 from ..files import check_output
-from ..runtime import process_ranks
+from ..runtime import loader_workers, process_ranks
 from ..variants import ACTIVATIONS, EVAL_CROP_PCT, EVAL_INPUT_SIZE, EVAL_INTERPOLATION, list_models
 from .common import Parser, run
 
@@ -34,7 +34,8 @@ def parser() -> Parser:
                    help="timm: PIL bicubic, antialiased (the paper's numbers); mindcv: MindSpore bilinear ops")
     p.add_argument("--framework", choices=FRAMEWORKS, help="default: from the checkpoint's format")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=loader_workers(),
+                   help="image-decoding processes (default: 4, at most one per CPU available: %(default)s here)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: for PyTorch the local rank's GPU if any, "
                                     "else cpu; for MindSpore cpu)")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast (torch framework)")

@@ -109,13 +109,20 @@ def _step_fn(model: nn.Module, cfg: BenchConfig) -> Callable[[], None]:
     return train
 
 
-def time_per_step(step: Callable[[], None], cfg: BenchConfig) -> float:
-    """Median over `repeats` of the mean time of `steps` consecutive steps, in seconds, after warm-up."""
+def time_per_step(step: Callable[[], None], cfg: BenchConfig,
+                  log: Callable[[str], None] | None = None) -> float:
+    """Median over `repeats` of the mean time of `steps` consecutive steps, in seconds, after warm-up; `log`
+    gets an estimate of the time the timed steps will take, from the warm-up's."""
     cuda = torch.device(cfg.device).type == "cuda"
+    t0 = time.perf_counter()
     for _ in range(cfg.warmup):
         step()
     if cuda:
         torch.cuda.synchronize(cfg.device)
+    if log is not None and cfg.warmup > 0:
+        per_step = (time.perf_counter() - t0) / cfg.warmup  # the first step's start-up included: an upper bound
+        log(f"  warm-up {per_step:.2f} s/step; about {per_step * cfg.steps * cfg.repeats:.0f} s for "
+            f"{cfg.repeats} x {cfg.steps} timed steps")
     times = []
     for _ in range(cfg.repeats):
         if cuda:
@@ -147,8 +154,9 @@ def _versions(device: torch.device) -> dict[str, Any]:
     return dict(device_name=name, torch=torch.__version__, timm=timm.__version__, triton=triton_version)
 
 
-def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
-    """One row: throughput, achieved TFLOP/s (training counted as 3x the forward) and peak memory."""
+def measure(impl: str, cfg: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One row: throughput, achieved TFLOP/s (training counted as 3x the forward) and peak memory; `log` gets the
+    estimate of `time_per_step`."""
     device = torch.device(cfg.device)
     gc.collect()
     if device.type == "cuda":
@@ -162,7 +170,7 @@ def measure(impl: str, cfg: BenchConfig) -> dict[str, Any]:
     if cfg.compile:
         torch._dynamo.reset()  # otherwise a second shape recompiles with dynamic shapes, unlike a user's run
         model = torch.compile(model)
-    seconds = time_per_step(_step_fn(model, cfg), cfg)
+    seconds = time_per_step(_step_fn(model, cfg), cfg, log)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     flops = 2 * forward_macs(cfg.model, cfg.img_size, cfg.num_classes) * cfg.batch_size
     flops *= 3 if cfg.mode == "train" else 1
@@ -200,13 +208,21 @@ def run(configs: list[BenchConfig], log: Callable[[str], None] | None = None, co
     """The rows of `plan` for every config; every row gets its ratio to the best peer row of its model and
     mode (`ratio_to_best_peer`, and `best_peer`, that row's label)."""
     rows = []
+    todo = [(cfg, impl, row_cfg) for cfg in configs for impl, row_cfg in plan(cfg, compiled, peer_layouts)]
+    done = 0
     for cfg in configs:
         group = []
         for impl, row_cfg in plan(cfg, compiled, peer_layouts):
-            row = measure(impl, row_cfg)
+            done += 1
+            what = "forward + backward + AdamW steps" if cfg.mode == "train" else "forward passes"
+            if log is not None:
+                log(f"[{done}/{len(todo)}] {row_label(dict(impl=impl, **asdict(row_cfg)))} {cfg.model} {cfg.mode}: "
+                    f"{what} of {cfg.batch_size} images at {cfg.img_size}x{cfg.img_size} on {cfg.device}, "
+                    f"{row_cfg.warmup} warm-up + {row_cfg.repeats} x {row_cfg.steps} timed")
+            row = measure(impl, row_cfg, log)
             group.append(row)
             if log is not None:
-                log(f"{row_label(row)} {cfg.model} {cfg.mode} bs={cfg.batch_size}: {row['img_per_s']:.1f} img/s")
+                log(f"  {row['img_per_s']:.1f} img/s ({row['step_ms']:.1f} ms/step)")
         best = max((r for r in group if r["impl"] == "timm"), key=lambda r: r["img_per_s"])
         for row in group:
             row.update(ratio_to_best_peer=row["img_per_s"] / best["img_per_s"], best_peer=row_label(best))

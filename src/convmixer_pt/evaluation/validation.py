@@ -8,7 +8,6 @@ prediction rows are gathered, so every image is counted exactly once.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -18,13 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader
 
 from ..data import ImageFolder, RankSampler, ShardDataset, shelter_loader_worker
 from ..errors import UserError, brief, error_line
-from ..files import atomic_path, parse_yaml, write_text, writing
+from ..files import atomic_path, write_text, writing
 from ..runtime import (
     autocast,
     barrier,
@@ -45,7 +43,7 @@ from ..variants import (
     match_variant,
     variant_arch,
 )
-from ..weights.formats import Weights, ms_model, read_weights, torch_model
+from ..weights.formats import Weights, ms_model, read_weights, recorded_config, torch_model
 from .loop import Predictor, evaluate
 from .protocols import INTERPOLATIONS, build_transform
 
@@ -125,19 +123,6 @@ class Preprocessing:
                 or not all(math.isfinite(v) and v > 0 for v in self.std):
             raise ValidationError(f"mean and std must be three finite numbers each (std > 0), got {list(self.mean)} "
                                   f"and {list(self.std)}")
-
-
-def recorded_config(weights: Weights) -> tuple[dict[str, Any], str]:
-    """The training config a checkpoint of this trainer records, else its run's args.yaml, else nothing."""
-    if isinstance(weights.meta.get("config"), dict):
-        return weights.meta["config"], f"{weights.path} (its training config)"
-    args = weights.path.parent / "args.yaml"
-    if args.is_file():
-        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
-            data = parse_yaml(args.read_text())
-            if isinstance(data, dict):
-                return data, str(args)
-    return {}, "defaults (ImageNet)"
 
 
 def preprocessing(weights: Weights, img_size: int | None = None, crop_pct: float | None = None,

@@ -78,20 +78,21 @@ def kernels_for(options: FastOptions, x: torch.Tensor) -> ModuleType | None:
 def run_block(block: nn.Module, x: torch.Tensor, options: FastOptions) -> torch.Tensor:
     """One ConvMixer block (a `model.Block`) through the kernels where they cover it, else its own modules.
 
-    A leaf of torch.fx's symbolic traces (model.py wraps it): the choice depends on the input's device,
-    dtype and layout, which a symbolic trace does not know."""
+    Torch.fx's symbolic traces record the block as one leaf (`model.Block`): the choice depends on the input's
+    device, dtype and layout, which a symbolic trace does not know. Where the kernels do not cover the input,
+    the block's plain modules run (`block.plain`)."""
     ops = kernels_for(options, x)
     if ops is None or not hasattr(block, "dw_bn"):
-        return block(x)
+        return block.plain(x)
     dw, act, bn = block.dw, block.dw_act, block.dw_bn
     activation = kernel_activation(act)
     if activation is None or not conv_supported(dw):
-        return block(x)
+        return block.plain(x)
     depthwise = ops.depthwise
     if depthwise.unsupported_reason(x, dw.weight, depthwise.compute_dtype(x)) is not None:
-        return block(x)
+        return block.plain(x)
     if depthwise.layout(x) == "nhwc" and not options.channels_last:
-        return block(x)
+        return block.plain(x)
     kernel_set = options.kernel_set
     params = (x, dw.weight, dw.bias, *bn.parameters())
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params)

@@ -13,6 +13,7 @@ its weights were trained with: both the input's model and the output's run it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from ..errors import CheckpointError, about, brief
+from ..files import parse_yaml
 from ..model import ConvMixer
 from ..variants import ACTIVATIONS, VARIANTS, activation, match_variant, mindcv_activation
 from . import keymap
@@ -147,6 +150,19 @@ def implied_act(recorded: str | None) -> tuple[str | None, str]:
     if recorded in ACTIVATIONS:
         return recorded, "file metadata"
     return None, ""
+
+
+def recorded_config(weights: Weights) -> tuple[dict[str, Any], str]:
+    """The training config a checkpoint of this trainer records, else its run's args.yaml, else nothing."""
+    if isinstance(weights.meta.get("config"), dict):
+        return weights.meta["config"], f"{weights.path} (its training config)"
+    args = weights.path.parent / "args.yaml"
+    if args.is_file():
+        with contextlib.suppress(OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = parse_yaml(args.read_text())
+            if isinstance(data, dict):
+                return data, str(args)
+    return {}, "defaults (ImageNet)"
 
 
 def read_weights(path: str | Path, use_ema: bool = False, act: str | None = None, float64: bool = False) -> Weights:

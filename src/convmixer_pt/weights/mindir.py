@@ -53,13 +53,15 @@ def graph_logits(path: Path, x: np.ndarray) -> np.ndarray:
     return graph(ms.Tensor(x)).asnumpy()
 
 
-def check_mindir(weights: Weights, path: Path, image_size: int, batch_size: int = 2, seed: int = 0) -> ParityReport:
-    """The MindIR's logits against the PyTorch model of the same weights, on one random batch."""
+def check_mindir(weights: Weights, path: Path, image_size: int, batch_size: int = 2, seed: int = 0,
+                 shown_as: Path | None = None) -> ParityReport:
+    """The MindIR's logits against the PyTorch model of the same weights, on one random batch; the report names
+    `shown_as` (the file the user asked for, where `path` is its staging file) or `path`."""
     x = random_batch(weights.arch["in_chans"], batch_size, image_size, seed)
     ref = torch_runner(torch_model(weights))(x)[-1]
     out = graph_logits(path, x)
     return ParityReport([("logits", rel_diff(ref, out))], same_top5(ref, out), parity.DEFAULT_TOL,
-                        f"PyTorch {weights.path}", f"MindIR {path}", (ref, out))
+                        f"PyTorch {weights.path}", f"MindIR {shown_as or path}", (ref, out))
 
 
 def export_mindir(src: str | Path, dst: str | Path, *, use_ema: bool = False, act: str | None = None,
@@ -82,7 +84,7 @@ def export_mindir(src: str | Path, dst: str | Path, *, use_ema: bool = False, ac
         ms.export(net, ms.Tensor(shape=shape, dtype=ms.float32), file_name=str(stage), file_format="MINDIR")
         size = stage.stat().st_size
         if verify:
-            report = check_mindir(weights, stage, image_size)
+            report = check_mindir(weights, stage, image_size, shown_as=dst)
             if not report.ok:
                 raise ExportError(f"{dst}: not written, since the MindIR does not reproduce PyTorch's logits "
                                   f"(relative difference {report.rel_diff:.3g} > {report.tol:g})", report)

@@ -61,6 +61,9 @@ TRAINING = ("scripts/train.py",)
 IMAGENET = "needs ImageNet"
 GPU = "needs CUDA GPUs"
 CLUSTER = "needs a cluster (several nodes, SLURM)"
+LOADER = "a timing run of the input pipeline (tests/test_benchmark.py runs --loader small)"
+MINDCV = ("needs a checkout of MindCV 0.3.0 (its scripts are not in its wheel) and a dataset; tests/test_mindcv.py "
+          "makes the same calls through MindCV's library")
 CHECKED: dict[str, str] = {
     "python3 -m venv .venv": "the install: .ci/run runs it in a fresh virtualenv",
     "pip install -e .[dev]": "the install: .ci/run runs it in a fresh virtualenv",
@@ -97,6 +100,18 @@ CHECKED: dict[str, str] = {
     "python scripts/benchmark.py --model convmixer_768_32 --channels-last": GPU,
     "taskset -c 1 python scripts/benchmark.py --shards --workdir /tmp/shardbench2 --json shards.json":
         "a timing run over 160 shards",
+    "python scripts/benchmark.py --loader --json loader.json": LOADER,
+    "python scripts/benchmark.py --loader --img-size 128 --json loader128.json": LOADER,
+    "python scripts/benchmark.py --loader --data-dir /path/to/imagenet/train --num-images 512": LOADER + " on ImageNet",
+    "convmixer-convert convmixer_768_32_ks7_p7_relu.pth.tar convmixer_768_32.ckpt":
+        "the published weights' full size (the same conversion runs above on a stand-in)",
+    **{command: MINDCV for command in (
+        "convmixer-mindcv train.py --config $CFG --data_dir /path/to/dataset --distribute False",
+        "convmixer-mindcv train.py --config /path/to/convmixer_pt/configs/mindcv/convmixer_768_32.yaml --data_dir "
+        "/path/to/dataset --distribute False",
+        "convmixer-mindcv validate.py -c $CFG --data_dir /path/to/imagenet --ckpt_path convmixer_768_32.ckpt",
+        "convmixer-mindcv validate.py -c /path/to/convmixer_pt/configs/mindcv/convmixer_768_32.yaml --data_dir "
+        "/path/to/imagenet --ckpt_path convmixer_768_32.ckpt")},
 }
 
 
@@ -301,8 +316,11 @@ def test_every_named_command_script_and_flag_exists():
     flags |= {"--dist", "--durations", "--no-deps", "--target", "--python", "--no-index", "--system-site-packages",
               "--signal", "--requeue", "--open-mode", "--nodes", "--gpus-per-node", "--cpus-per-task", "--time",
               "--ntasks-per-node", "--no-isolation", "--wheel", "--outdir"}
+    # MindCV's own scripts' flags (its config.py, not in MindCV's wheel) and msrun's, which docs/mindspore.md shows
+    flags |= {"--data_dir", "--distribute", "--distributed", "--ckpt_path", "--amp_level", "--loss_scale_type",
+              "--dataset_sink_mode", "--worker_num", "--local_worker_num"}
     text = "\n".join(page.read_text() for page in DOCS)
-    for name in set(re.findall(r"\bconvmixer-[a-z-]+[a-z]", text)):
+    for name in set(re.findall(r"(?<![.\w])convmixer-[a-z-]+[a-z]", text)):  # not the .convmixer-generated marker
         assert name in console_scripts(), name
     for path in set(re.findall(r"\b(?:scripts|tools)/[\w.]+\.(?:py|sh)\b", text)):
         assert (REPO / path).is_file(), path

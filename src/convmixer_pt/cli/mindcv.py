@@ -30,27 +30,10 @@ def parser() -> Parser:
     summary, details = __doc__.split("\n\n", 1)
     p = Parser(prog="convmixer-mindcv", description=summary, epilog=details,
                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-m", dest="module", metavar="MODULE", help="run MODULE as `python -m MODULE` does")
-    p.add_argument("script", nargs="?", help="the Python script to run (when -m is not given)")
-    p.add_argument("args", nargs="*", help="the script's own arguments, passed on unchanged")
+    p.add_argument("script", metavar="SCRIPT", help="the Python script to run (or -m MODULE, as with python)")
+    p.add_argument("args", nargs=argparse.REMAINDER,
+                   help="the script's own arguments, passed on unchanged (options included)")
     return p
-
-
-def split_argv(argv: list[str]) -> tuple[str | None, str | None, list[str]]:
-    """(script, module, the script's arguments): as `python` reads its command line, everything after SCRIPT or
-    `-m MODULE` belongs to the script, options included."""
-    if not argv:
-        parser().error("give a SCRIPT or -m MODULE")
-    if argv[0] in ("-h", "--help"):
-        parser().print_help()
-        raise SystemExit(0)
-    if argv[0] == "-m":
-        if len(argv) < 2:
-            parser().error("-m needs a MODULE")
-        return None, argv[1], argv[2:]
-    if argv[0].startswith("-"):
-        parser().error(f"unknown option {argv[0]}; options of the script go after SCRIPT")
-    return argv[0], None, argv[1:]
 
 
 def run_script(script: str | None, module: str | None, args: list[str]) -> int:
@@ -92,7 +75,14 @@ def _status(code: object) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    script, module, args = split_argv(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["-m"]:  # as `python -m MODULE ARGS`: everything after MODULE is the module's
+        if len(argv) < 2:
+            parser().error("-m needs a MODULE")
+        script, module, args = None, argv[1], argv[2:]
+    else:
+        parsed = parser().parse_args(argv)
+        script, module, args = parsed.script, None, parsed.args
     return run(lambda: run_script(script, module, args))
 
 

@@ -49,7 +49,7 @@ def bases(f: dict[str, Path], out: Path) -> dict[str, tuple[object, list[str]]]:
         # --no-fast: after the kernel tests this process may run the kernels interpreted, far too slowly to sweep
         "benchmark": (benchmark, ["--device", "cpu", "--model", "convmixer_128_4", "--img-size", "8", "--batch-size",
                                   "2", "--infer-batch-size", "2", "--steps", "1", "--repeats", "1", "--warmup", "0",
-                                  "--no-fast", "--num-shards", "2"]),
+                                  "--no-fast", "--num-shards", "2", "--num-images", "4"]),
         # On a CPU, "cuda" ends every run that gets past the arguments' checks (the fast path's kernels may run
         # interpreted in this process after the kernel tests, far too slowly for a sweep).
         "check_fast_training": (check_fast_training, ["--device", "cuda", "--model", "convmixer_128_4", "--img-size",

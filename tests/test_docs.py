@@ -318,7 +318,8 @@ def test_every_named_command_script_and_flag_exists():
               "--ntasks-per-node", "--no-isolation", "--wheel", "--outdir"}
     # MindCV's own scripts' flags (its config.py, not in MindCV's wheel) and msrun's, which docs/mindspore.md shows
     flags |= {"--data_dir", "--distribute", "--distributed", "--ckpt_path", "--amp_level", "--loss_scale_type",
-              "--dataset_sink_mode", "--worker_num", "--local_worker_num"}
+              "--dataset_sink_mode", "--worker_num", "--local_worker_num", "--batch_size", "--epoch_size",
+              "--image_resize", "--num_classes", "--num_samples"}
     text = "\n".join(page.read_text() for page in DOCS)
     for name in set(re.findall(r"(?<![.\w])convmixer-[a-z-]+[a-z]", text)):  # not the .convmixer-generated marker
         assert name in console_scripts(), name

@@ -89,3 +89,14 @@ def one_error_line(proc, code: int = 1) -> str:
     assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), \
         (proc.returncode, proc.stderr[-2000:])
     return lines[0]
+
+
+def assert_bad_image_named_once(proc, bad, stop_line: str) -> None:
+    """Under torchrun, a bad image on one process: that process names it in one `error:` line; the other says
+    its peer ended (or `stop_line`, when torchrun stopped it first); no gloo traceback."""
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert sum(f"{bad}: cannot read the image" in line for line in lines) == 1, proc.stderr[-3000:]
+    assert all("cannot read the image" in line or "another process of this run ended" in line
+               or line == stop_line for line in lines), lines
+    assert "pair.cc" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]

@@ -28,10 +28,15 @@ MINDSPORE_PYTHONS = ((3, 10), (3, 12))  # the Python versions MindSpore 2.10 pub
 MINDCV_MIN = (0, 3, 0)  # the release whose scripts and registry `convmixer_pt.mindcv` is written against
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity: a scheduler's or taskset's share, not the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def loader_workers(wanted: int = 4) -> int:
     """`wanted` loader workers, at most one per CPU this process may run on: more only make PyTorch's DataLoader
     warn ("suggested max number of worker ...") and compete for the same cores."""
-    return max(0, min(wanted, len(os.sched_getaffinity(0))))
+    return max(0, min(wanted, usable_cores()))
 
 
 def install_hint(extra: str) -> str:

@@ -13,7 +13,6 @@ resumes exactly and a sample is augmented alike whatever process or batch it lan
 
 from __future__ import annotations
 
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +46,7 @@ from ..data import (
     write_generated_imagefolder,
 )
 from ..errors import DataError
-from ..runtime import DistEnv, barrier
+from ..runtime import DistEnv, barrier, usable_cores
 from .config import ConfigError, TrainConfig
 
 GENERATED_CLASSES = 10  # classes of the generated JPEG tree unless num_classes says otherwise
@@ -280,11 +279,6 @@ def default_workers(device: torch.device, cores: int, processes_here: int) -> in
     decodes while they compute. Never more than the cores (PyTorch warns above that), at most 16."""
     share = max(1, cores // max(1, processes_here))
     return min(16, max(1, share - 1)) if device.type == "cuda" else min(1, share - 1)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity: a scheduler's or taskset's share, not the machine's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def build_loaders(cfg: TrainConfig, train: Seeded, val: Dataset, env: DistEnv

@@ -124,10 +124,10 @@ def test_erasing_boxes_are_timms(photo) -> None:
 
 @pytest.mark.parametrize("mode", ["pixel", "rand", "const"])
 def test_device_inputs_normalize_as_timms_prefetcher_and_erase_per_sample(mode) -> None:
-    cfg = config.resolve(None, dict(input_size=16, re_mode=mode))
+    cfg = config.resolve(None, dict(input_size=16, re_mode=mode, re_count=2))
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (4, 16, 16, 3), dtype=torch.uint8, generator=g)
-    none = torch.zeros(4, 5, dtype=torch.int64)
+    none = torch.zeros(4, 9, dtype=torch.int64)
     out = DeviceInputs(cfg, torch.device("cpu"))(images, none)
     prefetcher = PrefetchLoader([(images.permute(0, 3, 1, 2), torch.zeros(4))], mean=tuple(cfg.mean),
                                 std=tuple(cfg.std), device=torch.device("cpu"))

@@ -47,6 +47,7 @@ from ..data import (
 )
 from ..errors import DataError
 from ..runtime import DistEnv, barrier, usable_cores
+from .augment import SLOT, PlanRecorder, decode_plan, fill_color, replay
 from .config import ConfigError, TrainConfig
 
 GENERATED_CLASSES = 10  # classes of the generated JPEG tree unless num_classes says otherwise
@@ -98,18 +99,24 @@ class TrainCrop:
     With `reduced`, a JPEG is decoded at the smallest of PIL's DCT scales (1/2, 1/4, 1/8) at which the crop's
     region still has at least the output's pixels in each direction: the crop is drawn on the full-size
     geometry first (the same draws as without), then its box is mapped onto the reduced image. Other images,
-    and JPEG crops that need the full resolution, take the same path as without."""
+    and JPEG crops that need the full resolution, take the same path as without.
+
+    With `augment` (a `PlanRecorder`), RandAugment is drawn here but done on the device: `rest` is the flip
+    alone, and the plan goes on with what RandAugment would do (`augment.slots` records, see `augment`)."""
 
     def __init__(self, crop: RandomResizedCropAndInterpolation, rest: Callable[[Image.Image], Image.Image],
-                 eraser: RandomErasing | None, erase_count: int, reduced: bool = False) -> None:
-        self.crop, self.rest, self.eraser, self.reduced = crop, rest, eraser, reduced
-        self.plan_size = 1 + 4 * erase_count
+                 eraser: RandomErasing | None, erase_count: int, reduced: bool = False,
+                 augment: PlanRecorder | None = None) -> None:
+        self.crop, self.rest, self.eraser, self.reduced, self.augment = crop, rest, eraser, reduced, augment
+        self.erase_size = 1 + 4 * erase_count
+        self.plan_size = self.erase_size + (SLOT * augment.slots if augment else 0)
 
     def __call__(self, source: str | Path | Encoded) -> tuple[Image.Image, tuple[int, ...]]:
         drawn: list[Any] = []
         img = load_image(source, lambda opened: drawn.extend(self.draw(opened)))
         img = self.rest(self.resize(img, *drawn))
-        return img, self.erasing_plan(img.height, img.width)
+        augmentation = self.augment() if self.augment else ()  # drawn where timm draws it: before the erasing
+        return img, self.erasing_plan(img.height, img.width) + augmentation
 
     def resize(self, img: Image.Image, box: tuple[int, int, int, int], interpolation: Any,
                scale: float) -> Image.Image:
@@ -144,7 +151,7 @@ class TrainCrop:
         if self.eraser is not None:
             self.eraser(boxes)
         plan = [random.getrandbits(63), *(v for box in boxes.boxes for v in box)]
-        return tuple(plan + [0] * (self.plan_size - len(plan)))
+        return tuple(plan + [0] * (self.erase_size - len(plan)))
 
 
 def collate_train(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -164,8 +171,9 @@ def collate_train(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Ten
 
 
 class DeviceInputs:
-    """The training device's half of the input pipeline: a uint8 (N, H, W, 3) batch normalized as timm's
-    prefetcher normalizes it ((x - 255 mean) / (255 std) in float32), in NCHW or channels_last, then erased
+    """The training device's half of the input pipeline: a uint8 (N, H, W, 3) batch, RandAugmented where its
+    plans say so (`augment_on_device`, see `augment.replay`), normalized as timm's prefetcher normalizes it
+    ((x - 255 mean) / (255 std) in float32), in NCHW or channels_last, then erased
     where its plans say, with pixels as timm's `re_mode` makes them ('pixel': per-pixel normal, 'rand': one
     normal colour per box, 'const': zeros) from a generator seeded by the sample's plan. Float batches
     (synthetic) pass unchanged."""
@@ -175,16 +183,22 @@ class DeviceInputs:
         self.mean = torch.tensor([255 * m for m in cfg.mean], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor([255 * s for s in cfg.std], device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+        self.erase_size, self.fill = 1 + 4 * cfg.re_count, fill_color(cfg.mean)
 
     def __call__(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if images.dtype != torch.uint8:
             return images
+        plans = plans.tolist()
+        x = images.permute(0, 3, 1, 2)
+        augmentation = [decode_plan(plan[self.erase_size:]) for plan in plans]
+        if any(augmentation):
+            x = replay(x, augmentation, self.fill)
         # The layout changes while the pixels are bytes: a quarter of the memory traffic of floats.
-        x = images.permute(0, 3, 1, 2).contiguous(memory_format=self.memory_format)
+        x = x.contiguous(memory_format=self.memory_format)
         x = x.float().sub_(self.mean).div_(self.std)
-        for k, plan in enumerate(plans.tolist()):
-            boxes = [plan[b:b + 4] for b in range(1, len(plan), 4) if plan[b + 2] > 0]
+        for k, plan in enumerate(plans):
+            boxes = [plan[b:b + 4] for b in range(1, self.erase_size, 4) if plan[b + 2] > 0]
             if not boxes:
                 continue
             g = torch.Generator(self.device).manual_seed(plan[0])
@@ -216,8 +230,16 @@ def build_transforms(cfg: TrainConfig) -> tuple[TrainCrop, object]:
     # makes the configured mode's pixels).
     eraser = RandomErasing(cfg.re_prob, mode="const", max_count=cfg.re_count, device="cpu") \
         if cfg.re_prob > 0 else None
-    train = TrainCrop(crop, Compose([*flip, *guard_posterize(secondary).transforms]), eraser, cfg.re_count,
-                      reduced=cfg.reduced_decoding)
+    secondary = guard_posterize(secondary).transforms
+    augment = None
+    if cfg.augment_on_device:
+        if not cfg.auto_augment or len(secondary) != 1:
+            moved = ", ".join(type(t).__name__ for t in secondary) or "nothing"
+            raise ConfigError(f"augment_on_device needs timm's RandAugment or AutoAugment alone after the flip; "
+                              f"auto_augment {cfg.auto_augment!r} gives {moved}")
+        augment, secondary = PlanRecorder(secondary[0], posterize), []
+    train = TrainCrop(crop, Compose([*flip, *secondary]), eraser, cfg.re_count, reduced=cfg.reduced_decoding,
+                      augment=augment)
     evaluate = create_transform(is_training=False, interpolation=cfg.eval_interpolation, crop_pct=cfg.crop_pct,
                                 **common)
     return train, evaluate

@@ -12,7 +12,10 @@ work slows them alike. Rows:
   `default_collate`), which is what this trainer ran before it sent uint8 to the device;
 - `ours`: the trainer's training set (`Seeded(ImageFolder(TrainCrop))`, each sample's augmentation seeded) and
   `collate_train`;
-- `ours_reduced`: the same with `reduced_decoding`.
+- `ours_reduced`: the same with `reduced_decoding`;
+- `ours_device`, `ours_reduced_device`: those two with `augment_on_device`: the worker draws RandAugment and
+  the training device does it (`train/augment.py`). The worker's time is the row's; what the replay costs
+  on this CPU, per image, is reported beside it (`device_ms_per_image_here`; on a GPU it runs there).
 
 timm's RandAugment posterize is guarded in every row as in the trainer (Pillow 13 refuses what timm asks of it
 about once in 700 images, see `inputs.posterize`). `identical_pixels` says whether a row's uint8 crops equal
@@ -46,10 +49,13 @@ from ..data import (
     seeded_rngs,
     write_generated_imagefolder,
 )
+from .augment import decode_plan, fill_color, replay
 from .config import TrainConfig, resolve
 from .inputs import build_transforms, collate_train, guard_posterize
 
-PIPELINES = ("timm", "timm_float", "ours", "ours_reduced")
+PIPELINES = ("timm", "timm_float", "ours", "ours_reduced", "ours_device", "ours_reduced_device")
+OURS = {"ours": {}, "ours_reduced": dict(reduced_decoding=True), "ours_device": dict(augment_on_device=True),
+        "ours_reduced_device": dict(reduced_decoding=True, augment_on_device=True)}
 # Training img/s per GPU of this project's model (one H200, bf16, batch 64, docs/performance.md "Model level").
 RECORDED_TRAIN_SPEEDS = {"convmixer_1536_20": 289.5, "convmixer_768_32": 555.7, "convmixer_1024_20": 1454.8}
 PHOTO_SHAPES = ((375, 500), (500, 375))  # ImageNet's most common sizes
@@ -84,8 +90,8 @@ def _batches(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], 
                  for name, prefetcher in (("timm", True), ("timm_float", False))}
     index = {str(Path(p).resolve()): k for k, (p, _) in enumerate(timm_sets["timm"].reader.samples)}
     timm_order = [index[str(Path(paths[i]).resolve())] for i in order]  # the same files in the same order
-    ours = {name: Seeded(ImageFolder(folder, build_transforms(replace(cfg, reduced_decoding=reduced))[0]))
-            for name, reduced in (("ours", False), ("ours_reduced", True))}
+    ours = {name: Seeded(ImageFolder(folder, build_transforms(replace(cfg, **options))[0]))
+            for name, options in OURS.items()}
     keys = [SampleKey(i, seed) for i, seed in zip(order, seeds, strict=True)]  # the trainer's sampler makes these
 
     def timm_batch(name: str, collate: Callable[[list[Any]], Any]) -> Callable[[int], float]:
@@ -113,7 +119,22 @@ def _batches(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], 
         return run
 
     return dict(timm=timm_batch("timm", fast_collate), timm_float=timm_batch("timm_float", default_collate),
-                ours=our_batch("ours"), ours_reduced=our_batch("ours_reduced"))
+                **{name: our_batch(name) for name in OURS})
+
+
+def device_replay_ms(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], seeds: list[int]) -> float:
+    """CPU ms per image of `augment_on_device`'s device half (the RandAugment replay) run on this CPU, over one
+    pass of the benchmark's batches."""
+    dataset = Seeded(ImageFolder(folder, build_transforms(replace(cfg, augment_on_device=True))[0]))
+    keys = [SampleKey(i, seed) for i, seed in zip(order, seeds, strict=True)]
+    fill, erase = fill_color(cfg.mean), 1 + 4 * cfg.re_count
+    spent = 0.0
+    for k in range(0, len(keys), batch_size):
+        images, _, plans = collate_train(dataset.__getitems__(keys[k:k + batch_size]))
+        start = time.process_time()
+        replay(images.permute(0, 3, 1, 2), [decode_plan(p[erase:]) for p in plans.tolist()], fill)
+        spent += time.process_time() - start
+    return 1e3 * spent / len(keys)
 
 
 def identical_to_timm(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> dict[str, bool]:
@@ -121,8 +142,8 @@ def identical_to_timm(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> d
     timm_tf, float_tf = _timm_transform(cfg, True), _timm_transform(replace(cfg, re_prob=0.0), False)
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
-    ours = {name: build_transforms(replace(cfg, reduced_decoding=reduced))[0]
-            for name, reduced in (("ours", False), ("ours_reduced", True))}
+    ours = {name: build_transforms(replace(cfg, **options))[0] for name, options in OURS.items()}
+    fill, erase = fill_color(cfg.mean), 1 + 4 * cfg.re_count
     same = dict.fromkeys(PIPELINES, True)
     for path, seed in zip(paths, seeds, strict=True):
         with Image.open(path) as opened:
@@ -134,8 +155,11 @@ def identical_to_timm(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> d
         same["timm_float"] &= torch.equal(((floats * std + mean) * 255).round().to(torch.uint8), reference)
         for name, transform in ours.items():
             with seeded_rngs(seed):
-                crop, _ = transform(path)
-            same[name] &= torch.equal(torch.from_numpy(np.array(crop)).permute(2, 0, 1), reference)
+                crop, plan = transform(path)
+            pixels = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+            if transform.augment:
+                pixels = replay(pixels[None], [decode_plan(plan[erase:])], fill)[0]
+            same[name] &= torch.equal(pixels, reference)
     return same
 
 
@@ -181,6 +205,7 @@ def loader_times(folder: Path, images: int = 256, batch_size: int = 64, repeats:
         same = identical_to_timm(cfg, [paths[i] for i in check], seeds[:len(check)])
         psnr = reduced_crop_psnr(cfg, [paths[i] for i in order], seeds)
         batches = _batches(folder, cfg, batch_size, order, seeds, paths)
+        replay_ms = device_replay_ms(folder, cfg, batch_size, order, seeds)
         starts = range(0, len(order), batch_size)
         for run in batches.values():  # warm-up: file cache, lazy imports, allocator
             run(0)
@@ -211,6 +236,7 @@ def loader_times(folder: Path, images: int = 256, batch_size: int = 64, repeats:
             recipe=dict(auto_augment=cfg.auto_augment, interpolation=cfg.interpolation, hflip=cfg.hflip,
                         re_prob=cfg.re_prob, re_mode=cfg.re_mode),
             **(psnr if name == "ours_reduced" else {}),
+            **(dict(device_ms_per_image_here=replay_ms) if name.endswith("_device") else {}),
             cpu=platform.processor() or platform.machine(), load_average=os.getloadavg(), torch=torch.__version__,
             timm=timm.__version__, pillow=PIL.__version__))
     return rows
@@ -219,10 +245,13 @@ def loader_times(folder: Path, images: int = 256, batch_size: int = 64, repeats:
 def format_table(rows: list[dict[str, Any]]) -> str:
     models = list(RECORDED_TRAIN_SPEEDS)
     header = ("pipeline", "identical", "ms/img", "img/s/core", "x timm", "paired", *(f"cores/GPU {m[10:]}"
-                                                                                      for m in models))
+                                                                                      for m in models),
+              "device ms/img here")
     lines = [header] + [(r["pipeline"], "yes" if r["identical_pixels"] else "no", f"{r['ms_cpu_per_image']:.2f}",
                          f"{r['img_per_s_per_core']:.0f}", f"{r['ratio_to_timm']:.2f}",
                          f"{r['paired_ratio_to_timm']:.2f}",
-                         *(f"{r['cores_per_gpu'][m]:.1f}" for m in models)) for r in rows]
+                         *(f"{r['cores_per_gpu'][m]:.1f}" for m in models),
+                         f"{r['device_ms_per_image_here']:.2f}" if "device_ms_per_image_here" in r else "-")
+                        for r in rows]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(line, widths, strict=True)) for line in lines)

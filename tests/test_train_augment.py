@@ -59,6 +59,23 @@ def test_every_op_is_pillows_to_the_bit(crops, kind) -> None:
             assert np.array_equal(got.permute(1, 2, 0).numpy(), expected), (kind, arg, r, img.size)
 
 
+def test_resize_is_pillows_to_the_bit(crops) -> None:
+    """Regions of many sizes resized in one batch, up and down, bilinear and bicubic, rows or columns first,
+    equal Pillow's `Image.resize` (timm's RandomResizedCrop after its crop)."""
+    china = Image.fromarray(load_sample_images().images[0])
+    cases = [((73, 296), (224, 224)), ((296, 73), (224, 224)), ((375, 375), (224, 224)), ((224, 224), (224, 224)),
+             ((400, 130), (64, 64)), ((5, 7), (64, 64)), ((130, 400), (64, 64)), ((250, 201), (224, 224))]
+    for out in {size for _, size in cases}:
+        for resample in (augment.BILINEAR, augment.BICUBIC):
+            regions = [china.crop((11, 3, 11 + w, 3 + h)) for (w, h), size in cases if size == out]
+            got = augment.resize([torch.from_numpy(np.array(r)).permute(2, 0, 1) for r in regions],
+                                 [resample] * len(regions), out)
+            for region, pixels in zip(regions, got, strict=True):
+                expected = np.asarray(region.resize(out[::-1], resample))
+                assert np.array_equal(pixels.permute(1, 2, 0).numpy(), expected), (region.size, out, resample)
+    assert augment.vertical_first(73, 296, 224, 224) and not augment.vertical_first(296, 73, 224, 224)
+
+
 def photos(root: Path) -> Path:
     """A class tree of JPEGs cut from the sample photographs, and the test's varied images (PNG, grayscale,
     RGBA, palette)."""
@@ -83,23 +100,23 @@ def test_the_device_path_is_timms_trainer(tmp_path, policy) -> None:
     theirs = ImageDataset(str(folder), transform=guard_posterize(create_transform(
         is_training=True, use_prefetcher=True, input_size=64, auto_augment=policy, interpolation="random")))
     assert [Path(p).name for p, _ in theirs.reader.samples] == [Path(p).name for p, _ in ours[True].dataset.samples]
-    inputs = DeviceInputs(on, torch.device("cpu"))
+    inputs, worker = DeviceInputs(on, torch.device("cpu")), DeviceInputs(cfg, torch.device("cpu"))
     for seed in range(3):
         keys = [SampleKey(i, 100 * seed + i) for i in range(len(theirs))]
         worker_side, labels, plans = collate_train([ours[False][k] for k in keys])
         device_side, _, device_plans = collate_train([ours[True][k] for k in keys])
         erase = 1 + 4 * cfg.re_count
         assert torch.equal(device_plans[:, :erase], plans)  # the erasing draws come after the same RandAugment
-        assert any(augment.decode_plan(p[erase:]) for p in device_plans.tolist())
+        assert any(augment.decode_plan(p[erase + augment.GEOMETRY:]) for p in device_plans.tolist())
+        assert device_side.dim() == 1  # the crops' regions, of many sizes
         reference = []
         for k in keys:
             with seeded_rngs(k.seed):
                 reference.append(theirs[k.index])
         expected, _ = fast_collate(reference)
-        replayed = augment.replay(device_side.permute(0, 3, 1, 2),
-                                  [augment.decode_plan(p[erase:]) for p in device_plans.tolist()], FILL)
-        assert torch.equal(replayed, expected) and torch.equal(worker_side.permute(0, 3, 1, 2), expected)
-        assert torch.equal(inputs(device_side, device_plans), inputs(worker_side, plans))
+        assert torch.equal(inputs.pixels(device_side, device_plans.tolist()), expected)
+        assert torch.equal(worker_side.permute(0, 3, 1, 2), expected)
+        assert torch.equal(inputs(device_side, device_plans), worker(worker_side, plans))
 
 
 @pytest.mark.parametrize("policy, named", [(None, "ColorJitter"), ("augmix-m5-w4-d2", "AugMixAugment"),

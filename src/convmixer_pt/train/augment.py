@@ -1,13 +1,17 @@
-"""timm's RandAugment on the training device, to the bit.
+"""timm's training augmentation after the decode and crop, done on the training device, to the bit.
 
-The loader's worker runs timm's own (Rand/Auto)Augment object on a stand-in for the image: every random draw
-(which ops, whether each applies, its magnitude and sign, its interpolation) is timm's, made in timm's order from
-the sample's seed, and what each op would do is recorded instead of done (`PlanRecorder`). The training device
-replays the records on the uint8 batch (`replay`), computing what Pillow computes: the same integer and float
-formulas, in the same precision and order (Pillow's C: `ImagingBlend` in float32, `ImagingFilter3x3` in float32,
-the affine transform's coordinates and bilinear/bicubic filters in float64, truncation where it truncates). So
-the worker spends microseconds instead of milliseconds per image, and the pixels stay timm's
+The loader's worker decodes the image and cuts out RandomResizedCrop's region; everything after that is drawn
+in the worker but done on the device. The draws are timm's, made in timm's order from the sample's seed: the
+crop's interpolation, the flip (torchvision's `torch.rand(1) < p`), and RandAugment, whose own object runs on a
+stand-in for the image with its ops recording what they would do instead of doing it (`PlanRecorder`). The
+device then computes what Pillow computes (`resize`, `flip`, `replay`): the same integer and float formulas in
+the same precision and order (Pillow's C: `ImagingResample`'s fixed-point coefficients, `ImagingBlend` and
+`ImagingFilter3x3` in float32, the affine transform's coordinates and filters in float64, truncation where it
+truncates). The worker spends about half the CPU time per image, and the pixels stay timm's
 (`tests/test_train_augment.py` compares every op and whole pipelines with Pillow's output on decoded photos).
+
+A sample's plan (int64, see `TrainCrop`) holds, after the erasing plan: GEOMETRY = 4 integers (flipped, the
+crop's Pillow interpolation, the region's height and width), then `slots` RandAugment records of SLOT integers.
 """
 
 from __future__ import annotations
@@ -16,8 +20,11 @@ import math
 import random
 import struct
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 
+import numpy as np
+import PIL
 import torch
 from PIL import Image
 from timm.data import auto_augment
@@ -32,6 +39,10 @@ GEOMETRIC = frozenset({"rotate", "shear_x", "shear_y", "translate_x_rel", "trans
                        "translate_y_abs"})
 BILINEAR, BICUBIC = int(Image.Resampling.BILINEAR), int(Image.Resampling.BICUBIC)
 SLOT = 3  # integers per recorded op in a plan: kind + 1 (0: none), resample, the argument's float64 bits
+GEOMETRY = 4  # integers of the crop and flip in a plan: flipped, interpolation, height, width
+PRECISION_BITS = 22  # Resample.c's fixed point for 8-bit images: 32 - 8 - 2
+RESIZE_CHUNK = 16
+PILLOW = tuple(int(part) for part in PIL.__version__.split(".")[:2])
 
 
 def fill_color(mean: Sequence[float]) -> tuple[int, ...]:
@@ -291,3 +302,105 @@ def _cubic(v1: torch.Tensor, v2: torch.Tensor, v3: torch.Tensor, v4: torch.Tenso
     p3 = 2 * (v1 - v2) + v3 - v4
     p4 = -v1 + v2 - v3 + v4
     return v2 + d * (p2 + d * (p3 + d * p4))
+
+
+def _bicubic(x: float) -> float:
+    """Resample.c's bicubic_filter (a = -0.5), its operations in its order."""
+    x = abs(x)
+    if x < 1.0:
+        return (1.5 * x - 2.5) * x * x + 1
+    if x < 2.0:
+        return (((x - 5) * x + 8) * x - 4) * -0.5
+    return 0.0
+
+
+def _triangle(x: float) -> float:
+    x = abs(x)
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+@lru_cache(maxsize=4096)
+def resample_weights(in_size: int, out_size: int, resample: int) -> np.ndarray:
+    """The (out_size, in_size) fixed-point weights with which Pillow resizes one axis of an 8-bit image
+    (`precompute_coeffs`, then `normalize_coeffs_8bpc`), computed in float64 as there and in its order."""
+    if resample not in (BILINEAR, BICUBIC):
+        raise ValueError(f"resample {resample}: only bilinear and bicubic are replayed")
+    kernel, support = (_bicubic, 2.0) if resample == BICUBIC else (_triangle, 1.0)
+    scale = filterscale = in_size / out_size
+    filterscale = max(filterscale, 1.0)
+    support *= filterscale
+    inverse = 1.0 / filterscale
+    weights = np.zeros((out_size, in_size), dtype=np.float64)
+    for xx in range(out_size):
+        centre = 0.0 + (xx + 0.5) * scale
+        low = max(int(centre - support + 0.5), 0)
+        count = min(int(centre + support + 0.5), in_size) - low
+        taps = [kernel((x + low - centre + 0.5) * inverse) for x in range(count)]
+        total = 0.0
+        for w in taps:
+            total += w
+        if total != 0.0:
+            taps = [w / total for w in taps]
+        one = 1 << PRECISION_BITS
+        weights[xx, low:low + count] = [int(-0.5 + w * one) if w < 0 else int(0.5 + w * one) for w in taps]
+    return weights
+
+
+def vertical_first(width: int, height: int, out_width: int, out_height: int) -> bool:
+    """Whether Pillow resizes rows before columns for this size change (the order changes the pixels: the first
+    pass is rounded to 8 bits). Pillow 13 goes vertical first when the height shrinks by more than twice what
+    the width does (`ImagingResampleInner`); 12.2 and 12.3 for images over 100 times taller than wide
+    (`Image.resize`); before, never."""
+    if PILLOW >= (13,):
+        return 0 < height - out_height and height - out_height > 2 * (width - out_width)
+    return PILLOW >= (12, 2) and height > width * 100 and out_height < height
+
+
+def resize(regions: Sequence[torch.Tensor], resamples: Sequence[int], size: tuple[int, int]) -> torch.Tensor:
+    """The uint8 (3, h, w) `regions` resized to `size` (height, width) as Pillow's `Image.resize` resizes
+    them: two passes in Pillow's order (`vertical_first`), each a sum of integer products (exact in float64)
+    rounded and clipped to 8 bits. Returns (N, 3, height, width) uint8. At most RESIZE_CHUNK regions at a
+    time, so that the float64 copies stay bounded (about 50 MB for ImageNet-sized regions)."""
+    out = torch.empty(len(regions), 3, *size, dtype=torch.uint8, device=regions[0].device)
+    orders: dict[bool, list[int]] = {}
+    for k, region in enumerate(regions):
+        orders.setdefault(vertical_first(region.shape[2], region.shape[1], size[1], size[0]), []).append(k)
+    for rows_first, members in orders.items():
+        for start in range(0, len(members), RESIZE_CHUNK):
+            chunk = members[start:start + RESIZE_CHUNK]
+            out[chunk] = _resize([regions[k] for k in chunk], [resamples[k] for k in chunk], size, rows_first)
+    return out
+
+
+def _resize(regions: Sequence[torch.Tensor], resamples: Sequence[int], size: tuple[int, int],
+            rows_first: bool) -> torch.Tensor:
+    device, (height, width) = regions[0].device, size
+    n, rows, cols = len(regions), max(r.shape[1] for r in regions), max(r.shape[2] for r in regions)
+    x = torch.zeros(n, 3, rows, cols, dtype=torch.float64, device=device)
+    across = torch.zeros(n, width, cols, dtype=torch.float64)
+    down = torch.zeros(n, height, rows, dtype=torch.float64)
+    for k, (region, resample) in enumerate(zip(regions, resamples, strict=True)):
+        _, h, w = region.shape
+        x[k, :, :h, :w] = region
+        across[k, :, :w] = torch.from_numpy(resample_weights(w, width, resample))
+        down[k, :, :h] = torch.from_numpy(resample_weights(h, height, resample))
+    across, down = across.to(device), down.to(device)
+    for vertical in ((True, False) if rows_first else (False, True)):
+        x = _rows(x, down) if vertical else _columns(x, across)
+    return x.to(torch.uint8)
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    """Resample.c's 8-bit result of a fixed-point sum: plus one half, shifted, clipped."""
+    return ((x + float(1 << (PRECISION_BITS - 1))) / float(1 << PRECISION_BITS)).floor().clamp(0, 255)
+
+
+def _columns(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    n, c, rows, cols = x.shape
+    return _round(x.reshape(n, c * rows, cols) @ weights.transpose(1, 2)).view(n, c, rows, -1)
+
+
+def _rows(x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    n, c, rows, cols = x.shape
+    y = _round(weights @ x.permute(0, 2, 1, 3).reshape(n, rows, c * cols))
+    return y.view(n, -1, c, cols).permute(0, 2, 1, 3)

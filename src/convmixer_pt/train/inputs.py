@@ -47,7 +47,7 @@ from ..data import (
 )
 from ..errors import DataError
 from ..runtime import DistEnv, barrier, usable_cores
-from .augment import SLOT, PlanRecorder, decode_plan, fill_color, replay
+from .augment import BICUBIC, BILINEAR, GEOMETRY, SLOT, PlanRecorder, decode_plan, fill_color, replay, resize
 from .config import ConfigError, TrainConfig
 
 GENERATED_CLASSES = 10  # classes of the generated JPEG tree unless num_classes says otherwise
@@ -93,30 +93,39 @@ class ErasingBoxes:
 
 class TrainCrop:
     """A training sample in a loader worker: decode, timm's RandomResizedCrop, flip and RandAugment, as timm's
-    trainer computes them; the result is the RGB crop and its erasing plan (`plan_size` integers: a seed for
-    the erased pixels, then (top, left, height, width) per box, zeros for no box), drawn after the crop.
+    trainer computes them; the result is the RGB crop and its plan: the erasing plan (`erase_size` integers: a
+    seed for the erased pixels, then (top, left, height, width) per box, zeros for no box), drawn after the crop.
 
     With `reduced`, a JPEG is decoded at the smallest of PIL's DCT scales (1/2, 1/4, 1/8) at which the crop's
     region still has at least the output's pixels in each direction: the crop is drawn on the full-size
     geometry first (the same draws as without), then its box is mapped onto the reduced image. Other images,
     and JPEG crops that need the full resolution, take the same path as without.
 
-    With `augment` (a `PlanRecorder`), RandAugment is drawn here but done on the device: `rest` is the flip
-    alone, and the plan goes on with what RandAugment would do (`augment.slots` records, see `augment`)."""
+    With `augment` (a `PlanRecorder`: `augment_on_device`), the worker stops after cutting out the crop's
+    region: the resize, the flip (probability `flip`) and RandAugment are drawn here, where timm draws them, and
+    done on the device (`DeviceInputs`). The result is the region (a crop decoded reduced is resized here, to
+    the output size) and a plan that goes on with augment.GEOMETRY and RandAugment's records."""
 
     def __init__(self, crop: RandomResizedCropAndInterpolation, rest: Callable[[Image.Image], Image.Image],
                  eraser: RandomErasing | None, erase_count: int, reduced: bool = False,
-                 augment: PlanRecorder | None = None) -> None:
-        self.crop, self.rest, self.eraser, self.reduced, self.augment = crop, rest, eraser, reduced, augment
+                 augment: PlanRecorder | None = None, flip: float = 0.0) -> None:
+        self.crop, self.rest, self.eraser, self.reduced = crop, rest, eraser, reduced
+        self.augment, self.flip = augment, flip
         self.erase_size = 1 + 4 * erase_count
-        self.plan_size = self.erase_size + (SLOT * augment.slots if augment else 0)
+        self.plan_size = self.erase_size + (GEOMETRY + SLOT * augment.slots if augment else 0)
 
     def __call__(self, source: str | Path | Encoded) -> tuple[Image.Image, tuple[int, ...]]:
         drawn: list[Any] = []
         img = load_image(source, lambda opened: drawn.extend(self.draw(opened)))
-        img = self.rest(self.resize(img, *drawn))
-        augmentation = self.augment() if self.augment else ()  # drawn where timm draws it: before the erasing
-        return img, self.erasing_plan(img.height, img.width) + augmentation
+        if self.augment is None:
+            img = self.rest(self.resize(img, *drawn))
+            return img, self.erasing_plan(img.height, img.width)
+        (i, j, h, w), interpolation, scale = drawn
+        region = img.crop((j, i, j + w, i + h)) if scale == 1 else self.resize(img, *drawn)
+        flipped = self.flip > 0 and bool(torch.rand(1) < self.flip)  # torchvision's RandomHorizontalFlip draw
+        augmentation = self.augment()
+        geometry = (int(flipped), TF.pil_modes_mapping[interpolation], region.height, region.width)
+        return region, self.erasing_plan(*self.crop.size) + geometry + augmentation
 
     def resize(self, img: Image.Image, box: tuple[int, int, int, int], interpolation: Any,
                scale: float) -> Image.Image:
@@ -155,28 +164,38 @@ class TrainCrop:
 
 
 def collate_train(batch: list[tuple[Any, int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images, labels, erasing plans) of a training batch. `TrainCrop` samples become one uint8 (N, H, W, 3)
-    tensor, each crop's bytes copied once (timm's `fast_collate` copies through a CHW view); tensors
+    """(images, labels, plans) of a training batch. `TrainCrop` samples become one uint8 (N, H, W, 3) tensor,
+    each crop's bytes copied once (timm's `fast_collate` copies through a CHW view); regions of different
+    sizes (`augment_on_device`) are concatenated into one flat uint8 tensor, their sizes in the plans. Tensors
     (the synthetic dataset's, already normalized) are stacked, with empty plans."""
     labels = torch.tensor([label for _, label in batch], dtype=torch.int64)
     first = batch[0][0]
     if not isinstance(first, tuple):
         return torch.stack([x for x, _ in batch]), labels, torch.zeros(len(batch), 0, dtype=torch.int64)
-    img = first[0]
-    images = torch.empty(len(batch), img.height, img.width, 3, dtype=torch.uint8)
-    pixels = images.numpy()
-    for k, ((crop, _), _) in enumerate(batch):
-        pixels[k] = np.asarray(crop)
-    return images, labels, torch.tensor([plan for (_, plan), _ in batch], dtype=torch.int64)
+    plans = torch.tensor([plan for (_, plan), _ in batch], dtype=torch.int64)
+    sizes = {crop.size for (crop, _), _ in batch}
+    if len(sizes) == 1:
+        width, height = sizes.pop()
+        images = torch.empty(len(batch), height, width, 3, dtype=torch.uint8)
+        pixels = images.numpy()
+        for k, ((crop, _), _) in enumerate(batch):
+            pixels[k] = np.asarray(crop)
+        return images, labels, plans
+    images = torch.empty(sum(3 * crop.width * crop.height for (crop, _), _ in batch), dtype=torch.uint8)
+    pixels, start = images.numpy(), 0
+    for (crop, _), _ in batch:
+        end = start + 3 * crop.width * crop.height
+        pixels[start:end] = np.asarray(crop).reshape(-1)
+        start = end
+    return images, labels, plans
 
 
 class DeviceInputs:
-    """The training device's half of the input pipeline: a uint8 (N, H, W, 3) batch, RandAugmented where its
-    plans say so (`augment_on_device`, see `augment.replay`), normalized as timm's prefetcher normalizes it
-    ((x - 255 mean) / (255 std) in float32), in NCHW or channels_last, then erased
-    where its plans say, with pixels as timm's `re_mode` makes them ('pixel': per-pixel normal, 'rand': one
-    normal colour per box, 'const': zeros) from a generator seeded by the sample's plan. Float batches
-    (synthetic) pass unchanged."""
+    """The training device's half of the input pipeline: a uint8 batch made as its plans say (`pixels`), then
+    normalized as timm's prefetcher normalizes it ((x - 255 mean) / (255 std) in float32), in NCHW or
+    channels_last, then erased where its plans say, with pixels as timm's `re_mode` makes them ('pixel':
+    per-pixel normal, 'rand': one normal colour per box, 'const': zeros) from a generator seeded by the
+    sample's plan. Float batches (synthetic) pass unchanged."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.device, self.mode = device, cfg.re_mode
@@ -184,18 +203,33 @@ class DeviceInputs:
         self.std = torch.tensor([255 * s for s in cfg.std], device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.erase_size, self.fill = 1 + 4 * cfg.re_count, fill_color(cfg.mean)
+        self.on_device, self.size = cfg.augment_on_device, (cfg.input_size, cfg.input_size)
+
+    def pixels(self, images: torch.Tensor, plans: list[list[int]]) -> torch.Tensor:
+        """The uint8 (N, 3, H, W) batch before normalization: the collated crops as they are, or with
+        `augment_on_device` the regions resized, flipped and RandAugmented as Pillow would (`augment`)."""
+        if not self.on_device:
+            return images.permute(0, 3, 1, 2)
+        geometry = [plan[self.erase_size:self.erase_size + GEOMETRY] for plan in plans]
+        if images.dim() == 1:
+            ends = np.cumsum([3 * h * w for _, _, h, w in geometry]).tolist()
+            regions = [images[end - 3 * h * w:end].view(h, w, 3).permute(2, 0, 1)
+                       for end, (_, _, h, w) in zip(ends, geometry, strict=True)]
+        else:
+            regions = [img.permute(2, 0, 1) for img in images]
+        x = resize(regions, [interpolation for _, interpolation, _, _ in geometry], self.size)
+        flipped = [k for k, (flip, *_) in enumerate(geometry) if flip]
+        if flipped:
+            x[flipped] = x[flipped].flip(-1)
+        return replay(x, [decode_plan(plan[self.erase_size + GEOMETRY:]) for plan in plans], self.fill)
 
     def __call__(self, images: torch.Tensor, plans: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         if images.dtype != torch.uint8:
             return images
         plans = plans.tolist()
-        x = images.permute(0, 3, 1, 2)
-        augmentation = [decode_plan(plan[self.erase_size:]) for plan in plans]
-        if any(augmentation):
-            x = replay(x, augmentation, self.fill)
         # The layout changes while the pixels are bytes: a quarter of the memory traffic of floats.
-        x = x.contiguous(memory_format=self.memory_format)
+        x = self.pixels(images, plans).contiguous(memory_format=self.memory_format)
         x = x.float().sub_(self.mean).div_(self.std)
         for k, plan in enumerate(plans):
             boxes = [plan[b:b + 4] for b in range(1, self.erase_size, 4) if plan[b + 2] > 0]
@@ -214,8 +248,9 @@ class DeviceInputs:
 
 
 def build_transforms(cfg: TrainConfig) -> tuple[TrainCrop, object]:
-    """The training sample's worker side (`TrainCrop`: timm's RandomResizedCrop, flip, RandAugment; erasing
-    drawn) and timm's eval pipeline."""
+    """The training sample's worker side (`TrainCrop`: timm's RandomResizedCrop, flip, RandAugment, or with
+    `augment_on_device` the crop's region and the draws of the rest; erasing drawn) and timm's eval
+    pipeline."""
     common = dict(input_size=cfg.input_size, mean=tuple(cfg.mean), std=tuple(cfg.std))
     try:
         primary, secondary, _ = create_transform(
@@ -231,18 +266,21 @@ def build_transforms(cfg: TrainConfig) -> tuple[TrainCrop, object]:
     eraser = RandomErasing(cfg.re_prob, mode="const", max_count=cfg.re_count, device="cpu") \
         if cfg.re_prob > 0 else None
     secondary = guard_posterize(secondary).transforms
-    augment = None
-    if cfg.augment_on_device:
-        if not cfg.auto_augment or len(secondary) != 1:
-            moved = ", ".join(type(t).__name__ for t in secondary) or "nothing"
-            raise ConfigError(f"augment_on_device needs timm's RandAugment or AutoAugment alone after the flip; "
-                              f"auto_augment {cfg.auto_augment!r} gives {moved}")
-        augment, secondary = PlanRecorder(secondary[0], posterize), []
-    train = TrainCrop(crop, Compose([*flip, *secondary]), eraser, cfg.re_count, reduced=cfg.reduced_decoding,
-                      augment=augment)
     evaluate = create_transform(is_training=False, interpolation=cfg.eval_interpolation, crop_pct=cfg.crop_pct,
                                 **common)
-    return train, evaluate
+    if not cfg.augment_on_device:
+        return TrainCrop(crop, Compose([*flip, *secondary]), eraser, cfg.re_count,
+                         reduced=cfg.reduced_decoding), evaluate
+    if not cfg.auto_augment or len(secondary) != 1:
+        moved = ", ".join(type(t).__name__ for t in secondary) or "nothing"
+        raise ConfigError(f"augment_on_device needs timm's RandAugment or AutoAugment alone after the flip; "
+                          f"auto_augment {cfg.auto_augment!r} gives {moved}")
+    interpolations = crop.interpolation if isinstance(crop.interpolation, list | tuple) else [crop.interpolation]
+    if any(TF.pil_modes_mapping[i] not in (BILINEAR, BICUBIC) for i in interpolations):
+        raise ConfigError(f"augment_on_device resizes with bilinear or bicubic interpolation only, not "
+                          f"interpolation {cfg.interpolation!r}")
+    return TrainCrop(crop, Compose([]), eraser, cfg.re_count, reduced=cfg.reduced_decoding,
+                     augment=PlanRecorder(secondary[0], posterize), flip=cfg.hflip), evaluate
 
 
 def data_root(cfg: TrainConfig, env: DistEnv) -> Path:

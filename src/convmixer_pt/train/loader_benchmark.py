@@ -14,8 +14,9 @@ work slows them alike. Rows:
   `collate_train`;
 - `ours_reduced`: the same with `reduced_decoding`;
 - `ours_device`, `ours_reduced_device`: those two with `augment_on_device`: the worker draws RandAugment and
-  the training device does it (`train/augment.py`). The worker's time is the row's; what the replay costs
-  on this CPU, per image, is reported beside it (`device_ms_per_image_here`; on a GPU it runs there).
+  the training device does the resize, the flip and RandAugment (`train/augment.py`). The worker's time is the
+  row's; what the device's half costs on this CPU, per image, is reported beside it
+  (`device_ms_per_image_here`; in training it runs on the GPU).
 
 timm's RandAugment posterize is guarded in every row as in the trainer (Pillow 13 refuses what timm asks of it
 about once in 700 images, see `inputs.posterize`). `identical_pixels` says whether a row's uint8 crops equal
@@ -49,9 +50,8 @@ from ..data import (
     seeded_rngs,
     write_generated_imagefolder,
 )
-from .augment import decode_plan, fill_color, replay
 from .config import TrainConfig, resolve
-from .inputs import build_transforms, collate_train, guard_posterize
+from .inputs import DeviceInputs, build_transforms, collate_train, guard_posterize
 
 PIPELINES = ("timm", "timm_float", "ours", "ours_reduced", "ours_device", "ours_reduced_device")
 OURS = {"ours": {}, "ours_reduced": dict(reduced_decoding=True), "ours_device": dict(augment_on_device=True),
@@ -125,14 +125,14 @@ def _batches(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], 
 def device_replay_ms(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], seeds: list[int]) -> float:
     """CPU ms per image of `augment_on_device`'s device half (the RandAugment replay) run on this CPU, over one
     pass of the benchmark's batches."""
-    dataset = Seeded(ImageFolder(folder, build_transforms(replace(cfg, augment_on_device=True))[0]))
+    on = replace(cfg, augment_on_device=True)
+    dataset, inputs = Seeded(ImageFolder(folder, build_transforms(on)[0])), DeviceInputs(on, torch.device("cpu"))
     keys = [SampleKey(i, seed) for i, seed in zip(order, seeds, strict=True)]
-    fill, erase = fill_color(cfg.mean), 1 + 4 * cfg.re_count
     spent = 0.0
     for k in range(0, len(keys), batch_size):
         images, _, plans = collate_train(dataset.__getitems__(keys[k:k + batch_size]))
         start = time.process_time()
-        replay(images.permute(0, 3, 1, 2), [decode_plan(p[erase:]) for p in plans.tolist()], fill)
+        inputs.pixels(images, plans.tolist())
         spent += time.process_time() - start
     return 1e3 * spent / len(keys)
 
@@ -143,7 +143,7 @@ def identical_to_timm(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> d
     mean = torch.tensor(cfg.mean).view(3, 1, 1)
     std = torch.tensor(cfg.std).view(3, 1, 1)
     ours = {name: build_transforms(replace(cfg, **options))[0] for name, options in OURS.items()}
-    fill, erase = fill_color(cfg.mean), 1 + 4 * cfg.re_count
+    inputs = DeviceInputs(replace(cfg, augment_on_device=True), torch.device("cpu"))
     same = dict.fromkeys(PIPELINES, True)
     for path, seed in zip(paths, seeds, strict=True):
         with Image.open(path) as opened:
@@ -156,9 +156,11 @@ def identical_to_timm(cfg: TrainConfig, paths: list[str], seeds: list[int]) -> d
         for name, transform in ours.items():
             with seeded_rngs(seed):
                 crop, plan = transform(path)
-            pixels = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+            pixels = torch.from_numpy(np.array(crop))
             if transform.augment:
-                pixels = replay(pixels[None], [decode_plan(plan[erase:])], fill)[0]
+                pixels = inputs.pixels(pixels[None], [list(plan)])[0]
+            else:
+                pixels = pixels.permute(2, 0, 1)
             same[name] &= torch.equal(pixels, reference)
     return same
 

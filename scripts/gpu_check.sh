@@ -27,6 +27,8 @@
 #   profile   the CUDA kernels of one 1536/20 training step in channels_last with the fused BatchNorm
 #   trainer   scripts/train.py under torchrun (NCCL, one rank), bf16, generated JPEGs through the full
 #             augmentation (not run by default)
+#   trainer_device  the same with --augment-on-device: resize, flip and RandAugment on the GPU (not run by
+#             default; the tests stage checks its pixels on CUDA)
 #   bench_compile  scripts/benchmark.py --compile for 1536/20: timm eager and compiled in NCHW and
 #             channels_last as peers, our eager and compiled fast path (not run by default: compiling six
 #             models takes minutes; STAGES=bench_compile BUDGET=540 alone fits one call)
@@ -90,7 +92,7 @@ fi
 TESTS_OK=unknown
 if stage tests 200; then
   timeout "$LIMIT" $PY -m pytest tests/test_depthwise_kernel.py tests/test_batchnorm_kernel.py tests/test_fast_model.py \
-    tests/test_ops.py \
+    tests/test_ops.py tests/test_train_augment.py \
     -q -p no:cacheprovider -n 8 \
     -k "not compile_for_hopper" --junitxml="$RES/kernel_tests.xml" > "$RES/kernel_tests.log" 2>&1
   rc=$?
@@ -123,6 +125,13 @@ if stage trainer 100; then
   log "trainer exit $?: $(tail -1 "$RES/trainer.log")"
   cp /tmp/gpu_check_trainer/summary.csv "$RES/trainer_summary.csv" 2>/dev/null
   cp /tmp/gpu_check_trainer/args.yaml "$RES/trainer_args.yaml" 2>/dev/null
+  pack
+fi
+if stage trainer_device 100; then
+  timeout "$LIMIT" $PY -m torch.distributed.run --standalone --nproc_per_node 1 scripts/train.py $TRAIN \
+    --augment-on-device --output /tmp/gpu_check_trainer_device > "$RES/trainer_device.log" 2>&1
+  log "trainer_device exit $?: $(tail -1 "$RES/trainer_device.log")"
+  cp /tmp/gpu_check_trainer_device/summary.csv "$RES/trainer_device_summary.csv" 2>/dev/null
   pack
 fi
 if stage bench_compile 480; then

@@ -22,6 +22,7 @@ from convmixer_pt.train.config import ConfigError
 from convmixer_pt.train.inputs import DeviceInputs, build_transforms, collate_train, guard_posterize, posterize
 from convmixer_pt.train.loop import run
 
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # the GPU check runs these on CUDA too
 FILL = (124, 116, 104)  # timm's img_mean for ImageNet's mean
 CASES = {
     "auto_contrast": [0.0], "equalize": [0.0], "invert": [0.0],
@@ -43,23 +44,25 @@ def crops() -> list[Image.Image]:
             Image.new("RGB", (20, 20), (7, 200, 255))]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", augment.KINDS)
-def test_every_op_is_pillows_to_the_bit(crops, kind) -> None:
+def test_every_op_is_pillows_to_the_bit(crops, kind, device) -> None:
     """Each op replayed on a batch (all samples at once, each with its own argument and interpolation) equals
     timm's op function on the PIL image."""
     timm_fn = posterize if kind == "posterize" else getattr(auto_augment, kind)
     resamples = (augment.BILINEAR, augment.BICUBIC) if kind in augment.GEOMETRIC else (0,)
     for img in crops:
         cases = [(arg, r) for arg in CASES[kind] for r in resamples]
-        batch = torch.from_numpy(np.stack([np.asarray(img)] * len(cases))).permute(0, 3, 1, 2)
-        out = augment.replay(batch, [[(kind, float(arg), r)] for arg, r in cases], FILL)
+        batch = torch.from_numpy(np.stack([np.asarray(img)] * len(cases))).permute(0, 3, 1, 2).to(device)
+        out = augment.replay(batch, [[(kind, float(arg), r)] for arg, r in cases], FILL).cpu()
         for (arg, r), got in zip(cases, out, strict=True):
             args = () if kind in ("auto_contrast", "equalize", "invert") else (arg,)
             expected = np.asarray(timm_fn(img, *args, fillcolor=FILL, resample=r))
             assert np.array_equal(got.permute(1, 2, 0).numpy(), expected), (kind, arg, r, img.size)
 
 
-def test_resize_is_pillows_to_the_bit(crops) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_resize_is_pillows_to_the_bit(device) -> None:
     """Regions of many sizes resized in one batch, up and down, bilinear and bicubic, rows or columns first,
     equal Pillow's `Image.resize` (timm's RandomResizedCrop after its crop)."""
     china = Image.fromarray(load_sample_images().images[0])
@@ -68,8 +71,8 @@ def test_resize_is_pillows_to_the_bit(crops) -> None:
     for out in {size for _, size in cases}:
         for resample in (augment.BILINEAR, augment.BICUBIC):
             regions = [china.crop((11, 3, 11 + w, 3 + h)) for (w, h), size in cases if size == out]
-            got = augment.resize([torch.from_numpy(np.array(r)).permute(2, 0, 1) for r in regions],
-                                 [resample] * len(regions), out)
+            got = augment.resize([torch.from_numpy(np.array(r)).permute(2, 0, 1).to(device) for r in regions],
+                                 [resample] * len(regions), out).cpu()
             for region, pixels in zip(regions, got, strict=True):
                 expected = np.asarray(region.resize(out[::-1], resample))
                 assert np.array_equal(pixels.permute(1, 2, 0).numpy(), expected), (region.size, out, resample)
@@ -88,8 +91,9 @@ def photos(root: Path) -> Path:
     return root
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "rand-m7-n3-mstd1", "original-mstd0.5"])
-def test_the_device_path_is_timms_trainer(tmp_path, policy) -> None:
+def test_the_device_path_is_timms_trainer(tmp_path, policy, device) -> None:
     """With augment_on_device the worker sends unaugmented crops and plans; replayed on the device they are the
     uint8 batch of timm's train.py loader (ImageDataset, create_transform(use_prefetcher=True), fast_collate)
     for the same seeds, and the normalized, erased batch is the one the worker-side path gives."""
@@ -100,7 +104,7 @@ def test_the_device_path_is_timms_trainer(tmp_path, policy) -> None:
     theirs = ImageDataset(str(folder), transform=guard_posterize(create_transform(
         is_training=True, use_prefetcher=True, input_size=64, auto_augment=policy, interpolation="random")))
     assert [Path(p).name for p, _ in theirs.reader.samples] == [Path(p).name for p, _ in ours[True].dataset.samples]
-    inputs, worker = DeviceInputs(on, torch.device("cpu")), DeviceInputs(cfg, torch.device("cpu"))
+    inputs, worker = DeviceInputs(on, torch.device(device)), DeviceInputs(cfg, torch.device(device))
     for seed in range(3):
         keys = [SampleKey(i, 100 * seed + i) for i in range(len(theirs))]
         worker_side, labels, plans = collate_train([ours[False][k] for k in keys])
@@ -114,7 +118,7 @@ def test_the_device_path_is_timms_trainer(tmp_path, policy) -> None:
             with seeded_rngs(k.seed):
                 reference.append(theirs[k.index])
         expected, _ = fast_collate(reference)
-        assert torch.equal(inputs.pixels(device_side, device_plans.tolist()), expected)
+        assert torch.equal(inputs.pixels(device_side.to(device), device_plans.tolist()).cpu(), expected)
         assert torch.equal(worker_side.permute(0, 3, 1, 2), expected)
         assert torch.equal(inputs(device_side, device_plans), worker(worker_side, plans))
 

@@ -125,7 +125,7 @@ def test_the_device_path_is_timms_trainer(tmp_path, policy, device) -> None:
 
 @pytest.mark.parametrize("policy, named", [(None, "ColorJitter"), ("augmix-m5-w4-d2", "AugMixAugment"),
                                            ("3a", "ColorJitter")])
-def test_augment_on_device_refuses_what_it_cannot_replay(policy, named) -> None:
+def test_augment_on_device_refuses_what_it_cannot_replay(policy, named, monkeypatch) -> None:
     cfg = config.resolve(None, dict(input_size=32, auto_augment=policy, augment_on_device=True, color_jitter=0))
     with pytest.raises(ConfigError, match="augment_on_device") as e:
         build_transforms(cfg)
@@ -133,6 +133,9 @@ def test_augment_on_device_refuses_what_it_cannot_replay(policy, named) -> None:
     three_augment = auto_augment.rand_augment_transform("rand-m9-t3a", dict(img_mean=FILL))
     with pytest.raises(ConfigError, match="timm's op Desaturate cannot run on the device"):
         augment.PlanRecorder(three_augment, posterize)
+    monkeypatch.setattr(augment, "PILLOW", (12, 3))  # an older Pillow resizes in another order
+    with pytest.raises(ConfigError, match=r"reproduces Pillow 13's arithmetic .* pip install 'pillow>=13'"):
+        build_transforms(config.resolve(None, dict(input_size=32, augment_on_device=True)))
 
 
 def test_a_run_trains_alike_with_augmentation_on_the_device(tmp_path) -> None:

@@ -43,6 +43,7 @@ GEOMETRY = 4  # integers of the crop and flip in a plan: flipped, interpolation,
 PRECISION_BITS = 22  # Resample.c's fixed point for 8-bit images: 32 - 8 - 2
 RESIZE_CHUNK = 16
 PILLOW = tuple(int(part) for part in PIL.__version__.split(".")[:2])
+REPLAYS_PILLOW = (13,)  # the Pillow whose arithmetic this module reproduces (older ones differ: the resize order)
 
 
 def fill_color(mean: Sequence[float]) -> tuple[int, ...]:
@@ -72,6 +73,9 @@ class PlanRecorder:
     called per sample after the flip, it draws what timm draws and returns the plan's integers (`slots` ops)."""
 
     def __init__(self, transform: Any, guarded_posterize: Callable[..., Any]) -> None:
+        if PILLOW < REPLAYS_PILLOW:
+            raise ConfigError(f"augment_on_device reproduces Pillow {REPLAYS_PILLOW[0]}'s arithmetic and this "
+                              f"environment has Pillow {PIL.__version__}: pip install 'pillow>={REPLAYS_PILLOW[0]}'")
         if isinstance(transform, auto_augment.RandAugment):
             ops, self.slots = transform.ops, transform.num_layers
         elif isinstance(transform, auto_augment.AutoAugment):
@@ -347,13 +351,10 @@ def resample_weights(in_size: int, out_size: int, resample: int) -> np.ndarray:
 
 
 def vertical_first(width: int, height: int, out_width: int, out_height: int) -> bool:
-    """Whether Pillow resizes rows before columns for this size change (the order changes the pixels: the first
-    pass is rounded to 8 bits). Pillow 13 goes vertical first when the height shrinks by more than twice what
-    the width does (`ImagingResampleInner`); 12.2 and 12.3 for images over 100 times taller than wide
-    (`Image.resize`); before, never."""
-    if PILLOW >= (13,):
-        return 0 < height - out_height and height - out_height > 2 * (width - out_width)
-    return PILLOW >= (12, 2) and height > width * 100 and out_height < height
+    """Whether Pillow 13 resizes rows before columns for this size change (`ImagingResampleInner`: when the
+    height shrinks by more than twice what the width does). The order changes the pixels: the first pass is
+    rounded to 8 bits."""
+    return 0 < height - out_height and height - out_height > 2 * (width - out_width)
 
 
 def resize(regions: Sequence[torch.Tensor], resamples: Sequence[int], size: tuple[int, int]) -> torch.Tensor:

@@ -114,22 +114,21 @@ def decode_plan(values: Sequence[int]) -> list[tuple[str, float, int]]:
 
 def replay(x: torch.Tensor, plans: Sequence[Sequence[tuple[str, float, int]]], fill: Sequence[int]) -> torch.Tensor:
     """The uint8 (N, 3, H, W) batch `x` with each sample's recorded ops applied in order, as Pillow applies
-    them; ops of one kind at one position run together for all the samples that have them."""
+    them; ops of one kind and interpolation at one position run together for all the samples that have them."""
     x = x.contiguous()
     for position in range(max((len(p) for p in plans), default=0)):
-        groups: dict[str, list[int]] = {}
+        groups: dict[tuple[str, int], list[int]] = {}
         for k, plan in enumerate(plans):
             if position < len(plan):
-                groups.setdefault(plan[position][0], []).append(k)
-        for kind, members in groups.items():
+                groups.setdefault((plan[position][0], plan[position][2]), []).append(k)
+        for (kind, resample), members in groups.items():
             args = [plans[k][position][1] for k in members]
-            resample = [plans[k][position][2] for k in members]
             index = torch.tensor(members, device=x.device)
             x[index] = _apply(kind, x[index], args, resample, fill)
     return x
 
 
-def _apply(kind: str, x: torch.Tensor, args: list[float], resample: list[int], fill: Sequence[int]) -> torch.Tensor:
+def _apply(kind: str, x: torch.Tensor, args: list[float], resample: int, fill: Sequence[int]) -> torch.Tensor:
     n = x.shape[0]
     per_sample = torch.tensor(args, dtype=torch.float64, device=x.device).view(n, 1, 1, 1)
     if kind == "invert":
@@ -247,7 +246,7 @@ def _matrix(kind: str, arg: float, width: int, height: int) -> tuple[float, ...]
     return tuple(m)
 
 
-def _affine(x: torch.Tensor, matrices: list[tuple[float, ...] | str], resample: list[int],
+def _affine(x: torch.Tensor, matrices: list[tuple[float, ...] | str], resample: int,
             fill: Sequence[int]) -> torch.Tensor:
     """Pillow's AFFINE transform (`ImagingGenericTransform`): each output pixel's centre mapped into the input
     in float64, the uncovered ones filled, the rest sampled with the clamped bilinear or bicubic filter of
@@ -282,14 +281,12 @@ def _affine(x: torch.Tensor, matrices: list[tuple[float, ...] | str], resample: 
         index = (row.clamp(0, h - 1) * w + col.clamp(0, w - 1)).view(n, 1, h * w).expand(n, c, h * w)
         return src.gather(2, index).view(n, c, h, w).double()
 
-    cubic = torch.tensor([resample[k] == BICUBIC for k in general], device=x.device).view(n, 1, 1, 1)
-    values = torch.empty(n, c, h, w, dtype=torch.float64, device=x.device)
-    if not bool(cubic.all()):
-        rows = [_linear(tap(y0 + i, x0), tap(y0 + i, x0 + 1), dx) for i in (0, 1)]
-        values = torch.where(cubic, values, _linear(rows[0], rows[1], dy).trunc())
-    if bool(cubic.any()):
+    if resample == BICUBIC:
         rows = [_cubic(*(tap(y0 + i, x0 + j) for j in (-1, 0, 1, 2)), dx) for i in (-1, 0, 1, 2)]
-        values = torch.where(cubic, _cubic(*rows, dy).clamp(0, 255).trunc(), values)
+        values = _cubic(*rows, dy).clamp(0, 255).trunc()
+    else:
+        rows = [_linear(tap(y0 + i, x0), tap(y0 + i, x0 + 1), dx) for i in (0, 1)]
+        values = _linear(rows[0], rows[1], dy).trunc()
     colour = torch.tensor(list(fill), dtype=torch.float64, device=x.device).view(1, c, 1, 1)
     out[general] = torch.where(inside.unsqueeze(1), values, colour).to(torch.uint8)
     return out

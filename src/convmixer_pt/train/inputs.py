@@ -274,8 +274,8 @@ def build_transforms(cfg: TrainConfig) -> tuple[TrainCrop, object]:
     if not cfg.auto_augment or len(secondary) != 1:
         moved = ", ".join(type(t).__name__ for t in secondary) or "nothing"
         raise ConfigError(f"augment_on_device needs timm's RandAugment or AutoAugment alone after the flip; "
-                          f"auto_augment {cfg.auto_augment!r} gives {moved} (timm adds colour jitter when "
-                          "RandAugment is off)")
+                          f"auto_augment {cfg.auto_augment!r} gives {moved}"
+                          + ("" if cfg.auto_augment else " (timm's colour jitter, on while RandAugment is off)"))
     interpolations = crop.interpolation if isinstance(crop.interpolation, list | tuple) else [crop.interpolation]
     if any(TF.pil_modes_mapping[i] not in (BILINEAR, BICUBIC) for i in interpolations):
         raise ConfigError(f"augment_on_device resizes with bilinear or bicubic interpolation only, not "

@@ -187,6 +187,10 @@ def test_cli_loader_rows_per_pipeline_from_generated_jpegs(tmp_path, monkeypatch
     reduced = by_name["ours_reduced"]  # at 48 pixels every crop of a 375-pixel side has 96 pixels or more
     assert reduced["decoded_at_scale"]["1"] == 0 and sum(reduced["decoded_at_scale"].values()) == 6
     assert not reduced["identical_pixels"] and 25 < reduced["psnr_db_min"] <= reduced["psnr_db_median"] < 80
+    # augment_on_device's rows: the device's half replays Pillow, so only reduced decoding changes pixels
+    assert by_name["ours_device"]["identical_pixels"] and not by_name["ours_reduced_device"]["identical_pixels"]
+    assert [r["pipeline"] for r in rows if r.get("device_ms_per_image_here", 0) > 0] == ["ours_device",
+                                                                                          "ours_reduced_device"]
     for r in rows:
         assert r["images"] == 6 and r["img_per_s_per_core"] > 0 and r["identical_pixels"] in (True, False)
         assert r["ratio_to_timm"] == pytest.approx(r["img_per_s_per_core"] / by_name["timm"]["img_per_s_per_core"])

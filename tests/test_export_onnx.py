@@ -61,7 +61,9 @@ def check_export(model: torch.nn.Module, path: Path, img_size: int) -> None:
 def test_small_variants_export_with_or_without_the_fast_path(name, fast, tmp_path):
     torch.manual_seed(0)
     options = FastOptions(enabled=True, fused_batchnorm=True) if fast else False
-    model = randomize_bn(create_model(name, num_classes=10, dim=16, fast=options))
+    # 8 channels: the interpreted kernels run one program per image and channel, and no kernel or exported
+    # graph depends on the count (16 took twice as long and showed nothing more).
+    model = randomize_bn(create_model(name, num_classes=10, dim=8, fast=options))
     check_export(model, tmp_path / "model.onnx", VARIANTS[name]["img_size"])
 
 

@@ -124,11 +124,29 @@ def test_checkpoint_every_minutes_and_steps(data, tmp_path) -> None:
         assert saved == [(s, s) for s in range(1, 6)] + [(6, 0)]  # 6 µs, shorter than any step: every step
 
 
+@pytest.fixture(scope="module")
+def two_process_runs() -> dict[str, dict]:
+    """The uninterrupted torchrun runs, by name, made by the first test that needs one (in its temp folder)."""
+    return {}
+
+
+def clean_two(data: Path, tmp_path: Path, runs: dict[str, dict]) -> dict:
+    """The last checkpoint of an uninterrupted two-process run of RECIPE in batches of 2, made once: the
+    SIGTERM and elastic-restart tests each ran the same run (the latter with a checkpoint every step, which
+    must not change a bit of the run's end; its resumed run still checkpoints every step)."""
+    if "clean" not in runs:
+        out = tmp_path / "clean"
+        proc = torchrun(dict(RECIPE, data_dir=str(data), batch_size=2, output=str(out)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs["clean"] = load(out / "last.pth")
+    return runs["clean"]
+
+
 @pytest.mark.slow
-def test_sigterm_under_torchrun_stops_both_processes_and_resumes_bit_exactly(data, tmp_path) -> None:
+def test_sigterm_under_torchrun_stops_both_processes_and_resumes_bit_exactly(data, tmp_path,
+                                                                             two_process_runs) -> None:
     values = dict(RECIPE, data_dir=str(data), batch_size=2)
-    clean = torchrun(dict(values, output=str(tmp_path / "clean")))
-    assert clean.returncode == 0, clean.stderr[-3000:]
+    clean = clean_two(data, tmp_path, two_process_runs)
     run = dict(values, output=str(tmp_path / "run"))
     proc = disturbed("sigterm", 2, 0, run, tmp_path, nproc=2)
     assert proc.returncode != 0
@@ -137,7 +155,7 @@ def test_sigterm_under_torchrun_stops_both_processes_and_resumes_bit_exactly(dat
     assert mid["batch"] > 0 and len(mid["rng"]) == 2  # within the epoch, both processes' generators
     resumed = torchrun(dict(run, resume="auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same_end(load(tmp_path / "run" / "last.pth"), load(tmp_path / "clean" / "last.pth"))
+    assert_same_end(load(tmp_path / "run" / "last.pth"), clean)
 
 
 def test_sigusr1_stops_at_the_end_of_the_step_with_its_exit_status(data, tmp_path, capsys) -> None:
@@ -162,17 +180,16 @@ def test_sigusr1_stops_at_the_end_of_the_step_with_its_exit_status(data, tmp_pat
 
 
 @pytest.mark.slow
-def test_an_elastic_restart_after_a_dead_worker_ends_like_a_clean_run(data, tmp_path) -> None:
+def test_an_elastic_restart_after_a_dead_worker_ends_like_a_clean_run(data, tmp_path, two_process_runs) -> None:
     """torchrun --max-restarts 1: rank 1 dies after step 4 of the first attempt; torchrun restarts both, which
     resume from the checkpoint of step 3 (every step is checkpointed) and end as the clean run does."""
+    clean = clean_two(data, tmp_path, two_process_runs)
     values = dict(RECIPE, data_dir=str(data), batch_size=2, checkpoint_every="1")
-    clean = torchrun(dict(values, output=str(tmp_path / "clean")))
-    assert clean.returncode == 0, clean.stderr[-3000:]
     run = dict(values, output=str(tmp_path / "run"), resume="auto")
     proc = disturbed("kill", 4, 1, run, tmp_path, nproc=2, restarts=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stdout + proc.stderr
-    assert_same_end(load(tmp_path / "run" / "last.pth"), load(tmp_path / "clean" / "last.pth"))
+    assert_same_end(load(tmp_path / "run" / "last.pth"), clean)
 
 
 @pytest.fixture(scope="module")

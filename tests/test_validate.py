@@ -311,43 +311,73 @@ def test_an_image_size_beyond_the_bound_is_refused_before_work(tmp_path) -> None
 
 
 # A signal to the whole process group (a scheduler's SIGTERM, `timeout`'s, a terminal's Ctrl-C) as validate.py's
-# `k`-th batch is taken from its loader workers, or (k = 0) as its first worker starts.
+# `k`-th batch is taken from its loader workers, or (k = 0) as its first worker starts. One process imports
+# validate.py's modules (and those its first run imports) once and forks each case: the child starts a session
+# of its own (as start_new_session=True did), writes its stderr to a file of its own and exits through the
+# interpreter's usual shutdown (`sys.exit` leaves the loop in the child only); the parent prints each status.
 SIGNAL_AT_BATCH = """
-import os, subprocess, sys
+import json, os, subprocess, sys
 import multiprocessing.process as mp
+import PIL.Image, timm.data, torch._dynamo, torchvision, triton  # what a first run imports, here once
 from torch.utils.data import dataloader
-name, k, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-def send():  # from another process, as a scheduler's would come (PyTorch's workers tell them apart)
-    subprocess.Popen(["kill", "-s", name, "--", f"-{os.getpgrp()}"]).wait()
-real, count = dataloader._MultiProcessingDataLoaderIter._next_data, [0]
-def next_data(self):
-    count[0] += 1
-    if count[0] == k:
-        send()
-    return real(self)
-dataloader._MultiProcessingDataLoaderIter._next_data = next_data
-real_start = mp.BaseProcess.start
-def start(self):
-    real_start(self)
-    if k == 0:
-        send()
-mp.BaseProcess.start = start
 from convmixer_pt.cli.validate import main
-sys.exit(main(argv))
+PIL.Image.init()
+cases, argv = json.loads(sys.argv[1]), sys.argv[2:]
+for name, k, err in cases:
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        for fd, path in ((1, os.devnull), (2, err)):
+            target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(target, fd)
+            os.close(target)
+        def send():  # from another process, as a scheduler's would come (PyTorch's workers tell them apart)
+            subprocess.Popen(["kill", "-s", name, "--", f"-{os.getpgrp()}"]).wait()
+        real, count = dataloader._MultiProcessingDataLoaderIter._next_data, [0]
+        def next_data(self):
+            count[0] += 1
+            if count[0] == k:
+                send()
+            return real(self)
+        dataloader._MultiProcessingDataLoaderIter._next_data = next_data
+        real_start = mp.BaseProcess.start
+        def start(self):
+            real_start(self)
+            if k == 0:
+                send()
+        mp.BaseProcess.start = start
+        sys.exit(main(argv))
+    print(json.dumps([name, k, os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])]), flush=True)
 """
+SIGNALS = [("TERM", 143, "terminated"), ("INT", 130, "interrupted")]
 
 
-@pytest.mark.parametrize(("name", "status", "line"), [("TERM", 143, "terminated"), ("INT", 130, "interrupted")])
+@pytest.fixture(scope="module")
+def signal_runs() -> dict[tuple[str, int], tuple[int, str]]:
+    """(signal, k) -> (exit status, stderr) of every case, filled by the first test that needs them (in its own
+    temp folder, checked when it ends)."""
+    return {}
+
+
+@pytest.mark.parametrize(("name", "status", "line"), SIGNALS)
 @pytest.mark.parametrize("k", [0, 1, 2])
-def test_a_signal_with_loader_workers_is_one_line(data, checkpoints, k, name, status, line) -> None:
-    root, _ = data
-    _, pth, _ = checkpoints
-    args = ["--model", NAME, "--checkpoint", str(pth), "--data-dir", str(root), "--img-size", str(SIZE),
-            "--batch-size", "2", "--workers", "2", "--device", "cpu", "--no-progress"]
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_BATCH, name, str(k), *args], capture_output=True,
-                          text=True, timeout=300, start_new_session=True)
-    assert proc.returncode == status, proc.stderr
-    assert proc.stderr == f"error: {line}\n"
+def test_a_signal_with_loader_workers_is_one_line(data, checkpoints, signal_runs, tmp_path, k, name, status,
+                                                   line) -> None:
+    if not signal_runs:
+        root, _ = data
+        _, pth, _ = checkpoints
+        args = ["--model", NAME, "--checkpoint", str(pth), "--data-dir", str(root), "--img-size", str(SIZE),
+                "--batch-size", "2", "--workers", "2", "--device", "cpu", "--no-progress"]
+        cases = [(n, case_k, str(tmp_path / f"{n}-{case_k}.err")) for n, _, _ in SIGNALS for case_k in (0, 1, 2)]
+        proc = subprocess.run([sys.executable, "-c", SIGNAL_AT_BATCH, json.dumps(cases), *args],
+                              capture_output=True, text=True, timeout=300, start_new_session=True)
+        # Nothing printed by the imports (before the forks, they printed into every case's stderr).
+        assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-3000:]
+        for n, case_k, rc in map(json.loads, proc.stdout.splitlines()):
+            signal_runs[n, case_k] = rc, Path(tmp_path / f"{n}-{case_k}.err").read_text()
+    rc, err = signal_runs[name, k]
+    assert rc == status, err
+    assert err == f"error: {line}\n"
 
 
 @pytest.mark.slow

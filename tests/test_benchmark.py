@@ -91,9 +91,14 @@ def test_sizes_default_to_a_cpu_smoke_run_on_a_cpu_and_help_says_so():
     benchmark_cli.fill_sizes(args, torch.device("cuda"))
     assert (args.batch_size, args.infer_batch_size, args.img_size, args.steps, args.repeats, args.warmup) == \
         (64, 256, 224, 10, 5, 3)
+    args = benchmark_cli.parser().parse_args(["--device", "cpu", "--loader"])
+    benchmark_cli.fill_sizes(args, torch.device("cpu"))  # the loader runs on the CPU: the paper's size anyway
+    assert (args.batch_size, args.img_size, args.repeats) == (64, 224, 5)
     usage = " ".join(benchmark_cli.parser().format_help().split())
-    assert "images per training step, and the --depthwise-op batch (default: 64 on CUDA, 4 on a CPU)" in usage
-    assert "input height = width in pixels (default: 224 on CUDA, the published models' size; 32 on a CPU)" in usage
+    assert ("images per training step, the --depthwise-op batch and the --loader batch (default: 64 on CUDA, 4 on "
+            "a CPU, 64 with --loader)") in usage
+    assert ("input height = width in pixels (default: 224 on CUDA, the published models' size; 32 on a CPU; 224 "
+            "with --loader)") in usage
 
 
 def test_rows_are_timm_in_every_peer_configuration_then_ours():

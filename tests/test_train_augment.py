@@ -19,7 +19,14 @@ from convmixer_pt.data import ImageFolder, SampleKey, Seeded, seeded_rngs
 from convmixer_pt.runtime import init_distributed
 from convmixer_pt.train import augment, config
 from convmixer_pt.train.config import ConfigError
-from convmixer_pt.train.inputs import DeviceInputs, build_transforms, collate_train, guard_posterize, posterize
+from convmixer_pt.train.inputs import (
+    DeviceInputs,
+    build_transforms,
+    collate_train,
+    erasing_plan_size,
+    guard_posterize,
+    posterize,
+)
 from convmixer_pt.train.loop import run
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]  # the GPU check runs these on CUDA too
@@ -109,7 +116,7 @@ def test_the_device_path_is_timms_trainer(tmp_path, policy, device) -> None:
         keys = [SampleKey(i, 100 * seed + i) for i in range(len(theirs))]
         worker_side, labels, plans = collate_train([ours[False][k] for k in keys])
         device_side, _, device_plans = collate_train([ours[True][k] for k in keys])
-        erase = 1 + 4 * cfg.re_count
+        erase = erasing_plan_size(cfg.re_count)
         assert torch.equal(device_plans[:, :erase], plans)  # the erasing draws come after the same RandAugment
         assert any(augment.decode_plan(p[erase + augment.GEOMETRY:]) for p in device_plans.tolist())
         assert device_side.dim() == 1  # the crops' regions, of many sizes

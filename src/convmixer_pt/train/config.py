@@ -136,8 +136,9 @@ class TrainConfig:
     # decode each training JPEG at 1/2, 1/4 or 1/8 size where its random crop still has input_size pixels a side
     # there (PIL's draft mode: faster, pixels close to but not those of a full decode; docs/performance.md)
     reduced_decoding: bool = False
-    # draw RandAugment in the loader's workers but do it on the training device, to the bit as Pillow does it
-    # (a loader worker's CPU time per image falls by about a third; docs/performance.md)
+    # the loader's workers decode and cut out the crop's region; the resize, flip and RandAugment are drawn there
+    # but done on the training device, to the bit as Pillow does them (a worker's CPU time per image about
+    # halves; the device's cost is not measured on a GPU yet; docs/performance.md)
     augment_on_device: bool = False
     crop_pct: float = EVAL_CROP_PCT  # eval: resize the shorter side to floor(input_size / crop_pct), center crop
     eval_interpolation: str = EVAL_INTERPOLATION

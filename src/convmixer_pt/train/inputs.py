@@ -91,6 +91,11 @@ class ErasingBoxes:
         self.boxes.append((rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start))
 
 
+def erasing_plan_size(count: int) -> int:
+    """The integers of a sample's erasing plan for up to `count` boxes: the pixels' seed, then a box each."""
+    return 1 + 4 * count
+
+
 class TrainCrop:
     """A training sample in a loader worker: decode, timm's RandomResizedCrop, flip and RandAugment, as timm's
     trainer computes them; the result is the RGB crop and its plan: the erasing plan (`erase_size` integers: a
@@ -111,7 +116,7 @@ class TrainCrop:
                  augment: PlanRecorder | None = None, flip: float = 0.0) -> None:
         self.crop, self.rest, self.eraser, self.reduced = crop, rest, eraser, reduced
         self.augment, self.flip = augment, flip
-        self.erase_size = 1 + 4 * erase_count
+        self.erase_size = erasing_plan_size(erase_count)
         self.plan_size = self.erase_size + (GEOMETRY + SLOT * augment.slots if augment else 0)
 
     def __call__(self, source: str | Path | Encoded) -> tuple[Image.Image, tuple[int, ...]]:
@@ -202,7 +207,7 @@ class DeviceInputs:
         self.mean = torch.tensor([255 * m for m in cfg.mean], device=device).view(1, 3, 1, 1)
         self.std = torch.tensor([255 * s for s in cfg.std], device=device).view(1, 3, 1, 1)
         self.memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-        self.erase_size, self.fill = 1 + 4 * cfg.re_count, fill_color(cfg.mean)
+        self.erase_size, self.fill = erasing_plan_size(cfg.re_count), fill_color(cfg.mean)
         self.on_device, self.size = cfg.augment_on_device, (cfg.input_size, cfg.input_size)
 
     def pixels(self, images: torch.Tensor, plans: list[list[int]]) -> torch.Tensor:

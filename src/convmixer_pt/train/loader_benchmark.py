@@ -13,10 +13,10 @@ work slows them alike. Rows:
 - `ours`: the trainer's training set (`Seeded(ImageFolder(TrainCrop))`, each sample's augmentation seeded) and
   `collate_train`;
 - `ours_reduced`: the same with `reduced_decoding`;
-- `ours_device`, `ours_reduced_device`: those two with `augment_on_device`: the worker draws RandAugment and
-  the training device does the resize, the flip and RandAugment (`train/augment.py`). The worker's time is the
-  row's; what the device's half costs on this CPU, per image, is reported beside it
-  (`device_ms_per_image_here`; in training it runs on the GPU).
+- `ours_device`, `ours_reduced_device`: those two with `augment_on_device`: the worker decodes, cuts out the
+  crop's region and draws the rest; the training device does the resize, the flip and RandAugment
+  (`train/augment.py`). The worker's time is the row's; what the device's half costs on this CPU, per image,
+  is reported beside it (`device_ms_per_image_here`; in training it runs on the GPU).
 
 timm's RandAugment posterize is guarded in every row as in the trainer (Pillow 13 refuses what timm asks of it
 about once in 700 images, see `inputs.posterize`). `identical_pixels` says whether a row's uint8 crops equal
@@ -123,8 +123,8 @@ def _batches(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], 
 
 
 def device_replay_ms(folder: Path, cfg: TrainConfig, batch_size: int, order: list[int], seeds: list[int]) -> float:
-    """CPU ms per image of `augment_on_device`'s device half (the RandAugment replay) run on this CPU, over one
-    pass of the benchmark's batches."""
+    """CPU ms per image of `augment_on_device`'s device half (resize, flip and RandAugment, `DeviceInputs.pixels`)
+    run on this CPU, over one pass of the benchmark's batches."""
     on = replace(cfg, augment_on_device=True)
     dataset, inputs = Seeded(ImageFolder(folder, build_transforms(on)[0])), DeviceInputs(on, torch.device("cpu"))
     keys = [SampleKey(i, seed) for i, seed in zip(order, seeds, strict=True)]

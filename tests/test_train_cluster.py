@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from images import make_train_val
-from trainutil import ROOT, TINY, cli_args, torchrun
+from trainutil import ROOT, TINY, child_env, cli_args, torchrun
 
 from convmixer_pt.cli import make_shards
 from convmixer_pt.cli import train as train_cli
@@ -76,7 +76,7 @@ def disturbed(mode: str, k: int, rank: int, values: dict, tmp: Path, nproc: int 
     prefix = [sys.executable] if not nproc else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                  f"--nproc_per_node={nproc}", f"--max-restarts={restarts}"]
     return subprocess.run([*prefix, str(script), mode, str(k), str(rank), argv], capture_output=True, text=True,
-                          timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+                          timeout=300, cwd=ROOT, env=child_env())
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import assert_bad_image_named_once
 from images import make_train_val
-from trainutil import ROOT, TINY, cli_args, torchrun
+from trainutil import ROOT, TINY, child_env, cli_args, torchrun
 
 from convmixer_pt.cli import train as train_cli
 
@@ -111,7 +111,7 @@ def disturbed(tmp: Path, mode: str, arg: object, values: dict, wait: bool = True
     script = tmp / "disturb.py"
     script.write_text(DISTURB)
     cmd = [sys.executable, str(script), mode, str(arg), json.dumps(cli_args(values))]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env()
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
                                 start_new_session=True)

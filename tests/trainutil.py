@@ -34,9 +34,15 @@ def cli_args(values: dict) -> list[str]:
     return out
 
 
+def child_env() -> dict[str, str]:
+    """The environment of a trainer a test starts: one intra-op thread (runs compared with it sum in that order),
+    no warnings in the stderr the test reads."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
 def torchrun(values: dict, nproc: int = 2, timeout: float = 120) -> subprocess.CompletedProcess:
     """scripts/train.py under `torchrun --standalone` with gloo on CPU."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = child_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(TRAIN_SCRIPT), "--device", "cpu", *cli_args(values)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
